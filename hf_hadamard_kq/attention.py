@@ -1,0 +1,100 @@
+"""The "hadamard_kq" attention implementations: rotate Q, then run an ordinary backend.
+
+Keys arrive here already rotated (cache.py rotates them before the cache write), so this
+function only rotates the query and delegates, with every argument (scaling, sliding_window,
+softcap, ...) passed through unchanged.
+
+Each name is registered twice: as an attention function and as a *mask* function. Without
+the mask entry ``create_causal_mask`` returns None for an unknown name, which silently breaks
+padded batches, multi-token continuation and sliding windows. The mask function is the inner
+backend's own, so masks are exactly what that backend expects.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .cache import rotate
+from .plan import HadamardKQConfigError
+
+#: Registered attention names -> the inner backend they delegate to. The names avoid the
+#: substrings "sdpa", "flash" and "flex_attention", which trigger transformers' dispatch checks.
+IMPLEMENTATIONS: dict[str, str] = {
+    "hadamard_kq": "sdpa",
+    "hadamard_kq_eager": "eager",
+    "hadamard_kq_flex": "flex_attention",
+}
+
+PLAN_ATTR = "_hadamard_kq_plan"
+EAGER_ATTR = "_hadamard_kq_eager"
+
+#: Set by install.probe_pattern during its check forward; None otherwise.
+PROBE = None
+
+
+class HadamardKQNotInstalledError(RuntimeError):
+    """The attention function ran on a model that has no rotation plan installed."""
+
+
+def model_eager_function(module: nn.Module) -> Callable:
+    """The model's own eager attention (it implements softcap etc. that sdpa cannot)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise HadamardKQConfigError(
+            f"attention class {type(module).__name__} has no module-level "
+            "eager_attention_forward; use attn_implementation='hadamard_kq' (sdpa inside)"
+        )
+    return fn
+
+
+def _make_attention(inner_name: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def hadamard_kq_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        **kwargs,
+    ):
+        try:
+            plan = module.__dict__[PLAN_ATTR]
+        except KeyError:
+            raise HadamardKQNotInstalledError(
+                f"attention implementation '{module.config._attn_implementation}' ran on "
+                f"{type(module).__name__} with no rotation plan installed. Load the model with "
+                "from_pretrained(..., attn_implementation='hadamard_kq') from an R3 checkpoint, "
+                "or call hf_hadamard_kq.apply_r3(model) first."
+            ) from None
+        if PROBE is not None:
+            PROBE.events.append(("attention", PROBE.names.get(id(module))))
+        if plan is not None and plan.q is not None:
+            query = rotate(query, plan.q)
+        if inner_name == "eager":
+            inner = module.__dict__[EAGER_ATTR]
+        else:
+            inner = ALL_ATTENTION_FUNCTIONS[inner_name]
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    hadamard_kq_attention.__name__ = f"hadamard_kq_attention_{inner_name}"
+    return hadamard_kq_attention
+
+
+def register() -> None:
+    """Register every name with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for name, inner in IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, _make_attention(inner))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+
+
+def inner_backend(attn_implementation: str | None) -> str | None:
+    """The inner backend for one of our names, or None if the name is not ours."""
+    return IMPLEMENTATIONS.get(attn_implementation or "")

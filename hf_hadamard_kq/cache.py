@@ -1,0 +1,118 @@
+"""Rotate new keys *before* they reach the KV cache.
+
+Why here and not in the attention function: transformers calls ``cache.update(k, v, layer)``
+before the attention function, so the attention function only sees keys read back from the
+cache. Rotating there would leave an unrotated cache (the whole point of R3 is a cache of
+rotated keys, which quantizes better) and cost O(context) per decode step.
+
+So a forward pre-hook on each matched attention module replaces the cache argument by a thin
+per-call view whose ``update`` rotates only the new keys and forwards everything else to the
+real cache. This composes with any cache class (dynamic, static, quantized, sliding, offloaded)
+because the real cache still does all the storing. With ``use_cache=False`` (no cache) the
+view stores nothing and only rotates, so the attention code's ``if cache is not None`` branch
+is what delivers rotated keys in both cases: keys are rotated exactly once, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .plan import Rotation
+
+#: Names the attention modules use for the cache argument (transformers 5.24 renamed
+#: ``past_key_values`` to ``cache``; older releases use the old name).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+#: Set by install.probe_pattern during its check forward; None otherwise (one global read
+#: per update on the hot path).
+PROBE = None
+
+
+def _record(owner) -> None:
+    PROBE.events.append(("k_rotated", PROBE.names.get(id(owner))))
+
+
+def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """Apply one planned rotation through the custom op (validation was done at load)."""
+    return torch.ops.hadamard_kq.hadamard_transform(
+        x, rotation.scale, rotation.matrix, rotation.block
+    )
+
+
+class RotatingCacheView:
+    """Stands in for the real cache during one attention call; rotates keys on update."""
+
+    __slots__ = ("_hkq_cache", "_hkq_owner", "_hkq_rotation")
+
+    def __init__(self, cache: Any, rotation: Rotation, owner: Any) -> None:
+        self._hkq_cache = cache
+        self._hkq_rotation = rotation
+        self._hkq_owner = owner
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if PROBE is not None:
+            _record(self._hkq_owner)
+        key_states = rotate(key_states, self._hkq_rotation)
+        return self._hkq_cache.update(key_states, value_states, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Guard: __slots__ attributes missing (e.g. during copy/pickle or dynamo's probing)
+        # must not recurse into __getattr__ forever.
+        if name.startswith("_hkq_"):
+            raise AttributeError(name)
+        return getattr(self._hkq_cache, name)
+
+    def __len__(self) -> int:
+        return len(self._hkq_cache)
+
+
+class RotateOnlyCache:
+    """Used when the model runs without a cache: ``update`` rotates keys and stores nothing."""
+
+    __slots__ = ("_hkq_owner", "_hkq_rotation")
+
+    def __init__(self, rotation: Rotation, owner: Any) -> None:
+        self._hkq_rotation = rotation
+        self._hkq_owner = owner
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if PROBE is not None:
+            _record(self._hkq_owner)
+        return rotate(key_states, self._hkq_rotation), value_states
+
+    def __getattr__(self, name: str):
+        if name.startswith("_hkq_"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"hf_hadamard_kq: the attention module read cache.{name} while running without a "
+            "cache (use_cache=False); this architecture is not supported with use_cache=False, "
+            "please report it"
+        )
+
+
+def make_key_pre_hook(rotation: Rotation, kwarg_name: str, arg_index: int | None):
+    """Build the forward pre-hook (``with_kwargs=True``) for one attention module.
+
+    ``kwarg_name``/``arg_index`` say where the module's forward takes the cache, found once at
+    install time from its signature, so the hook does no introspection per call.
+    """
+
+    def view_of(cache, module):
+        if cache is None:
+            return RotateOnlyCache(rotation, module)
+        return RotatingCacheView(cache, rotation, module)
+
+    def key_rotation_pre_hook(module, args, kwargs):
+        for name in CACHE_KWARGS:
+            if name in kwargs:
+                kwargs[name] = view_of(kwargs[name], module)
+                return args, kwargs
+        if arg_index is not None and len(args) > arg_index:
+            args = (*args[:arg_index], view_of(args[arg_index], module), *args[arg_index + 1 :])
+            return args, kwargs
+        kwargs[kwarg_name] = view_of(None, module)
+        return args, kwargs
+
+    return key_rotation_pre_hook

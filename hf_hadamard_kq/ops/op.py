@@ -1,0 +1,239 @@
+"""The Hadamard transform as one ``torch.library`` custom op.
+
+Why a custom op: models call it through ``torch.ops.hadamard_kq.hadamard_transform``, so
+``torch.compile`` sees a single opaque node (no graph breaks, no tracing into Triton), the
+fake kernel gives shapes to the compiler, and autograd is defined once for every device.
+
+Why one op with ``matrix`` and ``block`` arguments rather than siblings: every transform a
+compressed-tensors checkpoint can ask for (Sylvester, random-hadamard, randomize, a stored
+random matrix, block-diagonal application when ``scheme.head_dim`` < the model's head_dim) is
+"multiply each ``block``-sized chunk of the last dim by a ``block x block`` matrix, times a
+scale". One signature therefore serves all of them and one GPU kernel implements it.
+
+Numerics: every implementation accumulates in fp32 (fp64 for fp64 inputs) and rounds once
+to the input dtype, so a 16-bit result is the exact product rounded once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from .matrices import MAX_SYLVESTER_SIZE, is_power_of_two, sylvester
+
+#: Largest Sylvester block the torch path multiplies densely. Above it the matrix is factored
+#: as a Kronecker product of balanced Sylvester blocks of at most 2**_FACTOR_BITS (fewer
+#: flops; on the 2-core CPU dense was faster up to 512 and 1.6-2x slower from 1024 on).
+_DENSE_MAX = 512
+_FACTOR_BITS = 7
+
+#: Largest explicit-matrix block the Triton kernel takes; larger explicit matrices use torch.
+TRITON_MAX_MATRIX_BLOCK = 256
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _factored_sylvester(xs: torch.Tensor, n: int) -> torch.Tensor:
+    """``xs @ H_n`` for a power-of-two ``n`` as a sequence of small dense products.
+
+    ``H_ab = H_a (x) H_b`` in Sylvester ordering, so viewing each row as an array of shape
+    ``(f_1, ..., f_m)`` the product is one small matmul along each axis. Each step multiplies
+    the last axis and rotates it to the front, so after ``m`` steps the axes are back in order.
+    """
+    rows = xs.shape[0]
+    bits = n.bit_length() - 1
+    steps = -(-bits // _FACTOR_BITS)
+    y = xs
+    for i in range(steps):
+        f = 1 << (bits // steps + (1 if i < bits % steps else 0))
+        h = sylvester(f, xs.dtype, xs.device)
+        y = (y.reshape(rows * (n // f), f) @ h).reshape(rows, n // f, f).transpose(1, 2)
+    return y.reshape(rows, n)
+
+
+def torch_hadamard(
+    x: torch.Tensor, scale: float, matrix: Optional[torch.Tensor], block: int
+) -> torch.Tensor:
+    """Device-agnostic implementation (CPU, and CUDA/ROCm where Triton cannot serve)."""
+    shape = x.shape
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x.numel() // block
+    xs = x.reshape(rows, block).to(compute)
+    if matrix is not None:
+        y = xs @ matrix.to(device=x.device, dtype=compute)
+    elif block <= _DENSE_MAX:
+        y = xs @ sylvester(block, compute, x.device)
+    else:
+        y = _factored_sylvester(xs, block)
+    y = y * scale
+    return y.to(x.dtype).reshape(shape)
+
+
+@torch.library.custom_op("hadamard_kq::hadamard_transform", mutates_args=())
+def _hadamard_op(
+    x: torch.Tensor, scale: float, matrix: Optional[torch.Tensor], block: int
+) -> torch.Tensor:
+    return torch_hadamard(x, scale, matrix, block)
+
+
+_triton_impl = None
+_warned_no_triton = False
+
+
+def _load_triton():
+    """Import the Triton kernel on first CUDA call only: CPU users never import triton."""
+    global _triton_impl, _warned_no_triton
+    if _triton_impl is None:
+        from . import triton_kernel
+
+        if triton_kernel.triton_available():
+            _triton_impl = triton_kernel.hadamard_triton
+        else:
+            _triton_impl = False
+            if not _warned_no_triton:
+                _warned_no_triton = True
+                warnings.warn(
+                    "hf_hadamard_kq: triton is not importable, so GPU Hadamard transforms use "
+                    "torch matmuls (correct, but slower). Install the triton build that matches "
+                    "your torch to get the fast kernel.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _triton_impl
+
+
+@_hadamard_op.register_kernel("cuda")
+def _hadamard_cuda(
+    x: torch.Tensor, scale: float, matrix: Optional[torch.Tensor], block: int
+) -> torch.Tensor:
+    triton_ok = x.dtype != torch.float64 and (
+        matrix is None or block <= TRITON_MAX_MATRIX_BLOCK
+    )
+    if triton_ok:
+        impl = _load_triton()
+        if impl:
+            return impl(x, scale, matrix, block)
+    return torch_hadamard(x, scale, matrix, block)
+
+
+@_hadamard_op.register_fake
+def _hadamard_fake(
+    x: torch.Tensor, scale: float, matrix: Optional[torch.Tensor], block: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, scale, matrix, block = inputs
+    ctx.scale = scale
+    ctx.block = block
+    keep_x = matrix is not None and matrix.requires_grad
+    ctx.save_for_backward(matrix, x if keep_x else None)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """y = x W s blockwise, so dx = g W^T s (the same op) and dW = s x^T g summed over blocks."""
+    matrix, x = ctx.saved_tensors
+    grad_x = grad_matrix = None
+    if ctx.needs_input_grad[0]:
+        mt = None if matrix is None else matrix.mT.contiguous()
+        grad_x = torch.ops.hadamard_kq.hadamard_transform(grad, ctx.scale, mt, ctx.block)
+    if matrix is not None and ctx.needs_input_grad[2]:
+        compute = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+        xb = x.reshape(-1, ctx.block).to(compute)
+        gb = grad.reshape(-1, ctx.block).to(compute)
+        grad_matrix = ((xb.mT @ gb) * ctx.scale).to(matrix.dtype)
+    return grad_x, None, grad_matrix, None
+
+
+_hadamard_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _resolve_args(
+    x: torch.Tensor,
+    scale: Optional[float],
+    matrix: Optional[torch.Tensor],
+    block: Optional[int],
+) -> tuple[float, Optional[torch.Tensor], int]:
+    """Validate user arguments once, with errors that say what to change."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"hadamard_transform expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"hadamard_transform supports float16, bfloat16, float32 and float64 inputs, "
+            f"got {x.dtype}; cast the tensor first"
+        )
+    if x.dim() == 0:
+        raise ValueError("hadamard_transform needs at least one dimension (it transforms the last)")
+    d = x.shape[-1]
+    if d == 0:
+        raise ValueError("hadamard_transform: the last dimension is empty (size 0)")
+    if matrix is not None:
+        if not isinstance(matrix, torch.Tensor):
+            raise TypeError(f"matrix must be a torch.Tensor, got {type(matrix).__name__}")
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square 2-D, got shape {tuple(matrix.shape)}")
+        if matrix.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"matrix must be a float tensor, got {matrix.dtype}")
+        if matrix.device != x.device:
+            raise ValueError(
+                f"matrix is on {matrix.device} but x is on {x.device}; move it to x's device"
+            )
+        if block is None:
+            block = matrix.shape[0]
+        elif block != matrix.shape[0]:
+            raise ValueError(f"block={block} does not match matrix size {matrix.shape[0]}")
+    elif block is None:
+        block = d
+    if not isinstance(block, int) or block <= 0:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if d % block != 0:
+        raise ValueError(
+            f"the last dimension ({d}) is not a multiple of the block size ({block})"
+        )
+    if matrix is None:
+        if not is_power_of_two(block):
+            raise ValueError(
+                f"the Sylvester Hadamard transform needs a power-of-two size, got {block}; "
+                "pass matrix= (e.g. a random-hadamard matrix) for other sizes"
+            )
+        if block > MAX_SYLVESTER_SIZE:
+            raise ValueError(
+                f"size {block} exceeds the supported maximum {MAX_SYLVESTER_SIZE}; "
+                "pass block= to apply a smaller transform block-diagonally"
+            )
+    if scale is None:
+        scale = 1.0 / math.sqrt(block)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale, matrix, block
+
+
+def hadamard_transform(
+    x: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    matrix: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> torch.Tensor:
+    """Multiply each ``block``-sized chunk of ``x``'s last dim by a Hadamard matrix.
+
+    Args:
+        x: any shape and strides; float16, bfloat16, float32 or float64.
+        scale: multiplies the result; default ``1/sqrt(block)`` (orthonormal transform).
+        matrix: an explicit ``(block, block)`` matrix (e.g. random-hadamard, or a stored
+            ``random-matrix``) used instead of the Sylvester matrix. ``y = x_chunk @ matrix``.
+        block: chunk size; default the last dim (or the matrix size). A block smaller than the
+            last dim applies the transform block-diagonally, as compressed-tensors does when a
+            scheme's ``head_dim`` is smaller than the model's.
+
+    Returns:
+        A new tensor with ``x``'s shape and dtype, computed in fp32 (fp64 for fp64 input) and
+        rounded once.
+    """
+    scale, matrix, block = _resolve_args(x, scale, matrix, block)
+    return torch.ops.hadamard_kq.hadamard_transform(x, scale, matrix, block)

@@ -1,0 +1,515 @@
+"""Triton kernel for the block-diagonal Hadamard transform (CUDA / ROCm, or the CPU interpreter).
+
+``hadamard_triton(x, scale, matrix, block)`` multiplies every consecutive chunk of ``block``
+elements along the last dim of ``x`` (as a row vector) by ``W`` — the Sylvester matrix
+``H[i, j] = (-1) ** popcount(i & j)`` when ``matrix is None``, else ``matrix`` — times ``scale``,
+accumulating in fp32 and rounding once to ``x.dtype``. It returns a new **contiguous** tensor
+(what the op's ``register_fake``, ``x.new_empty(x.shape)``, reports), whatever the strides of
+``x``.
+
+Why it is built this way
+------------------------
+* The transform is memory bound: the floor is one read and one write of ``x``. Following
+  HadaCore (arXiv 2412.09521), chunks are tiled as rows ``[BLOCK_M, n]`` and multiplied by the
+  whole ``[n, n]`` matrix with ``tl.dot`` (fp32 accumulator). The ±1 entries are exact in
+  fp16/bf16, so 16-bit inputs with the Sylvester matrix run on tensor cores with no loss: every
+  product is exact and the sum is fp32. fp32 inputs, fp32 explicit matrices and mixed dtypes use
+  fp32 operands with ``input_precision="ieee"`` (tf32 would drop ~13 mantissa bits).
+* The Sylvester tile is generated in registers from the parity of ``i & j`` (no matrix load, no
+  cache to keep per device). Generating or loading ``W`` costs ``n * n`` work per program, which
+  is not negligible next to a ``[BLOCK_M, n]`` tile, so the kernel is *persistent*: a grid of at
+  most ``PROGRAMS_PER_SM * #SMs`` programs each builds ``W`` once and loops over row tiles. To
+  compare against a loaded matrix, pass the Sylvester matrix as ``matrix`` (same dtype as ``x``):
+  that path loads ``W`` once per program instead of generating it.
+* ``n < 16`` (``tl.dot`` needs every dimension >= 16): contiguous memory is tiled as super-rows of
+  16 elements multiplied by the block-diagonal ``I_{16/n} ⊗ W``; row-strided inputs and
+  non-power-of-two explicit matrices (80, 96, 112, 160, 192, ...) pad the tile to the next power
+  of two >= 16 with masks (padded ``W`` entries and padded ``x`` columns load as zero).
+* ``n`` up to 256 is one pass. The dot is split into ``NB x NB`` sub-tiles of width ``BN`` when a
+  full ``[n, n]`` operand would be too large (``n = 256`` with 16-bit operands, ``n > 64`` with
+  fp32 operands); then ``W`` sub-tiles are rebuilt per row tile and ``x`` sub-tiles are re-read
+  from L1/L2 per output block.
+* ``n > 256`` (Sylvester only, up to 32768): ``H_{mb} = H_m ⊗ H_b`` (row index ``i = i_m*b +
+  i_b``), i.e. for a chunk viewed as ``X (m, b)``: ``Y = H_m X H_b``. Pass 1 applies ``H_b``
+  (32 <= b <= 256) to rows of ``x`` with the row kernel and writes an fp32 buffer; pass 2
+  applies ``H_m`` (16 <= m <= 128) along the middle axis of the ``(outer, m, b)`` view of that
+  buffer with an fp32 (ieee) dot, scales, and rounds once to ``x.dtype`` into ``out``. This
+  costs extra traffic (an fp32 buffer, two passes): acceptable for research-size blocks; the
+  models' R3 blocks (head_dim <= 256) take the one-pass path.
+* Layout: a contiguous ``x`` is processed as flat memory (this is also the decode case: a
+  ``(B, H, 1, d)`` transpose is contiguous). Otherwise the leading dims are collapsed; if at most
+  three (size, stride) pairs remain and the last dim has stride 1 — e.g. the prefill
+  ``(B, S, H, d).transpose(1, 2)`` view, or a ``x[..., :d]`` slice — the kernel decomposes each
+  row index into those three indices and reads through the strides (sizes of 1 are specialised
+  away by triton), writing contiguous rows. Anything else is made contiguous first.
+* Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
+  parameters come from :func:`rows_config` / :func:`mid_config` (pure functions of the size and
+  dtypes, ``lru_cache``-d), and the per-call Python is a few attribute reads and one launch.
+
+Interpreter caveat (``TRITON_INTERPRET=1``, triton 3.9)
+-------------------------------------------------------
+The interpreter's ``tl.dot`` on **bf16** operands returns garbage (it multiplies the raw bf16 bit
+patterns); fp16 and fp32 operands are correct. Under the interpreter (detected from the
+environment when this module is imported, which is also when triton decides whether ``@jit``
+functions are interpreted), bf16 inputs therefore take the fp32-operand (``DOT_F32``) path. This
+is exact for the ±1 matrix and only changes which hardware path a GPU would use; on real GPUs
+bf16 ``tl.dot`` is correct and the flag is off. Set ``TRITON_INTERPRET=1`` before importing
+this module.
+
+Compatibility: written against the triton 3.6 to 3.9 language (``tl.dot(..., input_precision=)``,
+``tl.static_range``, runtime-step ``range`` loops); no autotuner, no descriptors, no TMA.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+
+try:  # triton is optional: CUDA builds of torch pin their own, CPU installs may lack it.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = ["hadamard_triton", "mid_config", "rows_config", "triton_available"]
+
+#: True when kernels run in the CPU interpreter (read once, like triton reads it for ``@jit``).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Persistent-grid size = ``PROGRAMS_PER_SM * multiprocessor count`` (upper bound).
+PROGRAMS_PER_SM: int = 4
+#: Program count used under the interpreter (programs run one after another on the CPU).
+_INTERPRET_PROGRAMS: int = 4
+
+#: Largest Sylvester block handled in one pass; larger blocks use the multi-pass path.
+MAX_ONE_PASS: int = 256
+#: Largest Sylvester block overall (2 ** 15).
+MAX_SYLVESTER: int = 32768
+#: Largest explicit matrix.
+MAX_EXPLICIT: int = 256
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available() -> bool:
+    """Return True when triton can be imported (the kernels below are then defined)."""
+    return _HAS_TRITON
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch parameters
+# ----------------------------------------------------------------------------------------------
+
+
+class RowsConfig(NamedTuple):
+    """Compile-time parameters of the row kernel for one (block, operand kind, layout)."""
+
+    group: int  # chunks per tile row (> 1 only for n < 16 on flat memory)
+    bn: int  # sub-tile width (power of two >= 16)
+    nb: int  # sub-tiles per tile row; padded width = nb * bn
+    block_m: int  # tile rows per iteration
+    num_warps: int
+    log2n: int  # bits of the Sylvester index (0 for explicit matrices)
+
+
+class MidConfig(NamedTuple):
+    """Compile-time parameters of the middle-axis kernel for one factor ``m``."""
+
+    block_i: int
+    num_warps: int
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+@functools.cache
+def rows_config(n: int, dot_f32: bool, flat: bool, sylvester: bool) -> RowsConfig:
+    """Pick the row-kernel tiling for block ``n``.
+
+    Heuristic (to be tuned on the GPU): the padded width ``np2 = max(16, next_pow2(n))``; the
+    resident ``W`` operand is capped at 128 x 128 for 16-bit operands and 64 x 64 for fp32
+    (larger widths are split into sub-tiles); ``BLOCK_M`` targets ~8K elements per x tile for
+    16-bit operands and ~4K for fp32, within [16, 256].
+    """
+    group = 16 // n if (flat and n < 16) else 1
+    np2 = max(16, _next_pow2(n))
+    bn = min(np2, 64 if dot_f32 else 128)
+    nb = np2 // bn
+    target = 4096 if dot_f32 else 8192
+    block_m = max(16, min(256, target // np2))
+    num_warps = 4 if block_m * bn <= 4096 else 8
+    log2n = (n.bit_length() - 1) if sylvester else 0
+    return RowsConfig(group, bn, nb, block_m, num_warps, log2n)
+
+
+@functools.cache
+def mid_config(m: int, inner: int) -> MidConfig:
+    """Tiling of the middle-axis pass: tiles ``[m, block_i]`` of an fp32 buffer (ieee dot)."""
+    block_i = max(16, min(_next_pow2(inner), 4096 // m, 128))
+    return MidConfig(block_i, 4 if m * block_i <= 4096 else 8)
+
+
+@functools.cache
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, PROGRAMS_PER_SM * sms)
+    return _INTERPRET_PROGRAMS
+
+
+def _plan_passes(n: int) -> tuple[int, int]:
+    """Split ``n = 2**k`` (256 < n <= 32768) as ``b * m``: row factor ``b`` in [32, 256], middle
+    factor ``m`` in [16, 128].
+
+    The big factor goes to the row pass (16-bit tensor-core operands for 16-bit inputs); the
+    middle pass runs an fp32 (ieee) dot whose cost grows with ``m``, so it stays small.
+    """
+    k = n.bit_length() - 1
+    kb = min(8, k - 4)
+    return 1 << kb, 1 << (k - kb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _w_tile(
+        w_ptr,
+        ri,
+        cj,
+        N: tl.constexpr,
+        G: tl.constexpr,
+        LOG2N: tl.constexpr,
+        SYLVESTER: tl.constexpr,
+        DTYPE: tl.constexpr,
+    ):
+        """Tile of the block-diagonal ``I_G ⊗ W`` at rows ``ri``, cols ``cj``; zero outside."""
+        i = ri[:, None]
+        j = cj[None, :]
+        valid = ((i // N) == (j // N)) & (i < G * N) & (j < G * N)
+        if SYLVESTER:
+            bits = i & j & (N - 1)
+            par = bits
+            for s in tl.static_range(1, LOG2N):
+                par = par ^ (bits >> s)
+            sign = 1 - 2 * (par & 1)
+            w = tl.where(valid, sign, 0).to(DTYPE)
+        else:
+            w = tl.load(w_ptr + (i % N) * N + (j % N), mask=valid, other=0.0).to(DTYPE)
+        return w
+
+    @triton.jit
+    def _rows_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        n_rows,
+        n_tiles,
+        total,
+        chunks_per_row,
+        n1,
+        n2,
+        s0,
+        s1,
+        s2,
+        scale,
+        N: tl.constexpr,
+        G: tl.constexpr,
+        BN: tl.constexpr,
+        NB: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        LOG2N: tl.constexpr,
+        SYLVESTER: tl.constexpr,
+        STRIDED: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        """``out[row] = (x[row] @ (I_G ⊗ W)) * scale`` for tile rows of width ``G * N``.
+
+        Flat mode (``STRIDED`` False): tile row ``r`` is memory ``[r*G*N, (r+1)*G*N)`` of both
+        ``x`` and ``out`` (``total`` elements). Strided mode (``G == 1``): chunk ``r`` is chunk
+        ``c = r % chunks_per_row`` of row ``q = r // chunks_per_row = (i0*n1 + i1)*n2 + i2``,
+        at ``i0*s0 + i1*s1 + i2*s2 + c*N`` in ``x`` and at ``r * N`` in ``out``.
+        """
+        RW: tl.constexpr = G * N
+        if DOT_F32:
+            DT: tl.constexpr = tl.float32
+        else:
+            DT: tl.constexpr = x_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        rm = tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BN)
+        if NB == 1:
+            w_full = _w_tile(w_ptr, rk, rk, N, G, LOG2N, SYLVESTER, DT)
+        for t in range(pid, n_tiles, nprog):
+            rows = t * BLOCK_M + rm
+            row_ok = rows < n_rows
+            rows64 = rows.to(tl.int64)
+            if STRIDED:
+                q = rows64 // chunks_per_row
+                i2 = q % n2
+                q = q // n2
+                base_in = (q // n1) * s0 + (q % n1) * s1 + i2 * s2 + (rows64 % chunks_per_row) * N
+                base_out = rows64 * N
+            else:
+                base_in = rows64 * RW
+                base_out = base_in
+            for nb in tl.static_range(NB):
+                acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+                for kb in tl.static_range(NB):
+                    ck = kb * BN + rk
+                    mk = row_ok[:, None] & (ck < RW)[None, :]
+                    offs_k = base_in[:, None] + ck[None, :]
+                    if G > 1:
+                        mk = mk & (offs_k < total)
+                    xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(DT)
+                    if NB == 1:
+                        wk = w_full
+                    else:
+                        wk = _w_tile(w_ptr, ck, nb * BN + rk, N, G, LOG2N, SYLVESTER, DT)
+                    if DOT_F32:
+                        acc = tl.dot(xk, wk, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(xk, wk, acc)
+                cn = nb * BN + rk
+                mn = row_ok[:, None] & (cn < RW)[None, :]
+                offs_n = base_out[:, None] + cn[None, :]
+                if G > 1:
+                    mn = mn & (offs_n < total)
+                y = acc * scale
+                tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mn)
+
+    @triton.jit
+    def _mid_kernel(
+        buf_ptr,
+        out_ptr,
+        inner,
+        n_itiles,
+        n_tiles,
+        scale,
+        M: tl.constexpr,
+        LOG2M: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+    ):
+        """Apply ``H_M`` along axis 1 of the contiguous fp32 view ``(outer, M, inner)``.
+
+        ``out`` has the same (contiguous) offsets as ``buf``.
+        """
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        rm = tl.arange(0, M)
+        ri = tl.arange(0, BLOCK_I)
+        h = _w_tile(buf_ptr, rm, rm, M, 1, LOG2M, True, tl.float32)
+        for t in range(pid, n_tiles, nprog):
+            o = t // n_itiles
+            cols = (t % n_itiles) * BLOCK_I + ri
+            offs = o.to(tl.int64) * (M * inner) + rm[:, None] * inner + cols[None, :]
+            mask = (cols < inner)[None, :]
+            xt = tl.load(buf_ptr + offs, mask=mask, other=0.0)
+            y = tl.dot(h, xt, input_precision="ieee") * scale
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int, int] | None:
+    """``(n1, n2, s0, s1, s2)``: row ``(i0*n1 + i1)*n2 + i2`` of x starts at ``i0*s0 + i1*s1 +
+    i2*s2`` (elements), the last dim having stride 1; None when more than three leading
+    (size, stride) pairs remain after dropping size-1 dims and merging collapsible neighbours.
+    """
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        return None
+    dims: list[tuple[int, int]] = []
+    for sz, st in zip(x.shape[:-1], x.stride()[:-1]):
+        if sz == 1:
+            continue
+        if dims and dims[-1][1] == st * sz:
+            dims[-1] = (dims[-1][0] * sz, st)
+        else:
+            dims.append((sz, st))
+    if len(dims) > 3:
+        return None
+    while len(dims) < 3:
+        dims.insert(0, (1, 0))
+    (_, s0), (n1, s1), (n2, s2) = dims
+    return n1, n2, s0, s1, s2
+
+
+_FLAT = None  # layout marker: x is contiguous
+
+
+def _launch_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    n: int,
+    sylvester: bool,
+    dot_f32: bool,
+    layout: tuple[int, int, int, int, int] | None,
+) -> None:
+    """Row kernel over x (flat when ``layout`` is None, else see :func:`_row_layout`)."""
+    numel = x.numel()
+    strided = layout is not None
+    n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
+    cfg = rows_config(n, dot_f32, not strided, sylvester)
+    rw = cfg.group * n
+    n_rows = (numel + rw - 1) // rw
+    n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
+    grid = (min(n_tiles, _max_programs(x.device)),)
+    _rows_kernel[grid](
+        x,
+        w,
+        out,
+        n_rows,
+        n_tiles,
+        numel,
+        x.shape[-1] // n if strided else 1,
+        n1,
+        n2,
+        s0,
+        s1,
+        s2,
+        scale,
+        N=n,
+        G=cfg.group,
+        BN=cfg.bn,
+        NB=cfg.nb,
+        BLOCK_M=cfg.block_m,
+        LOG2N=cfg.log2n,
+        SYLVESTER=sylvester,
+        STRIDED=strided,
+        DOT_F32=dot_f32,
+        num_warps=cfg.num_warps,
+    )
+
+
+def _launch_mid(buf: torch.Tensor, out: torch.Tensor, m: int, inner: int, scale: float) -> None:
+    cfg = mid_config(m, inner)
+    outer = buf.numel() // (m * inner)
+    n_itiles = (inner + cfg.block_i - 1) // cfg.block_i
+    n_tiles = outer * n_itiles
+    grid = (min(n_tiles, _max_programs(buf.device)),)
+    _mid_kernel[grid](
+        buf,
+        out,
+        inner,
+        n_itiles,
+        n_tiles,
+        scale,
+        M=m,
+        LOG2M=m.bit_length() - 1,
+        BLOCK_I=cfg.block_i,
+        num_warps=cfg.num_warps,
+    )
+
+
+def _run(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    block: int,
+    sylvester: bool,
+    dot_f32: bool,
+    layout: tuple[int, int, int, int, int] | None,
+) -> None:
+    if block <= MAX_ONE_PASS:
+        _launch_rows(x, w, out, scale, block, sylvester, dot_f32, layout)
+        return
+    # Two-pass Kronecker path (H_n = H_m ⊗ H_b): contiguous fp32 buffer.
+    b, m = _plan_passes(block)
+    buf = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+    _launch_rows(x, w, buf, 1.0, b, True, dot_f32, layout)
+    _launch_mid(buf, out, m, b, scale)
+
+
+def hadamard_triton(
+    x: torch.Tensor, scale: float, matrix: torch.Tensor | None, block: int
+) -> torch.Tensor:
+    """Block-diagonal transform of the last dim: ``y_chunk = (x_chunk @ W) * scale``.
+
+    Args:
+        x: fp16 / bf16 / fp32 tensor on a CUDA (or ROCm) device — or on the CPU under
+            ``TRITON_INTERPRET=1``; last dim a multiple of ``block``; any strides.
+        scale: multiplier applied to the fp32 accumulator (e.g. ``block ** -0.5``).
+        matrix: ``(block, block)`` matrix ``W``, or None for the Sylvester Hadamard matrix.
+            Used as a 16-bit operand when its dtype equals ``x.dtype`` (16-bit), otherwise in
+            fp32 (converted here if needed: cache an fp32 or ``x.dtype`` copy to avoid that).
+        block: chunk size; a power of two in [1, 32768] for Sylvester, [1, 256] for a matrix.
+
+    Returns:
+        A new contiguous tensor with x's shape and dtype.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("hadamard_triton needs triton, which is not importable")
+    dtype = x.dtype
+    if dtype not in _SUPPORTED:
+        raise TypeError(f"hadamard_triton supports float16/bfloat16/float32, got {dtype}")
+    if x.dim() == 0 or block < 1 or x.shape[-1] % block:
+        raise ValueError(f"last dim of shape {tuple(x.shape)} is not a multiple of block {block}")
+    sylvester = matrix is None
+    if sylvester:
+        if block > MAX_SYLVESTER or block & (block - 1):
+            raise ValueError(f"Sylvester block must be a power of two <= 32768, got {block}")
+        w = x
+        dot_f32 = dtype is torch.float32
+    else:
+        if block > MAX_EXPLICIT:
+            raise ValueError(f"explicit matrices are limited to block <= 256, got {block}")
+        if tuple(matrix.shape) != (block, block):
+            raise ValueError(f"matrix shape {tuple(matrix.shape)} != ({block}, {block})")
+        w = matrix
+        if not (w.dtype is dtype and dtype in _SIXTEEN_BIT) and w.dtype is not torch.float32:
+            w = w.to(torch.float32)
+        if w.device != x.device:
+            w = w.to(x.device)
+        if not w.is_contiguous():
+            w = w.contiguous()
+        dot_f32 = w.dtype is torch.float32
+    if INTERPRET and dtype is torch.bfloat16:
+        dot_f32 = True  # interpreter bug: tl.dot on bf16 operands is wrong (module docstring)
+
+    out = x.new_empty(x.shape)
+    if out.numel() == 0:
+        return out
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            _dispatch(x, out, w, float(scale), block, sylvester, dot_f32)
+    else:
+        _dispatch(x, out, w, float(scale), block, sylvester, dot_f32)
+    return out
+
+
+def _dispatch(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    block: int,
+    sylvester: bool,
+    dot_f32: bool,
+) -> None:
+    if x.is_contiguous():
+        _run(x, out, w, scale, block, sylvester, dot_f32, _FLAT)
+        return
+    layout = _row_layout(x)
+    if layout is None:
+        _run(x.contiguous(), out, w, scale, block, sylvester, dot_f32, _FLAT)
+    else:
+        _run(x, out, w, scale, block, sylvester, dot_f32, layout)

@@ -1,15 +1,30 @@
-"""Shared pytest configuration: the ``gpu`` marker skips cleanly where CUDA is absent."""
+"""Shared pytest configuration and fixtures."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
 
 def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` marker skips cleanly where no CUDA/ROCm device exists."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU (run on the device machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def r3_hd16() -> Path:
+    return FIXTURES / "llama_r3_hadamard_hd16"
+
+
+@pytest.fixture(scope="session")
+def r3_hd64() -> Path:
+    return FIXTURES / "llama_r3_hadamard_hd64"

@@ -48,13 +48,19 @@ Why it is built this way
 
 Interpreter caveat (``TRITON_INTERPRET=1``, triton 3.9)
 -------------------------------------------------------
-The interpreter's ``tl.dot`` on **bf16** operands returns garbage (it multiplies the raw bf16 bit
-patterns); fp16 and fp32 operands are correct. Under the interpreter (detected from the
-environment when this module is imported, which is also when triton decides whether ``@jit``
-functions are interpreted), bf16 inputs therefore take the fp32-operand (``DOT_F32``) path. This
-is exact for the ±1 matrix and only changes which hardware path a GPU would use; on real GPUs
-bf16 ``tl.dot`` is correct and the flag is off. Set ``TRITON_INTERPRET=1`` before importing
-this module.
+Two interpreter bugs concern bf16; both workarounds are compile-time flags that are off on GPUs.
+Under the interpreter (detected from the environment when this module is imported, which is
+also when triton decides whether ``@jit`` functions are interpreted; so set ``TRITON_INTERPRET=1``
+before importing this module):
+
+1. ``tl.dot`` on **bf16** operands returns garbage (numpy multiplies the raw bf16 bit patterns,
+   stored as uint16); fp16 and fp32 operands are correct. bf16 inputs therefore take the
+   fp32-operand (``DOT_F32``, ieee) path: exact for the ±1 matrix, it only changes which
+   hardware path a GPU would use. On real GPUs bf16 ``tl.dot`` is correct.
+2. The fp32 -> bf16 cast *truncates* (rounds toward zero) instead of rounding to nearest even as
+   GPUs do, which would make results up to 1 ulp off. ``EMULATE_RTNE`` rounds with integer
+   arithmetic on the fp32 bit pattern instead, so interpreter results are bit-identical to
+   torch's ``float32 -> bfloat16`` rounding.
 
 Compatibility: written against the triton 3.6 to 3.9 language (``tl.dot(..., input_precision=)``,
 ``tl.static_range``, runtime-step ``range`` loops); no autotuner, no descriptors, no TMA.
@@ -193,9 +199,13 @@ if _HAS_TRITON:
         G: tl.constexpr,
         LOG2N: tl.constexpr,
         SYLVESTER: tl.constexpr,
-        DTYPE: tl.constexpr,
+        F32: tl.constexpr,
     ):
-        """Tile of the block-diagonal ``I_G ⊗ W`` at rows ``ri``, cols ``cj``; zero outside."""
+        """Tile of the block-diagonal ``I_G ⊗ W`` at rows ``ri``, cols ``cj``; zero outside.
+
+        Returned as fp32 when ``F32``, else in ``w_ptr``'s element type (for Sylvester tiles the
+        caller passes ``x``'s pointer, so that is ``x.dtype``).
+        """
         i = ri[:, None]
         j = cj[None, :]
         valid = ((i // N) == (j // N)) & (i < G * N) & (j < G * N)
@@ -205,10 +215,40 @@ if _HAS_TRITON:
             for s in tl.static_range(1, LOG2N):
                 par = par ^ (bits >> s)
             sign = 1 - 2 * (par & 1)
-            w = tl.where(valid, sign, 0).to(DTYPE)
+            w = tl.where(valid, sign, 0)
         else:
-            w = tl.load(w_ptr + (i % N) * N + (j % N), mask=valid, other=0.0).to(DTYPE)
+            w = tl.load(w_ptr + (i % N) * N + (j % N), mask=valid, other=0.0)
+        if F32:
+            w = w.to(tl.float32)
+        else:
+            w = w.to(w_ptr.dtype.element_ty)
         return w
+
+    @triton.jit
+    def _round_to(y, out_ptr, EMULATE_RTNE: tl.constexpr):
+        """Round fp32 ``y`` to ``out_ptr``'s element type; ``EMULATE_RTNE``: bf16 round to nearest
+        even by integer arithmetic (interpreter only: its fp32 -> bf16 cast truncates; NaN
+        payloads are not preserved)."""
+        if EMULATE_RTNE:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return y.to(out_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _load_x(x_ptr, offs, mask, F32: tl.constexpr):
+        xk = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if F32:
+            xk = xk.to(tl.float32)
+        return xk
+
+    @triton.jit
+    def _dot(a, b, acc, F32: tl.constexpr):
+        if F32:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
 
     @triton.jit
     def _rows_kernel(
@@ -233,63 +273,68 @@ if _HAS_TRITON:
         LOG2N: tl.constexpr,
         SYLVESTER: tl.constexpr,
         STRIDED: tl.constexpr,
+        WIDE: tl.constexpr,
         DOT_F32: tl.constexpr,
+        EMULATE_RTNE: tl.constexpr,
     ):
         """``out[row] = (x[row] @ (I_G ⊗ W)) * scale`` for tile rows of width ``G * N``.
 
-        Flat mode (``STRIDED`` False): tile row ``r`` is memory ``[r*G*N, (r+1)*G*N)`` of both
-        ``x`` and ``out`` (``total`` elements). Strided mode (``G == 1``): chunk ``r`` is chunk
-        ``c = r % chunks_per_row`` of row ``q = r // chunks_per_row = (i0*n1 + i1)*n2 + i2``,
-        at ``i0*s0 + i1*s1 + i2*s2 + c*N`` in ``x`` and at ``r * N`` in ``out``.
+        ``out`` is contiguous: tile ``t`` is the memory ``[t*BLOCK_M*G*N, (t+1)*BLOCK_M*G*N)``
+        (clipped to ``total`` elements), addressed as a scalar int64 base plus int32 offsets.
+        Flat mode (``STRIDED`` False): ``x`` is contiguous and uses the same offsets. Strided
+        mode (``G == 1``): chunk ``r`` is chunk ``c = r % chunks_per_row`` of the row
+        ``q = r // chunks_per_row = (i0*n1 + i1)*n2 + i2``, at ``i0*s0 + i1*s1 + i2*s2 + c*N``
+        in ``x`` (int32 arithmetic unless ``WIDE``: the largest offset needs int64).
         """
-        RW: tl.constexpr = G * N
-        if DOT_F32:
-            DT: tl.constexpr = tl.float32
-        else:
-            DT: tl.constexpr = x_ptr.dtype.element_ty
+        RW = G * N
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         rm = tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BN)
-        if NB == 1:
-            w_full = _w_tile(w_ptr, rk, rk, N, G, LOG2N, SYLVESTER, DT)
+        if NB == 1:  # W stays in registers for the whole persistent loop
+            w_full = _w_tile(w_ptr, rk, rk, N, G, LOG2N, SYLVESTER, DOT_F32)
         for t in range(pid, n_tiles, nprog):
-            rows = t * BLOCK_M + rm
-            row_ok = rows < n_rows
-            rows64 = rows.to(tl.int64)
+            start = tl.cast(t, tl.int64) * (BLOCK_M * RW)
+            o_ptr = out_ptr + start
+            row_ok = (t * BLOCK_M + rm) < n_rows
+            o_row = rm * RW  # int32, relative to start
             if STRIDED:
-                q = rows64 // chunks_per_row
+                rows = t * BLOCK_M + rm
+                if WIDE:
+                    rows = rows.to(tl.int64)
+                q = rows // chunks_per_row
+                c = rows % chunks_per_row
                 i2 = q % n2
                 q = q // n2
-                base_in = (q // n1) * s0 + (q % n1) * s1 + i2 * s2 + (rows64 % chunks_per_row) * N
-                base_out = rows64 * N
+                x_row = (q // n1) * s0 + (q % n1) * s1 + i2 * s2 + c * N
+                x_tile = x_ptr
             else:
-                base_in = rows64 * RW
-                base_out = base_in
-            for nb in tl.static_range(NB):
-                acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-                for kb in tl.static_range(NB):
-                    ck = kb * BN + rk
-                    mk = row_ok[:, None] & (ck < RW)[None, :]
-                    offs_k = base_in[:, None] + ck[None, :]
-                    if G > 1:
-                        mk = mk & (offs_k < total)
-                    xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(DT)
-                    if NB == 1:
-                        wk = w_full
-                    else:
-                        wk = _w_tile(w_ptr, ck, nb * BN + rk, N, G, LOG2N, SYLVESTER, DT)
-                    if DOT_F32:
-                        acc = tl.dot(xk, wk, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(xk, wk, acc)
-                cn = nb * BN + rk
-                mn = row_ok[:, None] & (cn < RW)[None, :]
-                offs_n = base_out[:, None] + cn[None, :]
-                if G > 1:
-                    mn = mn & (offs_n < total)
-                y = acc * scale
-                tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mn)
+                x_row = o_row
+                x_tile = x_ptr + start
+            if NB == 1:
+                mask = row_ok[:, None] & (rk < RW)[None, :]
+                if G > 1:  # super-rows of 16 may run past the end
+                    mask = mask & ((o_row[:, None] + rk[None, :]) < total - start)
+                xk = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
+                acc = _dot(xk, w_full, tl.zeros((BLOCK_M, BN), dtype=tl.float32), DOT_F32)
+                y = _round_to(acc * scale, out_ptr, EMULATE_RTNE)
+                tl.store(o_ptr + o_row[:, None] + rk[None, :], y, mask=mask)
+            else:
+                # Runtime (not unrolled) loops, so every sub-tile product reuses the same
+                # shared-memory buffers; W sub-tiles are rebuilt, x sub-tiles re-read (L1/L2).
+                # (NB > 1 implies N >= 128, so G == 1 and no tail mask.)
+                for nb in range(NB):
+                    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+                    for kb in range(NB):
+                        ck = kb * BN + rk
+                        mask = row_ok[:, None] & (ck < RW)[None, :]
+                        xk = _load_x(x_tile, x_row[:, None] + ck[None, :], mask, DOT_F32)
+                        wk = _w_tile(w_ptr, ck, nb * BN + rk, N, G, LOG2N, SYLVESTER, DOT_F32)
+                        acc = _dot(xk, wk, acc, DOT_F32)
+                    cn = nb * BN + rk
+                    mask = row_ok[:, None] & (cn < RW)[None, :]
+                    y = _round_to(acc * scale, out_ptr, EMULATE_RTNE)
+                    tl.store(o_ptr + o_row[:, None] + cn[None, :], y, mask=mask)
 
     @triton.jit
     def _mid_kernel(
@@ -302,6 +347,7 @@ if _HAS_TRITON:
         M: tl.constexpr,
         LOG2M: tl.constexpr,
         BLOCK_I: tl.constexpr,
+        EMULATE_RTNE: tl.constexpr,
     ):
         """Apply ``H_M`` along axis 1 of the contiguous fp32 view ``(outer, M, inner)``.
 
@@ -311,7 +357,7 @@ if _HAS_TRITON:
         nprog = tl.num_programs(0)
         rm = tl.arange(0, M)
         ri = tl.arange(0, BLOCK_I)
-        h = _w_tile(buf_ptr, rm, rm, M, 1, LOG2M, True, tl.float32)
+        h = _w_tile(buf_ptr, rm, rm, M, 1, LOG2M, True, True)
         for t in range(pid, n_tiles, nprog):
             o = t // n_itiles
             cols = (t % n_itiles) * BLOCK_I + ri
@@ -319,7 +365,7 @@ if _HAS_TRITON:
             mask = (cols < inner)[None, :]
             xt = tl.load(buf_ptr + offs, mask=mask, other=0.0)
             y = tl.dot(h, xt, input_precision="ieee") * scale
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, _round_to(y, out_ptr, EMULATE_RTNE), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +413,8 @@ def _launch_rows(
     numel = x.numel()
     strided = layout is not None
     n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
+    # int64 index math only when an offset into x (from its data pointer) can reach 2**31.
+    wide = strided and ((numel // max(1, n1 * n2)) * s0 + n1 * s1 + n2 * s2 + x.shape[-1] >= 2**31)
     cfg = rows_config(n, dot_f32, not strided, sylvester)
     rw = cfg.group * n
     n_rows = (numel + rw - 1) // rw
@@ -394,7 +442,9 @@ def _launch_rows(
         LOG2N=cfg.log2n,
         SYLVESTER=sylvester,
         STRIDED=strided,
+        WIDE=wide,
         DOT_F32=dot_f32,
+        EMULATE_RTNE=INTERPRET and out.dtype is torch.bfloat16,
         num_warps=cfg.num_warps,
     )
 
@@ -415,6 +465,7 @@ def _launch_mid(buf: torch.Tensor, out: torch.Tensor, m: int, inner: int, scale:
         M=m,
         LOG2M=m.bit_length() - 1,
         BLOCK_I=cfg.block_i,
+        EMULATE_RTNE=INTERPRET and out.dtype is torch.bfloat16,
         num_warps=cfg.num_warps,
     )
 

@@ -1,0 +1,405 @@
+"""The Triton kernel (``hf_hadamard_kq/ops/triton_kernel.py``) run on the CPU by the interpreter.
+
+How it runs: ``TRITON_INTERPRET=1`` must be in the environment *before* triton decorates the
+kernels (when the kernel module is imported), and a pytest process may already have imported
+triton or the kernel module without it. So this module has two faces:
+
+* In a normal ``pytest tests/`` run (``TRITON_INTERPRET`` unset) it holds one test,
+  ``test_interpreter_suite``, which re-runs this file in a child ``python -m pytest`` with
+  ``TRITON_INTERPRET=1`` and fails with the child's output if any child test fails.
+* With ``TRITON_INTERPRET=1`` already set (the child, or by hand:
+  ``TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_interpret.py``) it holds the
+  real tests, one report line each.
+
+The kernel module is loaded from its file path (it has no package imports), so these tests
+exercise the kernel alone, independent of the op layer and of import-time registration.
+
+References are independent of the kernel: the Sylvester matrix comes from compressed-tensors'
+``deterministic_hadamard_matrix`` (checked against ``(-1)**popcount(i & j)``), products are
+float64 matmuls; for n > 4096 a float64 fast Walsh-Hadamard butterfly (checked against the dense
+matrix at smaller n) avoids the 8 GiB dense matrix.
+
+Tolerance idiom (DESIGN.md section 6), :func:`assert_matches`: ``max|ours - ref64| <=
+2 * max|torch - ref64| + atol``, where ``torch`` is the same computation done by torch in the
+kernel's precision (``x`` and ``W`` as float32, fp32 matmuls — for n > 4096 with the kernel's
+Kronecker split — times ``scale``, rounded once to ``x.dtype``). For 16-bit outputs that
+baseline is the single-rounding floor (half an ulp at the largest magnitude) and ``atol`` is
+``finfo.tiny``: an extra 16-bit rounding anywhere would break the bound. For fp32 outputs fp32
+accumulation order dominates and ``atol = eps * max|ref64|`` (one ulp at the largest magnitude)
+absorbs a different summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from types import ModuleType
+
+import pytest
+import torch
+
+HERE = pathlib.Path(__file__).resolve()
+ROOT = HERE.parent.parent
+KERNEL_FILE = ROOT / "hf_hadamard_kq" / "ops" / "triton_kernel.py"
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if not IN_INTERPRETER:
+
+    def test_interpreter_suite() -> None:
+        """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider"]
+        start = time.perf_counter()
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
+        elapsed = time.perf_counter() - start
+        tail = (proc.stdout[-20000:] + "\n" + proc.stderr[-5000:]).strip()
+        assert proc.returncode == 0, f"interpreter suite failed ({elapsed:.0f}s):\n{tail}"
+        # rc 5 would mean "nothing collected": make sure the child really ran tests.
+        assert " passed" in proc.stdout, tail
+
+else:
+    triton = pytest.importorskip("triton")
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    def _load_kernel_module() -> ModuleType:
+        spec = importlib.util.spec_from_file_location("_hkq_triton_kernel", KERNEL_FILE)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    tk = _load_kernel_module()
+
+    DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+    DENSE_REF_MAX = 4096
+
+    @functools.cache
+    def ct_sylvester(n: int) -> torch.Tensor:
+        """compressed-tensors' unnormalised Sylvester matrix, float64."""
+        return deterministic_hadamard_matrix(n, torch.float64)
+
+    def popcount_sylvester(n: int) -> torch.Tensor:
+        idx = torch.arange(n)
+        bits = idx[:, None] & idx[None, :]
+        parity = torch.zeros_like(bits)
+        while bool(bits.any()):
+            parity ^= bits & 1
+            bits >>= 1
+        return (1 - 2 * parity).to(torch.float64)
+
+    def fwht(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Unnormalised Walsh-Hadamard transform of the last dim (natural order) in ``dtype``."""
+        y = x.to(dtype)
+        n = y.shape[-1]
+        lead = y.shape[:-1]
+        h = 1
+        while h < n:
+            v = y.reshape(*lead, n // (2 * h), 2, h)
+            a, b = v[..., 0, :], v[..., 1, :]
+            y = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+            h *= 2
+        return y
+
+    def reference(
+        x: torch.Tensor, block: int, matrix: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        """float64 ``x_chunk @ W * scale`` per chunk of ``block`` along the last dim."""
+        d = x.shape[-1]
+        xs = x.to(torch.float64).reshape(*x.shape[:-1], d // block, block)
+        if matrix is not None:
+            y = xs @ matrix.to(torch.float64)
+        elif block <= DENSE_REF_MAX:
+            y = xs @ ct_sylvester(block)
+        else:
+            y = fwht(xs)
+        return (y * scale).reshape(x.shape)
+
+    def torch_same_precision(
+        x: torch.Tensor, block: int, matrix: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        """The computation torch would do in the kernel's precision: fp32 matmul, one rounding."""
+        d = x.shape[-1]
+        xs = x.to(torch.float32).reshape(*x.shape[:-1], d // block, block)
+        if matrix is not None:
+            y = xs @ matrix.to(torch.float32)
+        elif block <= DENSE_REF_MAX:
+            y = xs @ ct_sylvester(block).to(torch.float32)
+        else:
+            # the same Kronecker split as the kernel: H_m X H_b with fp32 matmuls
+            b, m = tk._plan_passes(block)
+            xk = xs.reshape(*xs.shape[:-1], m, b)
+            hm, hb = ct_sylvester(m).to(torch.float32), ct_sylvester(b).to(torch.float32)
+            y = (hm @ (xk @ hb)).reshape(xs.shape)
+        return (y * scale).to(x.dtype).reshape(x.shape)
+
+    def assert_matches(
+        out: torch.Tensor,
+        x: torch.Tensor,
+        block: int,
+        matrix: torch.Tensor | None,
+        scale: float,
+    ) -> None:
+        """Tolerance idiom: err(ours) <= 2 * err(torch, same precision) + atol (module doc)."""
+        assert out.shape == x.shape and out.dtype == x.dtype
+        if out.numel() == 0:
+            return
+        ref = reference(x, block, matrix, scale)
+        ours = (out.to(torch.float64) - ref).abs().max().item()
+        base = (torch_same_precision(x, block, matrix, scale).to(torch.float64) - ref).abs()
+        if x.dtype == torch.float32:
+            atol = torch.finfo(x.dtype).eps * ref.abs().max().item()
+        else:
+            atol = torch.finfo(x.dtype).tiny
+        bound = 2 * base.max().item() + atol
+        assert math.isfinite(ours) and ours <= bound, (
+            f"{x.dtype} block={block}: max error {ours:.3g} > bound {bound:.3g}"
+        )
+
+    def rand(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype)
+
+    def ids(v: object) -> str:
+        return str(v).replace("torch.", "")
+
+    # ------------------------------------------------------------------------------------------
+
+    def test_runs_interpreted() -> None:
+        assert tk.INTERPRET and tk.triton_available()
+        assert isinstance(tk._rows_kernel, triton.runtime.interpreter.InterpretedFunction)
+
+    @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64, 256, 1024])
+    def test_reference_matrix_is_popcount_sylvester(n: int) -> None:
+        w = ct_sylvester(n)
+        assert torch.equal(w, popcount_sylvester(n))
+        x = rand(3, n, dtype=torch.float64)
+        torch.testing.assert_close(fwht(x), x @ w, rtol=0, atol=1e-9)
+
+    SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    @pytest.mark.parametrize("n", SIZES)
+    def test_sylvester_sizes(n: int, dtype: torch.dtype) -> None:
+        d = max(n, 64)  # block-diagonal when n < 64
+        rows = 37 if n <= 256 else 5  # not a multiple of any BLOCK_M
+        x = rand(rows, d, dtype=dtype, seed=n) * 3
+        scale = 1 / math.sqrt(n)
+        out = tk.hadamard_triton(x, scale, None, n)
+        assert_matches(out, x, n, None, scale)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=ids)
+    def test_sylvester_largest_block(dtype: torch.dtype) -> None:
+        n = tk.MAX_SYLVESTER
+        x = rand(2, n, dtype=dtype, seed=7)
+        out = tk.hadamard_triton(x, n**-0.5, None, n)
+        assert_matches(out, x, n, None, n**-0.5)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    @pytest.mark.parametrize(
+        ("shape", "block"),
+        [
+            ((3, 5, 64), 16),
+            ((2, 3, 5, 128), 32),
+            ((2, 4, 3, 64), 64),
+            ((1, 32, 1, 128), 128),  # decode-shaped
+            ((2, 2, 7, 96), 32),
+            ((3, 1024), 512),  # two blocks of the two-pass path
+            ((4, 24), 8),  # n < 16: super-rows of 16 straddle rows; tail mask
+        ],
+    )
+    def test_shapes_and_block_diagonal(
+        shape: tuple[int, ...], block: int, dtype: torch.dtype
+    ) -> None:
+        x = rand(*shape, dtype=dtype, seed=len(shape) + block)
+        out = tk.hadamard_triton(x, 0.5, None, block)
+        assert_matches(out, x, block, None, 0.5)
+
+    @pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (3, 0), (0, 4, 1024)])
+    def test_zero_size(shape: tuple[int, ...]) -> None:
+        x = torch.empty(shape, dtype=torch.float16)
+        block = 16 if shape[-1] in (0, 64) else 1024
+        out = tk.hadamard_triton(x, 1.0, None, block)
+        assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+
+    def _views(dtype: torch.dtype, d: int) -> dict[str, torch.Tensor]:
+        base = rand(2, 5, 3, d, dtype=dtype, seed=d)
+        wide = rand(4, 6, 2 * d, dtype=dtype, seed=d + 1)
+        return {
+            # prefill layout: (B, S, H, d) -> (B, H, S, d): dense, permuted (strided path)
+            "transposed": base.transpose(1, 2),
+            # a slice of a wider last dim: rows at stride 2d
+            "last_dim_slice": wide[..., d:],
+            # three non-collapsible leading dims
+            "three_levels": base[:, 1:4, ::2],
+            # four non-collapsible leading dims: contiguous fallback
+            "four_levels": rand(3, 4, 5, 3, d, dtype=dtype, seed=2)[:, 1:3, 1:4, ::2],
+            # last dim not innermost: contiguous fallback
+            "last_dim_strided": rand(d, 6, dtype=dtype, seed=3).t(),
+            # broadcast (stride 0) leading dim
+            "expanded": rand(1, 3, d, dtype=dtype, seed=4).expand(4, 3, d),
+        }
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    @pytest.mark.parametrize("block", [8, 16, 64, 512])
+    @pytest.mark.parametrize(
+        "view",
+        [
+            "transposed",
+            "last_dim_slice",
+            "three_levels",
+            "four_levels",
+            "last_dim_strided",
+            "expanded",
+        ],
+    )
+    def test_non_contiguous(view: str, block: int, dtype: torch.dtype) -> None:
+        d = max(block, 64)
+        x = _views(dtype, d)[view]
+        assert not x.is_contiguous()
+        expect_strided = view in ("transposed", "last_dim_slice", "three_levels", "expanded")
+        assert (tk._row_layout(x) is not None) == expect_strided
+        before = x.clone()
+        out = tk.hadamard_triton(x, 1 / math.sqrt(block), None, block)
+        assert out.is_contiguous()
+        assert torch.equal(x, before)
+        assert_matches(out, x, block, None, 1 / math.sqrt(block))
+        # identical to the contiguous path, bit for bit
+        ref = tk.hadamard_triton(x.contiguous(), 1 / math.sqrt(block), None, block)
+        assert torch.equal(out, ref)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    @pytest.mark.parametrize("block", [4, 16, 80, 96, 160, 256])
+    @pytest.mark.parametrize("scale", [1.0, 0.3, None])
+    def test_explicit_fp32_matrix(block: int, scale: float | None, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(block)
+        w = torch.randn(block, block, generator=g)
+        scale = 1 / math.sqrt(block) if scale is None else scale
+        x = rand(2, 9, 2 * block, dtype=dtype, seed=block)
+        out = tk.hadamard_triton(x, scale, w, block)
+        assert_matches(out, x, block, w, scale)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)
+    @pytest.mark.parametrize("block", [16, 96, 128])
+    def test_explicit_16bit_matrix(block: int, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(block)
+        w = torch.randn(block, block, generator=g).to(dtype)  # used as a 16-bit dot operand
+        x = rand(3, 4, block, dtype=dtype, seed=block).transpose(0, 1)
+        out = tk.hadamard_triton(x, 0.25, w, block)
+        assert_matches(out, x, block, w, 0.25)
+
+    @pytest.mark.parametrize(
+        ("xdtype", "wdtype"),
+        [
+            (torch.float16, torch.bfloat16),
+            (torch.bfloat16, torch.float16),
+            (torch.float32, torch.float16),
+            (torch.float16, torch.float64),
+        ],
+        ids=ids,
+    )
+    def test_explicit_mixed_dtypes_use_fp32(xdtype: torch.dtype, wdtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(32, 32, generator=g).to(wdtype)
+        x = rand(5, 64, dtype=xdtype, seed=1)
+        out = tk.hadamard_triton(x, 0.5, w, 32)
+        assert_matches(out, x, 32, w.to(torch.float32), 0.5)
+
+    def test_non_contiguous_matrix() -> None:
+        g = torch.Generator().manual_seed(2)
+        w = torch.randn(32, 32, generator=g)
+        x = rand(6, 32, dtype=torch.float32, seed=2)
+        out = tk.hadamard_triton(x, 1.0, w.t(), 32)
+        assert_matches(out, x, 32, w.t(), 1.0)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)
+    @pytest.mark.parametrize("n", [8, 64, 256])
+    def test_loaded_sylvester_equals_generated(n: int, dtype: torch.dtype) -> None:
+        """The in-kernel ±1 tile and a loaded 16-bit Sylvester matrix give identical bits."""
+        x = rand(33, n, dtype=dtype, seed=n)
+        gen = tk.hadamard_triton(x, n**-0.5, None, n)
+        loaded = tk.hadamard_triton(x, n**-0.5, ct_sylvester(n).to(dtype), n)
+        assert torch.equal(gen, loaded)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    def test_new_tensor_shape_dtype(dtype: torch.dtype) -> None:
+        x = rand(2, 3, 4, 128, dtype=dtype)
+        before = x.clone()
+        out = tk.hadamard_triton(x, 1.0, None, 128)
+        assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+        assert out.data_ptr() != x.data_ptr()
+        assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        assert torch.equal(x, before)
+        # involution: H (H x) / n == x, exactly for small integers
+        xi = torch.randint(-8, 8, (4, 128)).to(dtype)
+        twice = tk.hadamard_triton(tk.hadamard_triton(xi, 1.0, None, 128), 1 / 128, None, 128)
+        assert torch.equal(twice, xi)
+
+    def test_scale_applied_after_fp32_accumulation() -> None:
+        """scale folds into nothing: fp16 sums beyond 65504 before scaling must not overflow."""
+        x = torch.full((2, 256), 1000.0, dtype=torch.float16)
+        out = tk.hadamard_triton(x, 1 / 256, None, 256)  # row sum 256000 > fp16 max
+        assert torch.equal(out[:, 0], torch.full((2,), 1000.0, dtype=torch.float16))
+        assert torch.equal(out[:, 1:], torch.zeros(2, 255, dtype=torch.float16))
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    @pytest.mark.parametrize("scale", [1 + 2**-8, 1 + 2**-11, 0.7])
+    def test_final_rounding_is_round_to_nearest_even(scale: float, dtype: torch.dtype) -> None:
+        """block 1 is ``x * scale`` in fp32, rounded once: bit-identical to torch, ties included.
+
+        ``1 + 2**-8`` makes every bf16 product an exact tie, ``1 + 2**-11`` every fp16 one.
+        """
+        x = rand(64, 32, dtype=dtype, seed=5)
+        out = tk.hadamard_triton(x, scale, None, 1)
+        expected = (x.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+        assert torch.equal(out, expected)
+
+    def test_errors() -> None:
+        x = rand(2, 64, dtype=torch.float16)
+        with pytest.raises(ValueError):
+            tk.hadamard_triton(x, 1.0, None, 48)  # not a power of two
+        with pytest.raises(ValueError):
+            tk.hadamard_triton(x, 1.0, None, 128)  # not a divisor of d
+        with pytest.raises(ValueError):
+            tk.hadamard_triton(x, 1.0, torch.eye(16), 32)  # matrix shape mismatch
+        with pytest.raises(ValueError):
+            tk.hadamard_triton(rand(2, 512, dtype=torch.float16), 1.0, torch.eye(512), 512)
+        with pytest.raises(TypeError):
+            tk.hadamard_triton(x.double(), 1.0, None, 16)
+
+    def test_interpreter_bf16_workaround_is_needed() -> None:
+        """Canary for the interpreter bug the kernel works around (module docstring).
+
+        If this starts failing, triton fixed bf16 ``tl.dot`` in the interpreter and the
+        ``INTERPRET`` upcast in ``hadamard_triton`` can go.
+        """
+        x = rand(16, 64, dtype=torch.bfloat16, seed=3)
+        tk.INTERPRET = False
+        try:
+            raw = tk.hadamard_triton(x, 0.125, None, 64)
+        finally:
+            tk.INTERPRET = True
+        err = (raw.to(torch.float64) - reference(x, 64, None, 0.125)).abs().max().item()
+        assert not err < 0.1
+
+    def test_launch_configs() -> None:
+        for n in [1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 160, 192, 256]:
+            for dot_f32 in (False, True):
+                for flat in (False, True):
+                    cfg = tk.rows_config(n, dot_f32, flat, True)
+                    np2 = cfg.bn * cfg.nb
+                    assert np2 >= 16 and np2 >= cfg.group * n and cfg.bn >= 16
+                    assert cfg.bn <= (64 if dot_f32 else 128)
+                    assert 16 <= cfg.block_m <= 256 and cfg.num_warps in (4, 8)
+        for k in range(9, 16):
+            b, m = tk._plan_passes(1 << k)
+            assert b * m == 1 << k and 32 <= b <= 256 and 16 <= m <= 128

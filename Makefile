@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo gpu-test clean
+# The oldest supported stack (the GPU machine's transformers) in a second venv.
+OLD_VENV ?= .venv-oldest
+OLD_PINS ?= transformers==5.17.0 compressed-tensors==0.19.0
+
+.PHONY: test test-oldest lint demo gpu-test clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +26,16 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -ra
 
+$(OLD_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLD_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(OLD_VENV)/bin/python -m pip install -q $(OLD_PINS) -e ".[dev]"
+	touch $@
+
+test-oldest: $(OLD_VENV)/.installed
+	$(OLD_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider
+
 demo: $(STAMP)
 	$(BIN)/hf-hadamard-kq demo
 
@@ -30,4 +44,4 @@ gpu-test:
 	python -m pytest -q -ra -m gpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLD_VENV) .pytest_cache .ruff_cache

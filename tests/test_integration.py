@@ -8,6 +8,7 @@ fp32 tolerance: atol 1e-5 on logits (measured differences are ~1e-7).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import shutil
 
@@ -31,6 +32,12 @@ def load_r3(path, **kwargs):
 
 def ids(batch=2, seq=9, seed=0):
     return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def with_cache(model, cache):
+    """The cache kwarg under the name this transformers version uses (5.24: cache)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
 
 
 def max_diff(a, b):
@@ -67,8 +74,8 @@ def test_cached_keys_are_rotated_unrotated_keys(r3_hd16):
     ours, plain = load_r3(r3_hd16), load_unrotated(r3_hd16)
     c_ours, c_plain = DynamicCache(config=ours.config), DynamicCache(config=plain.config)
     with torch.no_grad():
-        ours(x, cache=c_ours, use_cache=True)
-        plain(x, cache=c_plain, use_cache=True)
+        ours(x, **with_cache(ours, c_ours))
+        plain(x, **with_cache(plain, c_plain))
     for i, (layer_ours, layer_plain) in enumerate(zip(c_ours.layers, c_plain.layers)):
         expected = rotate64(layer_plain.keys, 16)
         assert max_diff(layer_ours.keys, expected) < ATOL
@@ -83,8 +90,8 @@ def test_compressed_tensors_cached_keys_match(r3_hd16):
     ours, ct = load_r3(r3_hd16), ct_runtime_model(r3_hd16)
     c_ours, c_ct = DynamicCache(config=ours.config), DynamicCache(config=ct.config)
     with torch.no_grad():
-        ours(x, cache=c_ours, use_cache=True)
-        ct(x, cache=c_ct, use_cache=True)
+        ours(x, **with_cache(ours, c_ours))
+        ct(x, **with_cache(ct, c_ct))
     for a, b in zip(c_ours.layers, c_ct.layers):
         assert max_diff(a.keys, b.keys) < ATOL
 
@@ -107,10 +114,10 @@ def test_decode_rotates_only_new_rows(r3_hd16, monkeypatch):
     monkeypatch.setattr(attention_mod, "rotate", spy("q"))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids(batch=2, seq=7), cache=cache, use_cache=True)
+        model(ids(batch=2, seq=7), **with_cache(model, cache))
         assert seen.count(("k", (2, 2, 7, 16))) == 2 and seen.count(("q", (2, 4, 7, 16))) == 2
         seen.clear()
-        model(ids(batch=2, seq=1, seed=1), cache=cache, use_cache=True)
+        model(ids(batch=2, seq=1, seed=1), **with_cache(model, cache))
     # one decode step: per layer one K row per kv head and one Q row, never the whole cache
     assert sorted(seen) == sorted([("k", (2, 2, 1, 16))] * 2 + [("q", (2, 4, 1, 16))] * 2)
 
@@ -128,9 +135,9 @@ def test_padded_batch_and_multi_token_continuation(r3_hd16):
         results = []
         for model in (ours, plain):
             cache = DynamicCache(config=model.config)
-            model(x[:, :6], attention_mask=mask[:, :6], cache=cache, use_cache=True)
-            out = model(x[:, 6:], attention_mask=mask, cache=cache, use_cache=True).logits
-            results.append(out)
+            model(x[:, :6], attention_mask=mask[:, :6], **with_cache(model, cache))
+            out = model(x[:, 6:], attention_mask=mask, **with_cache(model, cache))
+            results.append(out.logits)
     assert max_diff(*results) < ATOL
 
 
@@ -147,6 +154,11 @@ GEN_CASES = {
 
 @pytest.mark.parametrize("case", list(GEN_CASES))
 def test_generate_matches_unrotated_and_ct(r3_hd16, case):
+    if case == "quantized_fp8":
+        from transformers.cache_utils import QuantizedCache
+
+        if "fp8" not in (QuantizedCache.__init__.__doc__ or "") + (QuantizedCache.__doc__ or ""):
+            pytest.skip("this transformers version has no fp8 QuantizedCache backend")
     kwargs = dict(max_new_tokens=8, pad_token_id=0, **GEN_CASES[case])
     x = ids(batch=2, seq=6)
     mask = torch.ones_like(x)
@@ -267,8 +279,8 @@ def test_error_attention_pattern_violated(r3_hd16, monkeypatch):
     original = modeling_llama.LlamaAttention.forward
 
     def no_cache_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                         cache=None, **kwargs):
-        return original(self, hidden_states, position_embeddings, attention_mask, None, **kwargs)
+                         cache=None, past_key_values=None, **kwargs):
+        return original(self, hidden_states, position_embeddings, attention_mask, **kwargs)
 
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", no_cache_forward)
     with pytest.raises(HadamardKQConfigError, match="does not follow proj -> RoPE"):
@@ -314,8 +326,8 @@ def test_apply_r3_on_plain_model_matches_ct():
     apply_transform_config(ct, TransformConfig.model_validate(config))
     cache_a, cache_b = DynamicCache(config=cfg), DynamicCache(config=cfg)
     with torch.no_grad():
-        got = model(x, cache=cache_a, use_cache=True).logits
-        want = ct(x, cache=cache_b, use_cache=True).logits
+        got = model(x, **with_cache(model, cache_a)).logits
+        want = ct(x, **with_cache(ct, cache_b)).logits
     assert max_diff(got, want) < ATOL and max_diff(got, ref) < ATOL
     for a, b in zip(cache_a.layers, cache_b.layers):
         assert max_diff(a.keys, b.keys) < ATOL

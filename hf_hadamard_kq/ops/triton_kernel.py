@@ -361,7 +361,7 @@ if _HAS_TRITON:
         for t in range(pid, n_tiles, nprog):
             o = t // n_itiles
             cols = (t % n_itiles) * BLOCK_I + ri
-            offs = o.to(tl.int64) * (M * inner) + rm[:, None] * inner + cols[None, :]
+            offs = tl.cast(o, tl.int64) * (M * inner) + rm[:, None] * inner + cols[None, :]
             mask = (cols < inner)[None, :]
             xt = tl.load(buf_ptr + offs, mask=mask, other=0.0)
             y = tl.dot(h, xt, input_precision="ieee") * scale
@@ -397,6 +397,8 @@ def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int, int] | None:
 
 
 _FLAT = None  # layout marker: x is contiguous
+#: Strided offsets at or above this use int64 index math (a knob so tests can force it).
+_WIDE_OFFSETS = 2**31
 
 
 def _launch_rows(
@@ -414,7 +416,11 @@ def _launch_rows(
     strided = layout is not None
     n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
     # int64 index math only when an offset into x (from its data pointer) can reach 2**31.
-    wide = strided and ((numel // max(1, n1 * n2)) * s0 + n1 * s1 + n2 * s2 + x.shape[-1] >= 2**31)
+    wide = False
+    if strided:  # int64 index math only when an offset into x can reach 2**31
+        d = x.shape[-1]
+        n0 = numel // (d * n1 * n2)
+        wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
     cfg = rows_config(n, dot_f32, not strided, sylvester)
     rw = cfg.group * n
     n_rows = (numel + rw - 1) // rw

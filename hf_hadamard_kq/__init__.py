@@ -8,7 +8,7 @@ functions) with transformers and installs the load hook, so that
 runs an R3 checkpoint with Q rotated in attention and K rotated before the KV cache.
 """
 
-from .api import apply_r3, default_r3_config, remove_r3
+from .api import apply_r3, default_r3_config, remove_r3, save_r3_pretrained
 from .attention import IMPLEMENTATIONS, register
 from .inspect_model import describe, rotation_table
 from .loading import patch_transformers
@@ -30,4 +30,5 @@ __all__ = [
     "hadamard_transform",
     "remove_r3",
     "rotation_table",
+    "save_r3_pretrained",
 ]

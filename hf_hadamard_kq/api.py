@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from .attention import inner_backend
-from .install import attention_modules, install_plan, remove_plan
+from .checkpoint import write_r3_extras
+from .install import attention_modules, install_plan, installed_plan, remove_plan
+from .ops.matrices import sylvester
 from .plan import HadamardKQConfigError, build_plan, model_head_dim
 
 
@@ -78,3 +82,32 @@ def remove_r3(model: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
     remove_plan(model)
     model.set_attn_implementation(attn_implementation)
     return model
+
+
+def save_r3_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """``save_pretrained`` plus the R3 parts, in the format llm-compressor writes.
+
+    For a model rotated with :func:`apply_r3` (a model loaded from an R3 checkpoint keeps its
+    transform_config and matrices through plain ``save_pretrained``): writes
+    ``quantization_config.transform_config`` and, per transform group, the unnormalised matrix
+    once as ``<first module>.<group>_<location>.weight`` (float64), as llm-compressor does.
+    The result loads with ``attn_implementation="hadamard_kq"`` and with compressed-tensors.
+    """
+    plan = installed_plan(model)
+    if plan is None:
+        raise HadamardKQConfigError("save_r3_pretrained: no R3 rotation is installed on model")
+    model.save_pretrained(save_directory, **kwargs)
+    tensors: dict[str, torch.Tensor] = {}
+    seen_groups = set()
+    for name, layer in plan.layers.items():
+        for rotation in (layer.q, layer.k):
+            if rotation is None or rotation.group in seen_groups:
+                continue
+            seen_groups.add(rotation.group)
+            matrix = (
+                sylvester(rotation.block, torch.float64)
+                if rotation.matrix is None
+                else rotation.matrix.to(torch.float64)
+            )
+            tensors[f"{name}.{rotation.group}_{rotation.location}.weight"] = matrix
+    write_r3_extras(save_directory, plan.transform_config, tensors)

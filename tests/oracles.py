@@ -49,6 +49,12 @@ AttentionInterface.register("hand_rotated_test", _hand_attention)
 AttentionMaskInterface.register("hand_rotated_test", eager_mask)
 
 
+def with_cache(model, cache) -> dict:
+    """The cache kwarg under the name this transformers version uses (5.24: cache)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
 def load_unrotated(path, **kwargs):
     """The checkpoint's weights with plain sdpa (our load hook warns that R3 is skipped)."""
     with warnings.catch_warnings():

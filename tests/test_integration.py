@@ -8,7 +8,6 @@ fp32 tolerance: atol 1e-5 on logits (measured differences are ~1e-7).
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import shutil
 
@@ -21,7 +20,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hf_hadamard_kq
 from hf_hadamard_kq import HadamardKQConfigError
 from tests.conftest import FIXTURES
-from tests.oracles import ct_runtime_model, hand_rotated_model, load_unrotated, rotate64
+from tests.oracles import (
+    ct_runtime_model,
+    hand_rotated_model,
+    load_unrotated,
+    rotate64,
+    with_cache,
+)
 
 ATOL = 1e-5
 
@@ -32,12 +37,6 @@ def load_r3(path, **kwargs):
 
 def ids(batch=2, seq=9, seed=0):
     return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def with_cache(model, cache):
-    """The cache kwarg under the name this transformers version uses (5.24: cache)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
 
 
 def max_diff(a, b):

@@ -406,8 +406,12 @@ else:
                     cfg = tk.rows_config(n, dot_f32, flat, True)
                     np2 = cfg.bn * cfg.nb
                     assert np2 >= 16 and np2 >= cfg.group * n and cfg.bn >= 16
-                    assert cfg.bn <= (64 if dot_f32 else 128)
+                    assert cfg.bn <= 128 and np2 == max(16, 1 << (n - 1).bit_length())
                     assert 16 <= cfg.block_m <= 256 and cfg.num_warps in (4, 8)
+                    assert cfg.group == (16 // n if flat and n < 16 else 1)
+        for m in (16, 32, 64, 128):
+            mcfg = tk.mid_config(m, 256)
+            assert 16 <= mcfg.block_i <= 128 and mcfg.num_warps in (4, 8)
         for k in range(9, 16):
             b, m = tk._plan_passes(1 << k)
             assert b * m == 1 << k and 32 <= b <= 256 and 16 <= m <= 128

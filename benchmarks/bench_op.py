@@ -1,0 +1,226 @@
+"""Benchmark the Hadamard op on a GPU against the memory-bandwidth limit.
+
+For each (tokens, heads, d, dtype) it times, with CUDA events and a cold L2 (a 256 MiB buffer
+is overwritten before every timed call), the median of ``--reps`` calls of:
+
+* ``ours``   - ``torch.ops.hadamard_kq.hadamard_transform`` (the Triton kernel on CUDA),
+* ``clone``  - ``torch.clone``: one read + one write, the physical limit of this transform,
+* ``dense``  - ``x @ (H / sqrt(d))`` with torch in the same dtype,
+* ``dao``    - Dao-AILab ``fast_hadamard_transform`` when it is importable.
+
+and reports GB/s (bytes read + written), our time as % of clone's ("% clone" = clone time /
+our time), and the max error of each method divided by the single-rounding floor
+(``|round(exact) - exact|``; 1.0 means as accurate as possible in that dtype).
+
+It also measures decode-size host overhead: 2000 back-to-back eager calls with one sync
+(wall time / call), and GPU time per call inside a CUDA graph.
+
+Usage (GPU machine): ``python benchmarks/bench_op.py --out results/``
+Writes ``bench_op.csv`` and ``bench_op.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hf_hadamard_kq
+from hf_hadamard_kq.ops.matrices import sylvester
+
+OP = torch.ops.hadamard_kq.hadamard_transform.default
+
+
+def _dao():
+    try:
+        from fast_hadamard_transform import hadamard_transform as dao
+    except Exception:  # not installed / not built: reported as absent
+        return None
+    return dao
+
+
+class Timer:
+    """Median CUDA-event time of a callable with L2 flushed before each call."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn) -> float:
+        fn()  # warm-up / JIT
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            self.flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)  # microseconds
+        times.sort()
+        return times[len(times) // 2]
+
+
+def _err_ratio(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    err = (out.double() - ref64).abs().max().item()
+    floor = (ref64.to(out.dtype).double() - ref64).abs().max().item()
+    return err / floor if floor > 0 else float("nan")
+
+
+def _reference(x: torch.Tensor, d: int, matrix=None) -> torch.Tensor:
+    h = (matrix.double() if matrix is not None else sylvester(d, torch.float64, x.device))
+    return (x.double().reshape(-1, d) @ h / math.sqrt(d)).reshape(x.shape)
+
+
+def bench_sizes(timer: Timer, rows: list[dict], dtypes, min_bytes: int) -> None:
+    dao = _dao()
+    shapes = [(t, h, d) for d in (64, 128, 256) for h in (8, 32) for t in (1024, 4096, 16384)]
+    for dtype in dtypes:
+        for tokens, heads, d in shapes:
+            x = torch.randn(tokens, heads, d, device="cuda").to(dtype)
+            nbytes = x.numel() * x.element_size()
+            if nbytes < min_bytes:
+                continue
+            ref = _reference(x, d)
+            scale = 1 / math.sqrt(d)
+            hn = (sylvester(d, torch.float32, "cuda") * scale).to(dtype)
+            methods = {
+                "ours": lambda x=x, d=d, s=scale: OP(x, s, None, d),
+                "clone": lambda x=x: x.clone(),
+                "dense": lambda x=x, hn=hn: x @ hn,
+            }
+            if dao is not None:
+                methods["dao"] = lambda x=x, s=scale: dao(x, s)
+            row = dict(kind="prefill", tokens=tokens, heads=heads, d=d,
+                       dtype=str(dtype).replace("torch.", ""), MiB=round(nbytes / 2**20, 1))
+            for name, fn in methods.items():
+                us = timer(fn)
+                row[f"{name}_us"] = round(us, 2)
+                row[f"{name}_GBps"] = round(2 * nbytes / us / 1e3, 1)
+                if name != "clone":
+                    row[f"{name}_err_vs_floor"] = round(_err_ratio(fn(), ref), 3)
+            row["ours_pct_clone"] = round(100 * row["clone_us"] / row["ours_us"], 1)
+            rows.append(row)
+            print(row, flush=True)
+
+
+def bench_large_and_matrix(timer: Timer, rows: list[dict]) -> None:
+    dtype = torch.bfloat16
+    for d in (512, 1024, 4096, 32768):
+        x = torch.randn((1 << 24) // d, d, device="cuda").to(dtype)
+        nbytes = x.numel() * x.element_size()
+        us_ours = timer(lambda x=x, d=d: OP(x, 1 / math.sqrt(d), None, d))
+        us_clone = timer(lambda x=x: x.clone())
+        ref = _reference(x, d)
+        row = dict(kind="large_d", tokens=x.shape[0], heads=1, d=d, dtype="bfloat16",
+                   MiB=round(nbytes / 2**20, 1), ours_us=round(us_ours, 2),
+                   clone_us=round(us_clone, 2),
+                   ours_pct_clone=round(100 * us_clone / us_ours, 1),
+                   ours_err_vs_floor=round(_err_ratio(OP(x, 1 / math.sqrt(d), None, d), ref), 3))
+        rows.append(row)
+        print(row, flush=True)
+    for d in (80, 96, 112, 160):
+        gen = torch.Generator(device="cuda").manual_seed(d)
+        m = torch.randint(0, 2, (d, d), device="cuda", generator=gen).float() * 2 - 1
+        x = torch.randn(8192, 32, d, device="cuda").to(dtype)
+        nbytes = x.numel() * x.element_size()
+        mb = m.to(dtype)
+        us_ours = timer(lambda x=x, d=d, mb=mb: OP(x, 1 / math.sqrt(d), mb, d))
+        us_clone = timer(lambda x=x: x.clone())
+        ref = _reference(x, d, matrix=m)
+        row = dict(kind="explicit_matrix", tokens=8192, heads=32, d=d, dtype="bfloat16",
+                   MiB=round(nbytes / 2**20, 1), ours_us=round(us_ours, 2),
+                   clone_us=round(us_clone, 2),
+                   ours_pct_clone=round(100 * us_clone / us_ours, 1),
+                   ours_err_vs_floor=round(_err_ratio(OP(x, 1 / math.sqrt(d), mb, d), ref), 3))
+        rows.append(row)
+        print(row, flush=True)
+
+
+def bench_decode(rows: list[dict]) -> None:
+    dao = _dao()
+    dtype = torch.bfloat16
+    for tokens in (1, 16, 64):
+        x = torch.randn(1, 32, tokens, 128, device="cuda").to(dtype)
+        scale = 1 / math.sqrt(128)
+        methods = {
+            "public_fn": lambda x=x: hf_hadamard_kq.hadamard_transform(x),
+            "ours": lambda x=x, s=scale: OP(x, s, None, 128),
+            "clone": lambda x=x: x.clone(),
+        }
+        if dao is not None:
+            methods["dao"] = lambda x=x, s=scale: dao(x, s)
+        row = dict(kind="decode", tokens=tokens, heads=32, d=128, dtype="bfloat16")
+        for name, fn in methods.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            n = 2000
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            row[f"{name}_host_us"] = round((time.perf_counter() - t0) / n * 1e6, 2)
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+                with torch.cuda.graph(graph, stream=stream):
+                    for _ in range(100):
+                        fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            row[f"{name}_graph_us"] = round(start.elapsed_time(end) * 1e3 / 1000, 3)
+        rows.append(row)
+        print(row, flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--min-mib", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_op.py needs a CUDA/ROCm GPU; on CPU run the test suite instead")
+    args.out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+               dao_available=_dao() is not None)
+    print(env, flush=True)
+    timer = Timer(args.reps)
+    rows: list[dict] = []
+    bench_sizes(timer, rows, (torch.bfloat16, torch.float16), int(args.min_mib * 2**20))
+    bench_large_and_matrix(timer, rows)
+    bench_decode(rows)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+    with open(args.out / "bench_op.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "bench_op.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -154,9 +154,15 @@ def bench_decode(rows: list[dict]) -> None:
     for tokens in (1, 16, 64):
         x = torch.randn(1, 32, tokens, 128, device="cuda").to(dtype)
         scale = 1 / math.sqrt(128)
+        from hf_hadamard_kq.ops.op import torch_hadamard
+        from hf_hadamard_kq.ops.triton_kernel import hadamard_triton
+
         methods = {
             "public_fn": lambda x=x: hf_hadamard_kq.hadamard_transform(x),
             "ours": lambda x=x, s=scale: OP(x, s, None, 128),
+            # the same kernel without the custom-op dispatcher: isolates the wrapper's cost
+            "triton_direct": lambda x=x, s=scale: hadamard_triton(x, s, None, 128),
+            "torch_matmul_path": lambda x=x, s=scale: torch_hadamard(x, s, None, 128),
             "clone": lambda x=x: x.clone(),
         }
         if dao is not None:

@@ -7,9 +7,13 @@ triton or the kernel module without it. So this module has two faces:
 * In a normal ``pytest tests/`` run (``TRITON_INTERPRET`` unset) it holds one test,
   ``test_interpreter_suite``, which re-runs this file in a child ``python -m pytest`` with
   ``TRITON_INTERPRET=1`` and fails with the child's output if any child test fails.
+  The outer run also compiles the kernels ahead of time for an H100 (sm_90) — no GPU needed —
+  and fails on a compile error, a shared-memory overflow or a register spill.
 * With ``TRITON_INTERPRET=1`` already set (the child, or by hand:
   ``TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_interpret.py``) it holds the
-  real tests, one report line each.
+  real tests, one report line each. The suite passes under triton 3.9 (dev/CI) and 3.6 (with
+  numpy 2.2; triton 3.6's interpreter cannot run runtime-bound loops under numpy 2.4, and the
+  outer test skips, naming that, when it sees the error).
 
 The kernel module is loaded from its file path (it has no package imports), so these tests
 exercise the kernel alone, independent of the op layer and of import-time registration.
@@ -51,6 +55,8 @@ IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if not IN_INTERPRETER:
+    # Older interpreters call int() on 1-element arrays, which numpy >= 2.4 refuses.
+    _OLD_INTERPRETER_NEW_NUMPY = "only 0-dimensional arrays can be converted to Python scalars"
 
     def test_interpreter_suite() -> None:
         """Run this file's interpreter tests in a child process with TRITON_INTERPRET=1."""
@@ -63,9 +69,107 @@ if not IN_INTERPRETER:
         )
         elapsed = time.perf_counter() - start
         tail = (proc.stdout[-20000:] + "\n" + proc.stderr[-5000:]).strip()
+        if proc.returncode != 0 and _OLD_INTERPRETER_NEW_NUMPY in proc.stdout:
+            pytest.skip(
+                "this triton's interpreter cannot run loops with runtime bounds under this numpy "
+                "(seen with triton 3.6 + numpy 2.4; fine with numpy 2.2 or triton 3.9)"
+            )
         assert proc.returncode == 0, f"interpreter suite failed ({elapsed:.0f}s):\n{tail}"
         # rc 5 would mean "nothing collected": make sure the child really ran tests.
         assert " passed" in proc.stdout, tail
+
+    # Ahead-of-time compilation for an H100 (sm_90) without a GPU: catches kernels that the
+    # interpreter accepts but the compiler rejects, shared-memory overflows and register
+    # spills. (rows kernel cases: n, x dtype, W dtype or None for Sylvester, strided, wide.)
+    AOT_ROWS = [
+        (16, "bf16", None, False, False),
+        (128, "bf16", None, False, False),
+        (128, "fp16", "fp16", False, False),
+        (256, "bf16", None, True, False),
+        (128, "bf16", None, True, True),
+        (8, "fp32", None, False, False),
+        (96, "bf16", "fp32", False, False),
+        (256, "fp32", "fp32", False, False),
+        (256, "fp32", None, False, False),
+        (256, "bf16", "bf16", False, False),
+    ]
+    AOT_MID = [(16, "bf16"), (128, "fp32")]
+    SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
+
+    def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int):
+        compiler = pytest.importorskip("triton.compiler")
+        backend = pytest.importorskip("triton.backends.compiler")
+        import triton
+
+        params = {p.name: p for p in fn.params}  # type: ignore[attr-defined]
+        full = {
+            name: ("constexpr" if params[name].is_constexpr else sig.get(name, "i32"))
+            for name in fn.arg_names  # type: ignore[attr-defined]
+        }
+        src = compiler.ASTSource(fn, full, const)
+        target = backend.GPUTarget("cuda", 90, 32)
+        return triton.compile(src, target=target, options={"num_warps": warps})
+
+    def _local_bytes(cubin: bytes) -> int | None:
+        """Spill (local memory) bytes per thread, from the bundled cuobjdump, if present."""
+        import shutil
+        import tempfile
+
+        import triton
+
+        tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if not tool.exists() and shutil.which("cuobjdump") is None:
+            return None
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            exe = str(tool) if tool.exists() else "cuobjdump"
+            res = subprocess.run(
+                [exe, "--dump-resource-usage", f.name], capture_output=True, text=True, check=False
+            )
+        import re
+
+        m = re.search(r"LOCAL:(\d+)", res.stdout)
+        return int(m.group(1)) if m else None
+
+    def _kernel_module_compiled() -> ModuleType:
+        spec = importlib.util.spec_from_file_location("_hkq_triton_kernel_aot", KERNEL_FILE)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+    def test_kernels_compile_for_sm90() -> None:
+        pytest.importorskip("triton")
+        tk = _kernel_module_compiled()
+        ty = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+        results = []
+        for n, xdt, wdt, strided, wide in AOT_ROWS:
+            sylvester = wdt is None
+            dot_f32 = xdt == "fp32" or wdt == "fp32"
+            cfg = tk.rows_config(n, dot_f32, sylvester)
+            sig = {"x_ptr": ty[xdt], "w_ptr": ty[wdt or xdt], "out_ptr": ty[xdt], "scale": "fp32"}
+            if wide:
+                sig.update(s0="i64", s1="i64", s2="i64")
+            const = dict(
+                N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
+                SYLVESTER=sylvester, STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2,
+                WIDE=wide, DOT_F32=dot_f32,
+                EMULATE_RTNE=False,
+            )  # fmt: skip
+            k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps)
+            results.append((f"rows n={n} {xdt} W={wdt} strided={strided}", k))
+        for m, odt in AOT_MID:
+            cfg = tk.mid_config(m, 256)
+            sig = {"buf_ptr": "*fp32", "out_ptr": ty[odt], "scale": "fp32"}
+            const = dict(M=m, LOG2M=m.bit_length() - 1, BLOCK_I=cfg.block_i, EMULATE_RTNE=False)
+            k = _aot_compile(tk._mid_kernel, sig, const, cfg.num_warps)
+            results.append((f"mid m={m} {odt}", k))
+        for name, k in results:
+            assert k.metadata.shared <= SMEM_LIMIT_SM90, (name, k.metadata.shared)
+            spill = _local_bytes(k.asm["cubin"])
+            assert not spill, f"{name}: {spill} bytes of local memory (register spills)"
 
 else:
     triton = pytest.importorskip("triton")
@@ -214,7 +318,7 @@ else:
             ((1, 32, 1, 128), 128),  # decode-shaped
             ((2, 2, 7, 96), 32),
             ((3, 1024), 512),  # two blocks of the two-pass path
-            ((4, 24), 8),  # n < 16: super-rows of 16 straddle rows; tail mask
+            ((4, 24), 8),  # n < 16: padded tile
         ],
     )
     def test_shapes_and_block_diagonal(
@@ -371,6 +475,28 @@ else:
         expected = (x.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)).to(dtype)
         assert torch.equal(out, expected)
 
+    @pytest.mark.parametrize(
+        ("block", "matrix_size"),
+        [(4, None), (8, 8), (80, 80), (256, None), (160, 160), (512, None)],
+    )
+    def test_non_finite_stays_in_its_chunk(block: int, matrix_size: int | None) -> None:
+        """inf/NaN in one chunk must not leak into other chunks (0 * inf = NaN in a dot)."""
+        w = None
+        if matrix_size is not None:
+            w = torch.randn(matrix_size, matrix_size, generator=torch.Generator().manual_seed(0))
+        x = rand(6, 4 * block, dtype=torch.float16, seed=block)
+        x[2, block + 1] = float("inf")
+        x[4, 2 * block] = float("nan")
+        out = tk.hadamard_triton(x, 1.0, w, block)
+        bad = torch.zeros(6, 4, dtype=torch.bool)
+        bad[2, 1] = bad[4, 2] = True
+        finite = out.reshape(6, 4, block).isfinite().all(dim=-1)
+        assert torch.equal(finite, ~bad)
+        clean = x.clone()
+        clean[2, block + 1] = clean[4, 2 * block] = 0
+        ref = tk.hadamard_triton(clean, 1.0, w, block).reshape(6, 4, block)
+        assert torch.equal(out.reshape(6, 4, block)[~bad], ref[~bad])
+
     def test_errors() -> None:
         x = rand(2, 64, dtype=torch.float16)
         with pytest.raises(ValueError):
@@ -391,24 +517,20 @@ else:
         ``INTERPRET`` upcast in ``hadamard_triton`` can go.
         """
         x = rand(16, 64, dtype=torch.bfloat16, seed=3)
-        tk.INTERPRET = False
-        try:
-            raw = tk.hadamard_triton(x, 0.125, None, 64)
-        finally:
-            tk.INTERPRET = True
+        raw = torch.empty_like(x)
+        tk._run(x, raw, x, 0.125, 64, True, False, tk._FLAT)  # bf16 dot operands, no upcast
         err = (raw.to(torch.float64) - reference(x, 64, None, 0.125)).abs().max().item()
         assert not err < 0.1
 
     def test_launch_configs() -> None:
         for n in [1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 160, 192, 256]:
             for dot_f32 in (False, True):
-                for flat in (False, True):
-                    cfg = tk.rows_config(n, dot_f32, flat, True)
+                for sylvester in (False, True):
+                    cfg = tk.rows_config(n, dot_f32, sylvester)
                     np2 = cfg.bn * cfg.nb
-                    assert np2 >= 16 and np2 >= cfg.group * n and cfg.bn >= 16
+                    assert np2 >= 16 and np2 >= n and cfg.bn >= 16
                     assert cfg.bn <= 128 and np2 == max(16, 1 << (n - 1).bit_length())
                     assert 16 <= cfg.block_m <= 256 and cfg.num_warps in (4, 8)
-                    assert cfg.group == (16 // n if flat and n < 16 else 1)
         for m in (16, 32, 64, 128):
             mcfg = tk.mid_config(m, 256)
             assert 16 <= mcfg.block_i <= 128 and mcfg.num_warps in (4, 8)

@@ -21,14 +21,17 @@ Why it is built this way
   most ``PROGRAMS_PER_SM * #SMs`` programs each builds ``W`` once and loops over row tiles. To
   compare against a loaded matrix, pass the Sylvester matrix as ``matrix`` (same dtype as ``x``):
   that path loads ``W`` once per program instead of generating it.
-* ``n < 16`` (``tl.dot`` needs every dimension >= 16): contiguous memory is tiled as super-rows of
-  16 elements multiplied by the block-diagonal ``I_{16/n} ⊗ W``; row-strided inputs and
-  non-power-of-two explicit matrices (80, 96, 112, 160, 192, ...) pad the tile to the next power
-  of two >= 16 with masks (padded ``W`` entries and padded ``x`` columns load as zero).
-* ``n`` up to 256 is one pass. The dot is split into ``NB x NB`` sub-tiles of width ``BN`` when a
-  full ``[n, n]`` operand would be too large (``n = 256`` with 16-bit operands, ``n > 64`` with
-  fp32 operands); then ``W`` sub-tiles are rebuilt per row tile and ``x`` sub-tiles are re-read
-  from L1/L2 per output block.
+* ``n < 16`` (``tl.dot`` needs every dimension >= 16) and non-power-of-two explicit matrices
+  (80, 96, 112, 160, 192, ...) pad the tile to the next power of two >= 16 with masks: padded
+  ``x`` columns load as zero, padded outputs are not stored. (Packing several small chunks into
+  one 16-wide row with a block-diagonal ``W`` would waste less compute, but its zero blocks turn
+  an inf in one chunk into NaN in its neighbours; these sizes are rare.)
+* ``n`` up to 256 is one pass. A resident ``W`` is at most 128 x 128 (registers). Sylvester
+  ``n = 256`` with 16-bit operands uses ``H_256 = H_2 ⊗ H_128``: both halves of a chunk go
+  through the resident ``H_128`` and an fp32 add/subtract combines them (no regenerated tiles).
+  Otherwise a ``W`` wider than 128 (explicit, or fp32 operands) is split into ``NB x NB``
+  sub-tiles that are rebuilt or reloaded (L2) per row tile, with ``x`` sub-tiles re-read from
+  L1/L2 per output block.
 * ``n > 256`` (Sylvester only, up to 32768): ``H_{mb} = H_m ⊗ H_b`` (row index ``i = i_m*b +
   i_b``), i.e. for a chunk viewed as ``X (m, b)``: ``Y = H_m X H_b``. Pass 1 applies ``H_b``
   (32 <= b <= 256) to rows of ``x`` with the row kernel and writes an fp32 buffer; pass 2
@@ -43,8 +46,9 @@ Why it is built this way
   row index into those three indices and reads through the strides (sizes of 1 are specialised
   away by triton), writing contiguous rows. Anything else is made contiguous first.
 * Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
-  parameters come from :func:`rows_config` / :func:`mid_config` (pure functions of the size and
-  dtypes, ``lru_cache``-d), and the per-call Python is a few attribute reads and one launch.
+  parameters come from :func:`rows_config` / :func:`mid_config` (cached pure functions of the
+  size and dtypes; tiles chosen so that nothing spills on sm_90), and the per-call Python is a
+  few attribute reads and one launch (~4 us of Python on this CPU besides triton's launcher).
 
 Interpreter caveat (``TRITON_INTERPRET=1``, triton 3.9)
 -------------------------------------------------------
@@ -118,7 +122,6 @@ def triton_available() -> bool:
 class RowsConfig(NamedTuple):
     """Compile-time parameters of the row kernel for one (block, operand kind, layout)."""
 
-    group: int  # chunks per tile row (> 1 only for n < 16 on flat memory)
     bn: int  # sub-tile width (power of two >= 16)
     nb: int  # sub-tiles per tile row; padded width = nb * bn
     block_m: int  # tile rows per iteration
@@ -138,19 +141,19 @@ def _next_pow2(v: int) -> int:
 
 
 @functools.cache
-def rows_config(n: int, dot_f32: bool, flat: bool, sylvester: bool) -> RowsConfig:
+def rows_config(n: int, dot_f32: bool, sylvester: bool) -> RowsConfig:
     """Pick the row-kernel tiling for block ``n`` (padded width ``np2 = max(16, next_pow2(n))``).
 
-    Starting points, checked by compiling for sm_90 with triton 3.9 (no register spills, shared
-    memory well under the 227 KiB limit); throughput is tuned on the GPU:
+    Starting points, checked by compiling for sm_90 with triton 3.6 and 3.9 (no register
+    spills, shared memory well under the 227 KiB limit); throughput is tuned on the GPU:
 
-    * 16-bit operands (tensor cores): ``W`` resident up to 128 x 128, two 128-wide sub-tiles for
-      ``np2 = 256``; ``BLOCK_M = 8192 / np2`` rows in [32, 256].
+    * 16-bit operands (tensor cores): ``W`` resident up to 128 x 128; ``np2 = 256`` has
+      ``nb = 2``: a resident ``H_128`` used twice (Sylvester, the kernel's ``SPLIT2``) or
+      128-wide sub-tiles (explicit ``W``); ``BLOCK_M = 8192 / np2`` rows in [32, 256].
     * fp32 operands (ieee: FMA, no tensor cores): ``W`` resident up to 128 x 128 with
-      ``BLOCK_M = 16`` at 128; 64-wide sub-tiles for 256; ``BLOCK_M = 4096 / np2`` (max 128)
-      below 128.
+      ``BLOCK_M = 16`` at 128; 64-wide sub-tiles (``nb = 4``, rebuilt per tile) for 256, since a
+      resident fp32 ``H_128`` used twice spills; ``BLOCK_M = 4096 / np2`` (max 128) below 128.
     """
-    group = 16 // n if (flat and n < 16) else 1
     np2 = max(16, _next_pow2(n))
     if dot_f32:
         bn = min(np2, 128) if np2 <= 128 else 64
@@ -161,7 +164,7 @@ def rows_config(n: int, dot_f32: bool, flat: bool, sylvester: bool) -> RowsConfi
         block_m = max(32, min(256, 8192 // np2))
         num_warps = 4 if block_m * bn <= 4096 else 8
     log2n = (n.bit_length() - 1) if sylvester else 0
-    return RowsConfig(group, bn, np2 // bn, block_m, num_warps, log2n)
+    return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n)
 
 
 @functools.cache
@@ -206,32 +209,39 @@ if _HAS_TRITON:
         ri,
         cj,
         N: tl.constexpr,
-        G: tl.constexpr,
         LOG2N: tl.constexpr,
         SYLVESTER: tl.constexpr,
         F32: tl.constexpr,
     ):
-        """Tile of the block-diagonal ``I_G ⊗ W`` at rows ``ri``, cols ``cj``; zero outside.
+        """Tile of ``W`` at rows ``ri``, cols ``cj`` (loaded ``W``: zero outside ``N x N``).
 
         Returned as fp32 when ``F32``, else in ``w_ptr``'s element type (for Sylvester tiles the
         caller passes ``x``'s pointer, so that is ``x.dtype``).
         """
         i = ri[:, None]
         j = cj[None, :]
-        valid = ((i // N) == (j // N)) & (i < G * N) & (j < G * N)
         if SYLVESTER:
-            bits = i & j & (N - 1)
-            par = bits
-            for s in tl.static_range(1, LOG2N):
-                par = par ^ (bits >> s)
-            sign = 1 - 2 * (par & 1)
-            w = tl.where(valid, sign, 0)
+            # parity of popcount(i & j) by xor-folding (N <= 256: at most shifts 4, 2, 1), then
+            # +-1.0 built from its bit pattern (sign bit = parity): no int -> float conversion.
+            par = i & j & (N - 1)
+            for k in tl.static_range(4):
+                if (8 >> k) < LOG2N:
+                    par = par ^ (par >> (8 >> k))
+            neg = par & 1
+            if F32:
+                w = ((neg.to(tl.uint32) << 31) | 0x3F800000).to(tl.float32, bitcast=True)
+            elif w_ptr.dtype.element_ty == tl.bfloat16:
+                w = ((neg.to(tl.uint16) << 15) | 0x3F80).to(tl.bfloat16, bitcast=True)
+            else:
+                w = ((neg.to(tl.uint16) << 15) | 0x3C00).to(tl.float16, bitcast=True)
+            # (entries outside N x N are not zeroed: they meet zero-padded x columns or
+            # produce output columns that are never stored)
         else:
-            w = tl.load(w_ptr + (i % N) * N + (j % N), mask=valid, other=0.0)
-        if F32:
-            w = w.to(tl.float32)
-        else:
-            w = w.to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + i * N + j, mask=(i < N) & (j < N), other=0.0)
+            if F32:
+                w = w.to(tl.float32)
+            else:
+                w = w.to(w_ptr.dtype.element_ty)
         return w
 
     @triton.jit
@@ -267,7 +277,6 @@ if _HAS_TRITON:
         out_ptr,
         n_rows,
         n_tiles,
-        total,
         chunks_per_row,
         n1,
         n2,
@@ -276,73 +285,89 @@ if _HAS_TRITON:
         s2,
         scale,
         N: tl.constexpr,
-        G: tl.constexpr,
         BN: tl.constexpr,
         NB: tl.constexpr,
         BLOCK_M: tl.constexpr,
         LOG2N: tl.constexpr,
         SYLVESTER: tl.constexpr,
         STRIDED: tl.constexpr,
+        SPLIT2: tl.constexpr,
         WIDE: tl.constexpr,
         DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr,
     ):
-        """``out[row] = (x[row] @ (I_G ⊗ W)) * scale`` for tile rows of width ``G * N``.
+        """``out[r] = (x[r] @ W) * scale`` for every chunk ``r`` of ``N`` elements.
 
-        ``out`` is contiguous: tile ``t`` is the memory ``[t*BLOCK_M*G*N, (t+1)*BLOCK_M*G*N)``
-        (clipped to ``total`` elements), addressed as a scalar int64 base plus int32 offsets.
+        ``out`` is contiguous: tile ``t`` (chunks ``t*BLOCK_M ...``) is the memory from
+        ``t*BLOCK_M*N``, addressed as a scalar int64 base plus int32 offsets.
         Flat mode (``STRIDED`` False): ``x`` is contiguous and uses the same offsets. Strided
-        mode (``G == 1``): chunk ``r`` is chunk ``c = r % chunks_per_row`` of the row
+        mode: chunk ``r`` is chunk ``c = r % chunks_per_row`` of the row
         ``q = r // chunks_per_row = (i0*n1 + i1)*n2 + i2``, at ``i0*s0 + i1*s1 + i2*s2 + c*N``
-        in ``x`` (int32 arithmetic unless ``WIDE``: the largest offset needs int64).
+        in ``x`` (int32 offsets unless ``WIDE``: the largest offset needs int64).
         """
-        RW = G * N
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         rm = tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BN)
+        # SPLIT2 (Sylvester, N = 2 * BN): H_N = H_2 ⊗ H_BN, so with x = [x0, x1] (halves of a
+        # chunk) and z_i = x_i @ H_BN: y = [z0 + z1, z0 - z1]. One resident H_BN, two dots.
         if NB == 1:  # W stays in registers for the whole persistent loop
-            w_full = _w_tile(w_ptr, rk, rk, N, G, LOG2N, SYLVESTER, DOT_F32)
+            w_full = _w_tile(w_ptr, rk, rk, N, LOG2N, SYLVESTER, DOT_F32)
+        elif SPLIT2:
+            w_full = _w_tile(w_ptr, rk, rk, BN, LOG2N - 1, True, DOT_F32)
         for t in range(pid, n_tiles, nprog):
-            start = tl.cast(t, tl.int64) * (BLOCK_M * RW)
+            start = tl.cast(t, tl.int64) * (BLOCK_M * N)
             o_ptr = out_ptr + start
             row_ok = (t * BLOCK_M + rm) < n_rows
-            o_row = rm * RW  # int32, relative to start
+            o_row = rm * N  # int32, relative to start
             if STRIDED:
-                rows = t * BLOCK_M + rm
-                if WIDE:
-                    rows = rows.to(tl.int64)
+                rows = t * BLOCK_M + rm  # row decomposition in int32 (n_rows < 2**31)
                 q = rows // chunks_per_row
                 c = rows % chunks_per_row
                 i2 = q % n2
                 q = q // n2
-                x_row = (q // n1) * s0 + (q % n1) * s1 + i2 * s2 + c * N
+                i1 = q % n1
+                i0 = q // n1
+                if WIDE:
+                    i0 = i0.to(tl.int64)
+                    i1 = i1.to(tl.int64)
+                    i2 = i2.to(tl.int64)
+                x_row = i0 * s0 + i1 * s1 + i2 * s2 + c * N
                 x_tile = x_ptr
             else:
                 x_row = o_row
                 x_tile = x_ptr + start
             if NB == 1:
-                mask = row_ok[:, None] & (rk < RW)[None, :]
-                if G > 1:  # super-rows of 16 may run past the end
-                    mask = mask & ((o_row[:, None] + rk[None, :]) < total - start)
+                mask = row_ok[:, None] & (rk < N)[None, :]
                 xk = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
                 acc = _dot(xk, w_full, tl.zeros((BLOCK_M, BN), dtype=tl.float32), DOT_F32)
                 y = _round_to(acc * scale, out_ptr, EMULATE_RTNE)
                 tl.store(o_ptr + o_row[:, None] + rk[None, :], y, mask=mask)
+            elif SPLIT2:
+                zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+                mask = row_ok[:, None] & (rk < BN)[None, :]
+                x0 = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
+                x1 = _load_x(x_tile, x_row[:, None] + (rk + BN)[None, :], mask, DOT_F32)
+                z0 = _dot(x0, w_full, zero, DOT_F32)
+                z1 = _dot(x1, w_full, zero, DOT_F32)
+                y0 = _round_to((z0 + z1) * scale, out_ptr, EMULATE_RTNE)
+                tl.store(o_ptr + o_row[:, None] + rk[None, :], y0, mask=mask)
+                y1 = _round_to((z0 - z1) * scale, out_ptr, EMULATE_RTNE)
+                tl.store(o_ptr + o_row[:, None] + (rk + BN)[None, :], y1, mask=mask)
             else:
-                # Runtime (not unrolled) loops, so every sub-tile product reuses the same
-                # shared-memory buffers; W sub-tiles are rebuilt, x sub-tiles re-read (L1/L2).
-                # (NB > 1 implies N >= 128, so G == 1 and no tail mask.)
+                # W wider than BN (explicit W > 128, or fp32 Sylvester 256): NB x NB sub-tile
+                # products in runtime (not unrolled) loops, so they all reuse the same shared
+                # memory; W sub-tiles are reloaded or rebuilt, x sub-tiles re-read (L1/L2).
                 for nb in range(NB):
                     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
                     for kb in range(NB):
                         ck = kb * BN + rk
-                        mask = row_ok[:, None] & (ck < RW)[None, :]
+                        mask = row_ok[:, None] & (ck < N)[None, :]
                         xk = _load_x(x_tile, x_row[:, None] + ck[None, :], mask, DOT_F32)
-                        wk = _w_tile(w_ptr, ck, nb * BN + rk, N, G, LOG2N, SYLVESTER, DOT_F32)
+                        wk = _w_tile(w_ptr, ck, nb * BN + rk, N, LOG2N, SYLVESTER, DOT_F32)
                         acc = _dot(xk, wk, acc, DOT_F32)
                     cn = nb * BN + rk
-                    mask = row_ok[:, None] & (cn < RW)[None, :]
+                    mask = row_ok[:, None] & (cn < N)[None, :]
                     y = _round_to(acc * scale, out_ptr, EMULATE_RTNE)
                     tl.store(o_ptr + o_row[:, None] + cn[None, :], y, mask=mask)
 
@@ -367,7 +392,7 @@ if _HAS_TRITON:
         nprog = tl.num_programs(0)
         rm = tl.arange(0, M)
         ri = tl.arange(0, BLOCK_I)
-        h = _w_tile(buf_ptr, rm, rm, M, 1, LOG2M, True, True)
+        h = _w_tile(buf_ptr, rm, rm, M, LOG2M, True, True)
         for t in range(pid, n_tiles, nprog):
             o = t // n_itiles
             cols = (t % n_itiles) * BLOCK_I + ri
@@ -425,15 +450,13 @@ def _launch_rows(
     numel = x.numel()
     strided = layout is not None
     n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
-    # int64 index math only when an offset into x (from its data pointer) can reach 2**31.
     wide = False
     if strided:  # int64 index math only when an offset into x can reach 2**31
         d = x.shape[-1]
         n0 = numel // (d * n1 * n2)
         wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
-    cfg = rows_config(n, dot_f32, not strided, sylvester)
-    rw = cfg.group * n
-    n_rows = (numel + rw - 1) // rw
+    cfg = rows_config(n, dot_f32, sylvester)
+    n_rows = numel // n
     n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
     grid = (min(n_tiles, _max_programs(x.device)),)
     _rows_kernel[grid](
@@ -442,7 +465,6 @@ def _launch_rows(
         out,
         n_rows,
         n_tiles,
-        numel,
         x.shape[-1] // n if strided else 1,
         n1,
         n2,
@@ -451,13 +473,13 @@ def _launch_rows(
         s2,
         scale,
         N=n,
-        G=cfg.group,
         BN=cfg.bn,
         NB=cfg.nb,
         BLOCK_M=cfg.block_m,
         LOG2N=cfg.log2n,
         SYLVESTER=sylvester,
         STRIDED=strided,
+        SPLIT2=sylvester and cfg.nb == 2,
         WIDE=wide,
         DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out.dtype is torch.bfloat16,
@@ -525,6 +547,8 @@ def hadamard_triton(
     """
     if not _HAS_TRITON:
         raise RuntimeError("hadamard_triton needs triton, which is not importable")
+    if not (x.is_cuda or INTERPRET):
+        raise ValueError(f"hadamard_triton needs a CUDA/ROCm tensor, got one on {x.device}")
     dtype = x.dtype
     if dtype not in _SUPPORTED:
         raise TypeError(f"hadamard_triton supports float16/bfloat16/float32, got {dtype}")

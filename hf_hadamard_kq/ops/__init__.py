@@ -1,10 +1,11 @@
 """The Hadamard op: matrices, the torch custom op and its CPU / Triton implementations."""
 
 from .matrices import MAX_SYLVESTER_SIZE, is_power_of_two, sylvester
-from .op import hadamard_transform, torch_hadamard
+from .op import hadamard_apply, hadamard_transform, torch_hadamard
 
 __all__ = [
     "MAX_SYLVESTER_SIZE",
+    "hadamard_apply",
     "hadamard_transform",
     "is_power_of_two",
     "sylvester",

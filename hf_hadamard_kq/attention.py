@@ -72,9 +72,9 @@ def _make_attention(inner_name: str) -> Callable:
                 "or call hf_hadamard_kq.apply_r3(model) first."
             ) from None
         if PROBE is not None:
-            PROBE.events.append(("attention", PROBE.names.get(id(module))))
+            PROBE.attention(module, inner_name, kwargs)
         if plan is not None and plan.q is not None:
-            query = rotate(query, plan.q)
+            query = rotate(query, plan.q, module)
         if inner_name == "eager":
             inner = module.__dict__[EAGER_ATTR]
         else:

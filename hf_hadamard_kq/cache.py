@@ -15,15 +15,17 @@ is what delivers rotated keys in both cases: keys are rotated exactly once, in o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from .ops.op import hadamard_apply
 from .plan import Rotation
 
 #: Names the attention modules use for the cache argument (transformers 5.24 renamed
-#: ``past_key_values`` to ``cache``; older releases use the old name).
-CACHE_KWARGS = ("cache", "past_key_values")
+#: ``past_key_values`` to ``cache``; older releases use the old name; GPT-NeoX-style
+#: attention calls it ``layer_past``).
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 
 #: Set by install.probe_pattern during its check forward; None otherwise (one global read
 #: per update on the hot path).
@@ -34,17 +36,29 @@ def _record(owner) -> None:
     PROBE.events.append(("k_rotated", PROBE.names.get(id(owner))))
 
 
-def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """Apply one planned rotation through the custom op (validation was done at load)."""
-    return torch.ops.hadamard_kq.hadamard_transform(
-        x, rotation.scale, rotation.matrix, rotation.block
-    )
+def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
+    """Apply one planned rotation (validation was done at load).
+
+    ``hadamard_apply`` is the custom op under torch.compile / autograd and a direct call of
+    the same implementation in plain eager inference (less host time per decode step).
+
+    A stored matrix is read from ``module``'s non-persistent buffer (it follows the module's
+    device and dtype); ``rotation.matrix`` (CPU) is only a fallback for a rotation that was
+    never installed. ``rotation.cast`` (a scheme precision below fp32) rounds the input and
+    the result to that precision, as compressed-tensors does.
+    """
+    name = rotation.buffer
+    matrix = rotation.matrix if name is None else module._buffers[name]
+    if rotation.cast is None:
+        return hadamard_apply(x, rotation.scale, matrix, rotation.block)
+    y = hadamard_apply(x.to(rotation.cast), rotation.scale, matrix, rotation.block)
+    return y.to(x.dtype)
 
 
 class RotatingCacheView:
     """Stands in for the real cache during one attention call; rotates keys on update."""
 
-    __slots__ = ("_hkq_cache", "_hkq_owner", "_hkq_rotation")
+    __slots__ = ("__weakref__", "_hkq_cache", "_hkq_owner", "_hkq_rotation")
 
     def __init__(self, cache: Any, rotation: Rotation, owner: Any) -> None:
         self._hkq_cache = cache
@@ -54,7 +68,7 @@ class RotatingCacheView:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if PROBE is not None:
             _record(self._hkq_owner)
-        key_states = rotate(key_states, self._hkq_rotation)
+        key_states = rotate(key_states, self._hkq_rotation, self._hkq_owner)
         return self._hkq_cache.update(key_states, value_states, *args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -71,7 +85,7 @@ class RotatingCacheView:
 class RotateOnlyCache:
     """Used when the model runs without a cache: ``update`` rotates keys and stores nothing."""
 
-    __slots__ = ("_hkq_owner", "_hkq_rotation")
+    __slots__ = ("__weakref__", "_hkq_owner", "_hkq_rotation")
 
     def __init__(self, rotation: Rotation, owner: Any) -> None:
         self._hkq_rotation = rotation
@@ -80,7 +94,7 @@ class RotateOnlyCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if PROBE is not None:
             _record(self._hkq_owner)
-        return rotate(key_states, self._hkq_rotation), value_states
+        return rotate(key_states, self._hkq_rotation, self._hkq_owner), value_states
 
     def __getattr__(self, name: str):
         if name.startswith("_hkq_"):
@@ -92,14 +106,33 @@ class RotateOnlyCache:
         )
 
 
-def make_key_pre_hook(rotation: Rotation, kwarg_name: str, arg_index: int | None):
+def make_key_pre_hook(
+    rotation: Optional[Rotation],
+    kwarg_name: str,
+    arg_index: Optional[int],
+    kv_quantizer: Any = None,
+):
     """Build the forward pre-hook (``with_kwargs=True``) for one attention module.
 
     ``kwarg_name``/``arg_index`` say where the module's forward takes the cache, found once at
     install time from its signature, so the hook does no introspection per call.
+
+    ``kv_quantizer``: compressed-tensors' ``QuantizedKVCache`` of this module when *we* attached
+    KV-cache quantization (compressed-tensors cannot hook the ``cache`` kwarg of
+    transformers >= 5.24 itself; see ``loading._attach_kv_cache_quantization``). The hook then
+    does what compressed-tensors' own hook does (the quantizer wraps the real cache) and puts
+    the key rotation outside it, so keys are rotated before they are quantized:
+    ``view.update -> rotate K -> QuantizedKVCache (fake-quantize K, V) -> real cache``. Where
+    compressed-tensors' own hook is active (transformers <= 5.17) our hook runs after it and
+    wraps its quantizer the same way. ``rotation`` None: quantizer only (an unrotated layer).
     """
 
     def view_of(cache, module):
+        if kv_quantizer is not None:
+            kv_quantizer.add_past_key_values(cache)
+            cache = kv_quantizer
+        if rotation is None:
+            return cache
         if cache is None:
             return RotateOnlyCache(rotation, module)
         return RotatingCacheView(cache, rotation, module)

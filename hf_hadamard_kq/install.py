@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -21,6 +22,13 @@ from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
 MODEL_HOOKS_ATTR = "_hadamard_kq_hooks"
 SKIP_PROBE_ENV = "HF_HADAMARD_KQ_SKIP_PROBE"
+
+#: Set (in the module's __dict__) by the load hook on attention modules whose KV-cache
+#: quantization *we* attached (compressed-tensors' ``QuantizedKVCache``; see loading.py).
+KV_QUANTIZER_ATTR = "_hadamard_kq_kv_quantizer"
+
+#: Non-persistent buffers holding stored matrices: q only, k only, or one shared by both.
+MATRIX_BUFFERS = {"q": "_hadamard_kq_q", "k": "_hadamard_kq_k", "qk": "_hadamard_kq_qk"}
 
 
 def _cache_param(module: nn.Module) -> Optional[tuple[str, Optional[int]]]:
@@ -39,12 +47,17 @@ def _cache_param(module: nn.Module) -> Optional[tuple[str, Optional[int]]]:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules the attention interface is called with: they carry ``layer_idx`` and a cache
-    parameter (every transformers decoder attention we know of does)."""
+    parameter (every transformers decoder attention we know of does).
+
+    Some decoder *layers* carry both too (Gemma3, ...); they contain the attention module, so
+    only the innermost candidates are kept.
+    """
     found = {}
     for name, module in model.named_modules():
         if hasattr(module, "layer_idx") and _cache_param(module) is not None:
             found[name] = module
-    return found
+    outer = {n for n in found for m in found if m != n and m.startswith(n + ".")}
+    return {n: m for n, m in found.items() if n not in outer}
 
 
 def _refuse_double_rotation(model: nn.Module) -> None:
@@ -67,8 +80,145 @@ def _refuse_double_rotation(model: nn.Module) -> None:
             )
 
 
+#: Attention designs that do not cache one rotatable key per kv head and layer, recognised by
+#: the config field that defines them (checked on the model config and its text config).
+_OTHER_ATTENTION = (
+    (
+        lambda c: getattr(c, "is_encoder_decoder", False),
+        "it is an encoder-decoder model (its decoder caches cross-attention keys computed from the "
+        "encoder, and its encoder attention has no cache)",
+    ),
+    (
+        lambda c: getattr(c, "kv_lora_rank", None),
+        "it uses multi-head latent attention (MLA: keys and values are decompressed from a latent "
+        "shared by all heads, which is what MLA runtimes cache; a per-head key rotation "
+        "cannot be stored there)",
+    ),
+    (
+        lambda c: getattr(c, "num_kv_shared_layers", 0),
+        "it uses KV sharing (some layers reuse another layer's cached keys instead of writing "
+        "their own)",
+    ),
+)
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Refuse, naming the class, models whose attention is not proj -> RoPE -> cache.update
+    -> attention with per-layer, per-kv-head keys. (The load probe catches other deviations
+    at run time; these are known by their config and get a precise message.)"""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        configs.append(text)
+    for predicate, what in _OTHER_ATTENTION:
+        if any(predicate(c) for c in configs):
+            raise HadamardKQConfigError(
+                f"{type(model).__name__} is not supported by hf_hadamard_kq: {what}. "
+                "hf_hadamard_kq supports decoder-only models whose attention follows proj -> "
+                "(q/k norm) -> RoPE -> cache.update -> attention function."
+            )
+
+
+#: Inner backend -> transformers' capability flag on the model class (``_supports_sdpa`` is
+#: False e.g. for Gemma2, whose attention logit softcapping sdpa cannot do).
+_BACKEND_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
+
+
+def check_backend(model: nn.Module) -> None:
+    """Refuse an inner backend the model class says it does not support, as transformers does
+    for the plain names (our names bypass its check)."""
+    from .attention import inner_backend
+
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    flag = _BACKEND_FLAGS.get(inner_backend(impl) or "")
+    if flag is not None and getattr(model, flag, True) is False:
+        raise HadamardKQConfigError(
+            f"{type(model).__name__} does not support {inner_backend(impl)} attention "
+            f"(transformers' {flag} is False), so attn_implementation={impl!r} cannot run it. "
+            "Use attn_implementation='hadamard_kq_eager' (the model's own eager attention)"
+            + (" or 'hadamard_kq_flex'" if getattr(model, "_supports_flex_attn", False) else "")
+            + "."
+        )
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where the module computes: accelerate's execution device, else its parameters'."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if isinstance(device, int):  # accelerate gives a bare CUDA index
+        return torch.device("cuda", device)
+    if device is not None:
+        return torch.device(device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+def _buffer_dtype(matrix: torch.Tensor, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op can use without a per-call conversion (rotations with a ``cast``
+    keep their matrix in that dtype instead).
+
+    A matrix whose entries are exact in a 16-bit model dtype (every +-1 Hadamard matrix) is
+    kept in that dtype: Triton then multiplies on tensor cores, exactly. Otherwise fp32 (the
+    op accumulates in fp32), or fp64 for an fp64 model.
+    """
+    if model_dtype in (torch.float16, torch.bfloat16):
+        if torch.equal(matrix.to(model_dtype).to(matrix.dtype), matrix):
+            return model_dtype
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def _attach_matrices(module: nn.Module, layer: LayerPlan) -> None:
+    """Register the layer's stored matrices as non-persistent buffers and name them in its
+    rotations. The buffers follow ``.to()``, accelerate and ``model.half()`` like the
+    compressed-tensors transform weights they replace; they are not saved (save_pretrained
+    writes the checkpoint's tensors instead, see loading.py)."""
+    q, k = layer.q, layer.k
+    shared = q is not None and k is not None and q.matrix is not None and q.matrix is k.matrix
+    device, dtype = _module_device(module), _module_dtype(module)
+    for slot in ("q", "k"):
+        rotation = getattr(layer, slot)
+        if rotation is None:
+            continue
+        if rotation.matrix is None:
+            setattr(layer, slot, replace(rotation, buffer=None))
+            continue
+        name = MATRIX_BUFFERS["qk" if shared else slot]
+        if name not in module._buffers:
+            matrix = rotation.matrix
+            buffer_dtype = rotation.cast or _buffer_dtype(matrix, dtype)
+            module.register_buffer(
+                name, matrix.to(device=device, dtype=buffer_dtype).contiguous(), persistent=False
+            )
+        setattr(layer, slot, replace(rotation, buffer=name))
+
+
+def kv_quantizer(module: nn.Module) -> Any:
+    """compressed-tensors' KV-cache quantizer (``QuantizedKVCache``) of an attention module,
+    if it has one with a quantization scheme (else None)."""
+    wrapper = module._modules.get("kv_cache")
+    scheme = getattr(module, "quantization_scheme", None)
+    if wrapper is None or getattr(scheme, "input_activations", None) is None:
+        return None
+    return wrapper
+
+
 def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> None:
     """Install ``plan`` on ``model`` (see module docstring for the guarantees)."""
+    check_architecture(model)
+    check_backend(model)
     _refuse_double_rotation(model)
     modules = attention_modules(model)
     for name in plan.layers:
@@ -86,16 +236,24 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
             eager[name] = None
     hooks = []
     for name, module in modules.items():
-        module.__dict__[PLAN_ATTR] = plan.layers.get(name)
+        layer = plan.layers.get(name)
+        if layer is not None:
+            _attach_matrices(module, layer)
+        module.__dict__[PLAN_ATTR] = layer
         if eager[name] is not None:
             module.__dict__[EAGER_ATTR] = eager[name]
-    for name, layer in plan.layers.items():
-        if layer.k is None:
+    for name, module in modules.items():
+        layer = plan.layers.get(name)
+        quantizer = module.__dict__.get(KV_QUANTIZER_ATTR)
+        rotation = None if layer is None else layer.k
+        if rotation is None and quantizer is None:
             continue
-        module = modules[name]
         kwarg, index = _cache_param(module)
-        hook = cache_mod.make_key_pre_hook(layer.k, kwarg, index)
-        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+        hook = cache_mod.make_key_pre_hook(rotation, kwarg, index, quantizer)
+        # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache hook,
+        # where it works, has then already put its quantizer in place of the cache, and our
+        # view wraps it, so keys are rotated *before* they are quantized.
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     model.__dict__[MODEL_PLAN_ATTR] = plan
     model.__dict__[MODEL_HOOKS_ATTR] = hooks
     if probe and os.environ.get(SKIP_PROBE_ENV) != "1":
@@ -114,11 +272,19 @@ def remove_plan(model: nn.Module) -> None:
     for module in model.modules():
         module.__dict__.pop(PLAN_ATTR, None)
         module.__dict__.pop(EAGER_ATTR, None)
+        for name in MATRIX_BUFFERS.values():
+            module._buffers.pop(name, None)
 
 
 def installed_plan(model: nn.Module) -> Optional[ModelPlan]:
     """The plan installed on ``model`` or None."""
     return model.__dict__.get(MODEL_PLAN_ATTR)
+
+
+#: Attention-function arguments an inner backend cannot apply. transformers <= 5.17's sdpa
+#: silently ignores ``softcap`` (Gemma2 claims sdpa support there) and ``s_aux`` (attention
+#: sinks): the probe refuses such a model instead of running it with different math.
+_UNAPPLIED_KWARGS = {"sdpa": ("softcap", "s_aux")}
 
 
 class _Recorder:
@@ -127,6 +293,15 @@ class _Recorder:
     def __init__(self, modules: dict[int, str]) -> None:
         self.names = modules
         self.events: list[tuple[str, str]] = []
+        self.unapplied: list[tuple[str, str, str, list[str]]] = []
+
+    def attention(self, module: nn.Module, inner: str, kwargs: dict[str, Any]) -> None:
+        """Called by the attention function (probe forward only)."""
+        name = self.names.get(id(module))
+        self.events.append(("attention", name))
+        bad = [k for k in _UNAPPLIED_KWARGS.get(inner, ()) if kwargs.get(k) is not None]
+        if bad:
+            self.unapplied.append((name, type(module).__name__, inner, bad))
 
 
 def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
@@ -146,6 +321,13 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
     recorder = _Recorder(ids)
     attn_mod.PROBE = recorder
     cache_mod.PROBE = recorder
+    probe_hooks = []
+    for name, module in modules.items():
+        quantizer = kv_quantizer(module)
+        if quantizer is not None:
+            def record(_mod, _args, _kwargs, name=name):
+                recorder.events.append(("kv_quant", name))
+            probe_hooks.append(quantizer.register_forward_pre_hook(record, with_kwargs=True))
     try:
         device = _input_device(model)
         input_ids = torch.tensor([[0, 1]], device=device)
@@ -157,9 +339,20 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
                     kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
                 model(input_ids=input_ids, **kwargs)
                 _check_events(recorder.events, plan, modules, use_cache)
+                if recorder.unapplied:
+                    name, cls, inner, bad = recorder.unapplied[0]
+                    raise HadamardKQConfigError(
+                        f"layer '{name}' ({cls}) passes {', '.join(bad)} to the attention "
+                        f"function, which the {inner} inner backend cannot apply (the model "
+                        "would silently compute other attention). Use "
+                        "attn_implementation='hadamard_kq_eager' (the model's own eager "
+                        "attention) or 'hadamard_kq_flex'."
+                    )
     finally:
         attn_mod.PROBE = None
         cache_mod.PROBE = None
+        for handle in probe_hooks:
+            handle.remove()
 
 
 def _model_cache_kwarg(model: nn.Module) -> str:
@@ -180,25 +373,34 @@ def _input_device(model: nn.Module) -> torch.device:
 
 def _check_events(events, plan: ModelPlan, modules, use_cache: bool) -> None:
     mode = f"use_cache={use_cache}"
-    for name in modules:
+    for name, module in modules.items():
         layer: Optional[LayerPlan] = plan.layers.get(name)
         mine = [e for e, n in events if n == name]
-        attn_calls = mine.count("attention")
+        quantized = kv_quantizer(module) is not None
+        if quantized and mine.count("kv_quant") != 1:
+            raise HadamardKQConfigError(
+                f"layer '{name}' ({type(module).__name__}): its KV-cache quantizer ran "
+                f"{mine.count('kv_quant')} times in one forward ({mode}), expected once; the "
+                "checkpoint's kv_cache_scheme would not be applied correctly"
+            )
         if layer is None:
             continue
+        attn_calls = mine.count("attention")
         if attn_calls != 1:
             raise HadamardKQConfigError(
-                f"layer '{name}' ({type(modules[name]).__name__}): its attention function ran "
+                f"layer '{name}' ({type(module).__name__}): its attention function ran "
                 f"{attn_calls} times in one forward ({mode}); hf_hadamard_kq supports attention "
                 "that calls the attention interface once (proj -> RoPE -> cache.update -> "
                 "attention)"
             )
         if layer.k is not None:
-            expected = ["k_rotated", "attention"]
+            expected = ["k_rotated", "kv_quant", "attention"] if quantized else [
+                "k_rotated", "attention"]
             if mine != expected:
                 raise HadamardKQConfigError(
-                    f"layer '{name}' ({type(modules[name]).__name__}) does not follow proj -> "
+                    f"layer '{name}' ({type(module).__name__}) does not follow proj -> "
                     f"RoPE -> cache.update -> attention ({mode}): observed {mine}, expected "
-                    f"{expected}; its keys would not be rotated exactly once before the cache. "
-                    "This architecture is not supported."
+                    f"{expected}; its keys would not be rotated exactly once before the cache"
+                    + (" (and before the KV-cache quantizer)" if quantized else "")
+                    + ". This architecture is not supported."
                 )

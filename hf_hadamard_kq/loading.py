@@ -19,6 +19,11 @@ Mechanism, and why (facts measured on transformers 5.17 and 5.24, compressed-ten
   ``_keys_to_ignore_on_load_unexpected`` so loading drops them quietly. R3-only checkpoints
   (no quantization ``config_groups``) skip compressed-tensors' own hook, which crashes on them
   in transformers 5.17.
+* R3 + KV-cache quantization: ``_process_model_before_weight_loading`` also gives the attention
+  modules compressed-tensors' KV-cache quantizer where compressed-tensors could not attach it
+  (transformers >= 5.24 passes the cache as ``cache``; see ``_attach_kv_cache_quantization``),
+  removes the uninitialised ``q_scale`` it creates on <= 5.17 for the llm-compressor
+  ``group_0`` artefact, and refuses real query quantization (``_check_attention_groups``).
 * ``_process_model_after_weight_loading`` installs the rotations (after compressed-tensors'
   KV-cache hooks, so keys are rotated before any KV quantizer sees them).
 * ``get_state_dict_and_metadata`` puts the stored R3 tensors back on ``save_pretrained``.
@@ -38,14 +43,21 @@ import torch
 
 from . import checkpoint as ckpt
 from .attention import inner_backend
-from .install import install_plan, installed_plan
-from .ops.matrices import sylvester
+from .install import (
+    KV_QUANTIZER_ATTR,
+    attention_modules,
+    check_architecture,
+    install_plan,
+    installed_plan,
+)
 from .plan import (
     HadamardKQConfigError,
     ModelPlan,
     build_plan,
+    check_stored_tensor,
     has_r3,
     parse_transform_config,
+    resolve_matrices,
 )
 
 _PATCHED_FLAG = "_hadamard_kq_patched"
@@ -85,8 +97,8 @@ def _patch_compressed_tensors_config() -> None:
     setattr(CompressedTensorsConfig, _PATCHED_FLAG, True)
 
 
-def _stored_transform_tensors(checkpoint_files: Optional[list[str]]) -> dict[str, str]:
-    """name -> file for every q_attn/k_cache transform tensor in the checkpoint's headers."""
+def _checkpoint_names(checkpoint_files: Optional[list[str]]) -> dict[str, str]:
+    """name -> file for every tensor in the checkpoint's safetensors headers (no data read)."""
     from safetensors import safe_open
 
     found: dict[str, str] = {}
@@ -94,43 +106,114 @@ def _stored_transform_tensors(checkpoint_files: Optional[list[str]]) -> dict[str
         if not str(file).endswith(".safetensors"):
             continue
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in ckpt.transform_tensor_names(f.keys()):
+            for name in f.keys():
                 found[name] = str(file)
     return found
 
 
 def verify_stored_tensors(plan: ModelPlan, stored: dict[str, torch.Tensor]) -> None:
-    """Every stored R3 tensor must belong to a planned rotation and equal its matrix."""
+    """Check stored R3 tensors against the plan, each on its own (the plan is not changed).
+
+    Loading goes further with :func:`hf_hadamard_kq.plan.resolve_matrices` (also: every
+    needed random matrix / permutation present; the matrices attached to the rotations).
+    """
     for name, tensor in stored.items():
-        m = ckpt.TRANSFORM_KEY.match(name)
-        layer = plan.layers.get(m["module"]) if m else None
-        slot = "q" if m and m["location"] == "q_attn" else "k"
-        rotation = getattr(layer, slot) if layer is not None else None
-        if rotation is None or rotation.group != m["group"]:
+        check_stored_tensor(plan, name, tensor)
+
+
+# ------------------------------------------------------- KV-cache quantization (R3 + KV)
+
+
+#: compressed-tensors' test for a KV-cached attention module (``is_cached_attention_module``):
+#: "attention" in the class name, one of these projections, and a cache argument.
+_KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_b_proj")
+
+
+def _kv_cached_attention_names(model) -> list[str]:
+    """Attention modules compressed-tensors gives (or, but for the ``cache`` kwarg name, would
+    give) a KV-cache scheme."""
+    return [
+        name for name, module in attention_modules(model).items()
+        if "attention" in type(module).__name__.lower()
+        and any(hasattr(module, p) for p in _KV_PROJECTIONS)
+    ]
+
+
+def _check_attention_groups(model, ct_config, names: list[str], checkpoint: set) -> None:
+    """Refuse quantization config groups that would quantize the *query* of a rotated layer.
+
+    llm-compressor writes a KV-cache scheme also as a config group targeting the attention
+    modules (``group_0``, input_activations == kv_cache_scheme) without a ``q_scale``;
+    compressed-tensors (transformers <= 5.17) then fake-quantizes Q with an uninitialised
+    scale. That artefact is accepted (Q is not quantized: there is no calibrated scale). Real
+    query quantization (a stored ``q_scale``) is not run by hf_hadamard_kq yet.
+    """
+    from compressed_tensors.utils.match import match_named_modules
+
+    kv_args = getattr(ct_config, "kv_cache_scheme", None)
+    for group_name, group in (getattr(ct_config, "config_groups", None) or {}).items():
+        matched = {
+            n for n, _ in match_named_modules(model, group.targets, ct_config.ignore)
+        } & set(names)
+        if not matched:
+            continue
+        stored_q = sorted(n for n in matched if f"{n}.q_scale" in checkpoint)
+        same_as_kv = kv_args is not None and group.input_activations == kv_args
+        if stored_q or not same_as_kv:
+            what = (f"stores '{stored_q[0]}.q_scale' (query quantization)" if stored_q
+                    else "quantizes attention inputs with arguments other than kv_cache_scheme")
             raise HadamardKQConfigError(
-                f"checkpoint tensor '{name}' is a {m['location'] if m else '?'} transform for a "
-                "module/group that transform_config does not rotate; the checkpoint and its "
-                "config.json disagree (re-export the checkpoint)"
+                f"quantization config group '{group_name}' targets attention modules (e.g. "
+                f"'{sorted(matched)[0]}') and {what}; hf_hadamard_kq runs R3 with KV-cache "
+                "quantization (kv_cache_scheme, k_scale/v_scale) but not query/attention "
+                "quantization yet. Load this checkpoint with compressed-tensors' runtime."
             )
-        if m["kind"] == "perm":
-            raise HadamardKQConfigError(
-                f"checkpoint tensor '{name}' is a permutation, but group '{rotation.group}' has "
-                "randomize=false; the checkpoint and its config.json disagree"
-            )
-        expected = sylvester(rotation.block, torch.float64, "cpu")
-        if tuple(tensor.shape) != tuple(expected.shape):
-            raise HadamardKQConfigError(
-                f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, expected "
-                f"{tuple(expected.shape)} for {rotation.transform_type} block {rotation.block}"
-            )
-        if not torch.equal(tensor.to(device="cpu", dtype=torch.float64), expected):
-            diff = (tensor.to(device="cpu", dtype=torch.float64) - expected).abs().max().item()
-            raise HadamardKQConfigError(
-                f"checkpoint tensor '{name}' is not the unnormalised Sylvester Hadamard matrix "
-                f"of size {rotation.block} that type '{rotation.transform_type}' means (max "
-                f"difference {diff:.3g}); the checkpoint is corrupt or was written by a producer "
-                "with other semantics. Refusing to load it with a different rotation."
-            )
+
+
+def _drop_uninitialised_q_scales(model, names: list[str], checkpoint: set) -> None:
+    """Remove the ``q_scale`` compressed-tensors created for Q quantization but the checkpoint
+    does not store (transformers <= 5.17): it is uninitialised memory, it would be reported
+    MISSING, and a re-save would write it. Q is not quantized (our attention replaces
+    compressed-tensors' hooked attention)."""
+    for name in names:
+        module = model.get_submodule(name)
+        for param in ("q_scale", "q_zero_point", "q_global_scale"):
+            if param in module._parameters and f"{name}.{param}" not in checkpoint:
+                del module._parameters[param]
+
+
+def _attach_kv_cache_quantization(model, ct_config, names: list[str]) -> None:
+    """Give attention modules the checkpoint's KV-cache quantization where compressed-tensors
+    could not (version guard: only modules it left without a ``kv_cache`` quantizer).
+
+    compressed-tensors 0.19/0.20 attach KV-cache quantization only to attention modules whose
+    forward has a ``past_key_values`` argument (``is_cached_attention_module``), and its hook
+    replaces that kwarg. transformers 5.24 renamed it ``cache``, so compressed-tensors silently
+    skips KV quantization (``k_scale``/``v_scale`` load as UNEXPECTED). We do here what its
+    ``_apply_kv_cache_scheme`` does, with its own objects: the scheme on the module, its
+    ``QuantizedKVCache`` as ``kv_cache``, and the scales from its ``initialize_attn_qparams``
+    (so they load from the checkpoint). The kwarg-aware hook that routes the cache through the
+    quantizer is installed with the K rotation (``cache.make_key_pre_hook``). Once
+    compressed-tensors handles ``cache`` itself, its ``kv_cache`` is found and nothing is done.
+    """
+    from compressed_tensors.modeling.kvcache import KV_CACHE_ATTR, QuantizedKVCache
+    from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_attn_qparams
+    from compressed_tensors.quantization.utils.helpers import KV_CACHE_TARGETS
+
+    kv_args = ct_config.kv_cache_scheme
+    status = ct_config.quantization_status or QuantizationStatus.INITIALIZED
+    text_config = model.config.get_text_config(decoder=True)
+    for name in names:
+        module = model.get_submodule(name)
+        if KV_CACHE_ATTR in module._modules:
+            continue  # compressed-tensors attached it (and hooks the cache kwarg) itself
+        scheme = QuantizationScheme(targets=KV_CACHE_TARGETS.copy(), input_activations=kv_args)
+        module.register_module(KV_CACHE_ATTR, QuantizedKVCache(text_config, module))
+        initialize_attn_qparams(module, scheme, force_zero_point=False)
+        module.quantization_scheme = scheme
+        module.quantization_status = status
+        module.__dict__[KV_QUANTIZER_ATTR] = module._modules[KV_CACHE_ATTR]
 
 
 def _ignore_patterns(groups: list[str]) -> set[str]:
@@ -171,15 +254,32 @@ def _make_quantizer_class(base: type) -> type:
                     stacklevel=2,
                 )
                 return
+            check_architecture(model)  # names the class before any head_dim message
             plan = build_plan(model, tc)
-            files = _stored_transform_tensors(kwargs.get("checkpoint_files"))
+            names = _checkpoint_names(kwargs.get("checkpoint_files"))
+            files = {n: f for n, f in names.items() if ckpt.TRANSFORM_KEY.match(n)}
             stored = ckpt.read_tensors(files, files.keys())
-            verify_stored_tensors(plan, stored)
+            resolve_matrices(plan, stored)
+            ct_config = getattr(self.compressor, "quantization_config", None)
+            if ct_config is not None:
+                attn_names = list(attention_modules(model))
+                _check_attention_groups(model, ct_config, attn_names, set(names))
+                _drop_uninitialised_q_scales(model, attn_names, set(names))
+                if ct_config.kv_cache_scheme is not None:
+                    _attach_kv_cache_quantization(
+                        model, ct_config, _kv_cached_attention_names(model))
             ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or set()
             model._keys_to_ignore_on_load_unexpected = set(ignore) | _ignore_patterns(
                 sorted(parse_transform_config(tc).config_groups)
             )
             self._hkq_plan, self._hkq_stored, self._hkq_requested = plan, stored, requested
+
+        def update_weight_conversions(self, weight_conversions, *args, **kwargs):
+            # R3-only checkpoints have no quantization config: compressed-tensors' expert
+            # dequantize step (added to MoE merge converters) would read its None config_groups.
+            if getattr(self.compressor, "quantization_config", None) is None:
+                return list(weight_conversions)
+            return super().update_weight_conversions(weight_conversions, *args, **kwargs)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             result = super()._process_model_after_weight_loading(model, **kwargs)

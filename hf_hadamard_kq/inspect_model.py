@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .install import attention_modules, installed_plan
+
+
+def _compute(rotation, module: nn.Module) -> str:
+    """How the op computes this rotation (mirrors cache.rotate and the op's dtype rules)."""
+    if rotation.cast is not None:
+        return f"input and result rounded to {rotation.cast} (the scheme's precision)"
+    buffer = module._buffers.get(rotation.buffer) if rotation.buffer else None
+    if buffer is not None and buffer.dtype == torch.float64:
+        return "float64 matmul (torch), one rounding to the activation dtype"
+    return "fp32 accumulate, one rounding to the activation dtype"
 
 
 def rotation_table(model: nn.Module) -> list[dict[str, Any]]:
@@ -26,7 +37,7 @@ def rotation_table(model: nn.Module) -> list[dict[str, Any]]:
                     f"stored {tuple(rot.matrix.shape)} {rot.matrix.dtype}"
                 ),
                 "inverse": rot.inverse,
-                "compute": "fp32 accumulate, one rounding to the activation dtype",
+                "compute": _compute(rot, module),
             }
         rows.append(row)
     return rows

@@ -165,6 +165,13 @@ def test_quantized_cache(backend, kw):
     assert_same_logits(res["ours"], res["ct"])
     # the first update returns unquantized states; decode steps read quantized keys
     assert all(tm.max_diff(a, b) > 1e-4 for a, b in zip(res["ours"][1:], res["plain"][1:]))
+    if backend == "hqq":
+        # HQQ's iterative quantizer amplifies float noise: measured on transformers 5.17,
+        # scaling our own model's k_proj by (1 + 1e-7) moves its generate scores by 1.8e-2 at
+        # the first quantized step, the same as ours-vs-compressed-tensors (1.8e-2), which
+        # flips near-tied greedy tokens of this random model. Token equality is no criterion
+        # there; the logits above (same inputs, same code path) are.
+        return
     cache_config = {"backend": backend, **kw}
     gen = dict(max_new_tokens=6, cache_implementation="quantized", cache_config=cache_config,
                **GEN)

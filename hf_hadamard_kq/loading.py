@@ -37,7 +37,7 @@ import functools
 import inspect
 import re
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -343,9 +343,3 @@ def patch_transformers() -> None:
     _patch_compressed_tensors_config()
     _patch_quantizer_registry()
     _patch_from_pretrained()
-
-
-def loaded_transform_config(model: Any) -> Optional[dict]:
-    """The transform_config of an installed plan (for inspection and export)."""
-    plan = installed_plan(model)
-    return None if plan is None else plan.transform_config

@@ -121,35 +121,33 @@ def bench_sizes(timer: Timer, rows: list[dict], dtypes, min_bytes: int) -> None:
             print(row, flush=True)
 
 
+def _ours_vs_clone(timer: Timer, kind: str, x: torch.Tensor, d: int, matrix=None) -> dict:
+    """One row: our op (Sylvester, or ``matrix`` in x's dtype) against clone, and its error."""
+    fn_matrix = None if matrix is None else matrix.to(x.dtype)
+    scale = 1 / math.sqrt(d)
+    us_ours = timer(lambda: OP(x, scale, fn_matrix, d))
+    us_clone = timer(lambda: x.clone())
+    err = _err_ratio(OP(x, scale, fn_matrix, d), _reference(x, d, matrix=matrix))
+    rows = x.numel() // x.shape[-1]
+    return dict(kind=kind, tokens=x.shape[0], heads=rows // x.shape[0], d=d,
+                dtype=str(x.dtype).replace("torch.", ""),
+                MiB=round(x.numel() * x.element_size() / 2**20, 1), ours_us=round(us_ours, 2),
+                clone_us=round(us_clone, 2), ours_pct_clone=round(100 * us_clone / us_ours, 1),
+                ours_err_vs_floor=round(err, 3))
+
+
 def bench_large_and_matrix(timer: Timer, rows: list[dict]) -> None:
     dtype = torch.bfloat16
+    cases = []
     for d in (512, 1024, 4096, 32768):
-        x = torch.randn((1 << 24) // d, d, device="cuda").to(dtype)
-        nbytes = x.numel() * x.element_size()
-        us_ours = timer(lambda x=x, d=d: OP(x, 1 / math.sqrt(d), None, d))
-        us_clone = timer(lambda x=x: x.clone())
-        ref = _reference(x, d)
-        row = dict(kind="large_d", tokens=x.shape[0], heads=1, d=d, dtype="bfloat16",
-                   MiB=round(nbytes / 2**20, 1), ours_us=round(us_ours, 2),
-                   clone_us=round(us_clone, 2),
-                   ours_pct_clone=round(100 * us_clone / us_ours, 1),
-                   ours_err_vs_floor=round(_err_ratio(OP(x, 1 / math.sqrt(d), None, d), ref), 3))
-        rows.append(row)
-        print(row, flush=True)
+        cases.append(("large_d", torch.randn((1 << 24) // d, d, device="cuda").to(dtype), d,
+                      None))
     for d in (80, 96, 112, 160):
         gen = torch.Generator(device="cuda").manual_seed(d)
         m = torch.randint(0, 2, (d, d), device="cuda", generator=gen).float() * 2 - 1
-        x = torch.randn(8192, 32, d, device="cuda").to(dtype)
-        nbytes = x.numel() * x.element_size()
-        mb = m.to(dtype)
-        us_ours = timer(lambda x=x, d=d, mb=mb: OP(x, 1 / math.sqrt(d), mb, d))
-        us_clone = timer(lambda x=x: x.clone())
-        ref = _reference(x, d, matrix=m)
-        row = dict(kind="explicit_matrix", tokens=8192, heads=32, d=d, dtype="bfloat16",
-                   MiB=round(nbytes / 2**20, 1), ours_us=round(us_ours, 2),
-                   clone_us=round(us_clone, 2),
-                   ours_pct_clone=round(100 * us_clone / us_ours, 1),
-                   ours_err_vs_floor=round(_err_ratio(OP(x, 1 / math.sqrt(d), mb, d), ref), 3))
+        cases.append(("explicit_matrix", torch.randn(8192, 32, d, device="cuda").to(dtype), d, m))
+    for kind, x, d, m in cases:
+        row = _ours_vs_clone(timer, kind, x, d, m)
         rows.append(row)
         print(row, flush=True)
 

@@ -49,6 +49,19 @@ def transform_config_of(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     return qc.get("transform_config")
 
 
+def tensor_files(files: Iterable[PathLike]) -> dict[str, str]:
+    """tensor name -> file, from the safetensors headers of ``files`` (no tensor data read;
+    other formats are skipped)."""
+    found: dict[str, str] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                found[name] = str(file)
+    return found
+
+
 def weight_files(path: PathLike) -> dict[str, str]:
     """tensor name -> safetensors file (absolute), for a single-file or sharded checkpoint."""
     path = Path(path)
@@ -58,10 +71,7 @@ def weight_files(path: PathLike) -> dict[str, str]:
             weight_map = json.load(f)["weight_map"]
         return {name: str(path / shard) for name, shard in weight_map.items()}
     single = path / SAFE_SINGLE
-    if single.exists():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: str(single) for name in f.keys()}
-    return {}
+    return tensor_files([single]) if single.exists() else {}
 
 
 def transform_tensor_names(names: Iterable[str]) -> list[str]:

@@ -97,20 +97,6 @@ def _patch_compressed_tensors_config() -> None:
     setattr(CompressedTensorsConfig, _PATCHED_FLAG, True)
 
 
-def _checkpoint_names(checkpoint_files: Optional[list[str]]) -> dict[str, str]:
-    """name -> file for every tensor in the checkpoint's safetensors headers (no data read)."""
-    from safetensors import safe_open
-
-    found: dict[str, str] = {}
-    for file in checkpoint_files or []:
-        if not str(file).endswith(".safetensors"):
-            continue
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                found[name] = str(file)
-    return found
-
-
 def verify_stored_tensors(plan: ModelPlan, stored: dict[str, torch.Tensor]) -> None:
     """Check stored R3 tensors against the plan, each on its own (the plan is not changed).
 
@@ -256,15 +242,14 @@ def _make_quantizer_class(base: type) -> type:
                 return
             check_architecture(model)  # names the class before any head_dim message
             plan = build_plan(model, tc)
-            names = _checkpoint_names(kwargs.get("checkpoint_files"))
-            files = {n: f for n, f in names.items() if ckpt.TRANSFORM_KEY.match(n)}
-            stored = ckpt.read_tensors(files, files.keys())
+            names = ckpt.tensor_files(kwargs.get("checkpoint_files") or [])
+            stored = ckpt.read_tensors(names, ckpt.transform_tensor_names(names))
             resolve_matrices(plan, stored)
             ct_config = getattr(self.compressor, "quantization_config", None)
             if ct_config is not None:
-                attn_names = list(attention_modules(model))
-                _check_attention_groups(model, ct_config, attn_names, set(names))
-                _drop_uninitialised_q_scales(model, attn_names, set(names))
+                attn_names, stored_names = list(attention_modules(model)), set(names)
+                _check_attention_groups(model, ct_config, attn_names, stored_names)
+                _drop_uninitialised_q_scales(model, attn_names, stored_names)
                 if ct_config.kv_cache_scheme is not None:
                     _attach_kv_cache_quantization(
                         model, ct_config, _kv_cached_attention_names(model))

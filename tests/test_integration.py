@@ -68,13 +68,17 @@ def test_load_is_quiet_and_drops_r3_tensors(r3_hd16):
     assert not any("R3" in k for k in model.state_dict())
 
 
+def filled_cache(model, x):
+    """A DynamicCache after one forward of ``x``."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(x, **with_cache(model, cache))
+    return cache
+
+
 def test_cached_keys_are_rotated_unrotated_keys(r3_hd16):
     x = ids()
-    ours, plain = load_r3(r3_hd16), load_unrotated(r3_hd16)
-    c_ours, c_plain = DynamicCache(config=ours.config), DynamicCache(config=plain.config)
-    with torch.no_grad():
-        ours(x, **with_cache(ours, c_ours))
-        plain(x, **with_cache(plain, c_plain))
+    c_ours, c_plain = filled_cache(load_r3(r3_hd16), x), filled_cache(load_unrotated(r3_hd16), x)
     for i, (layer_ours, layer_plain) in enumerate(zip(c_ours.layers, c_plain.layers)):
         expected = rotate64(layer_plain.keys, 16)
         assert max_diff(layer_ours.keys, expected) < ATOL
@@ -86,11 +90,7 @@ def test_cached_keys_are_rotated_unrotated_keys(r3_hd16):
 def test_compressed_tensors_cached_keys_match(r3_hd16):
     """compressed-tensors' runtime puts the same rotated keys in the cache as we do."""
     x = ids()
-    ours, ct = load_r3(r3_hd16), ct_runtime_model(r3_hd16)
-    c_ours, c_ct = DynamicCache(config=ours.config), DynamicCache(config=ct.config)
-    with torch.no_grad():
-        ours(x, **with_cache(ours, c_ours))
-        ct(x, **with_cache(ct, c_ct))
+    c_ours, c_ct = filled_cache(load_r3(r3_hd16), x), filled_cache(ct_runtime_model(r3_hd16), x)
     for a, b in zip(c_ours.layers, c_ct.layers):
         assert max_diff(a.keys, b.keys) < ATOL
 

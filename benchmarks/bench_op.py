@@ -13,7 +13,8 @@ our time), and the max error of each method divided by the single-rounding floor
 (``|round(exact) - exact|``; 1.0 means as accurate as possible in that dtype).
 
 It also measures decode-size host overhead: 2000 back-to-back eager calls with one sync
-(wall time / call), and GPU time per call inside a CUDA graph.
+(wall time / call), and GPU time per call inside a CUDA graph, for single rotations and for a
+layer's q and k together (one launch, with and without fused RoPE; see bench_decode).
 
 Usage (GPU machine): ``python benchmarks/bench_op.py --out results/``
 Writes ``bench_op.csv`` and ``bench_op.json`` into ``--out``.
@@ -152,54 +153,97 @@ def bench_large_and_matrix(timer: Timer, rows: list[dict]) -> None:
         print(row, flush=True)
 
 
+def _host_and_graph_us(fn) -> tuple[float, float]:
+    """(host wall time per call over 2000 back-to-back eager calls with one sync, GPU time per
+    call inside a CUDA graph of 100 calls)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    host = (time.perf_counter() - t0) / n * 1e6
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(100):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end) * 1e3 / 1000
+
+
 def bench_decode(rows: list[dict]) -> None:
+    """Decode sizes, Llama-3-8B heads (32 q, 8 kv, d=128), bf16, 1/16/64 tokens.
+
+    Single-tensor rotations of the query ``(1, 32, T, 128)``: ``public_fn`` (validating API),
+    ``ours`` (``torch.ops`` custom op: includes the dispatcher), ``hadamard_apply`` (what the
+    model hooks call), ``triton_direct`` (the kernel's host function), ``torch_matmul_path``,
+    ``clone``, ``dao``. Whole-layer work on q and k together: ``rope_eager`` (transformers'
+    own ``apply_rotary_pos_emb``, the baseline cost), ``qk_one_launch`` (q and k rotated by one
+    launch), ``qk_rope_fused`` (RoPE + rotation of q and k in one launch: what a fused layer
+    runs instead of ``rope_eager``), ``rope_then_two_ops`` (the general path's work).
+    """
+    from transformers.models.llama import modeling_llama
+
+    from hf_hadamard_kq.fused import ORIGINAL_ATTR
+    from hf_hadamard_kq.ops.op import hadamard_apply, torch_hadamard
+    from hf_hadamard_kq.ops.qk_kernel import rotate_qk
+    from hf_hadamard_kq.ops.triton_kernel import hadamard_triton
+
+    rope = modeling_llama.apply_rotary_pos_emb
+    rope = getattr(rope, ORIGINAL_ATTR, rope)
     dao = _dao()
-    dtype = torch.bfloat16
-    for tokens in (1, 16, 64):
-        x = torch.randn(1, 32, tokens, 128, device="cuda").to(dtype)
-        scale = 1 / math.sqrt(128)
-        from hf_hadamard_kq.ops.op import torch_hadamard
-        from hf_hadamard_kq.ops.triton_kernel import hadamard_triton
+    s = 1 / math.sqrt(128)
+
+    def methods_for(tokens: int) -> dict:
+        dtype = torch.bfloat16
+        q = torch.randn(1, tokens, 32, 128, device="cuda").to(dtype).transpose(1, 2)
+        k = torch.randn(1, tokens, 8, 128, device="cuda").to(dtype).transpose(1, 2)
+        angle = torch.rand(1, tokens, 64, device="cuda") * 100
+        cos = torch.cat([angle.cos()] * 2, -1).to(dtype)
+        sin = torch.cat([angle.sin()] * 2, -1).to(dtype)
+        x = q
+
+        def two_ops():
+            a, b = rope(q, k, cos, sin)
+            return hadamard_apply(a, s, None, 128), hadamard_apply(b, s, None, 128)
 
         methods = {
-            "public_fn": lambda x=x: hf_hadamard_kq.hadamard_transform(x),
-            "ours": lambda x=x, s=scale: OP(x, s, None, 128),
-            # the same kernel without the custom-op dispatcher: isolates the wrapper's cost
-            "triton_direct": lambda x=x, s=scale: hadamard_triton(x, s, None, 128),
-            "torch_matmul_path": lambda x=x, s=scale: torch_hadamard(x, s, None, 128),
-            "clone": lambda x=x: x.clone(),
+            "public_fn": lambda: hf_hadamard_kq.hadamard_transform(x),
+            "ours": lambda: OP(x, s, None, 128),
+            "hadamard_apply": lambda: hadamard_apply(x, s, None, 128),
+            "triton_direct": lambda: hadamard_triton(x, s, None, 128),
+            "torch_matmul_path": lambda: torch_hadamard(x, s, None, 128),
+            "clone": lambda: x.clone(),
+            "rope_eager": lambda: rope(q, k, cos, sin),
+            "qk_one_launch": lambda: rotate_qk(q, k, s, None),
+            "qk_rope_fused": lambda: rotate_qk(q, k, s, None, cos, sin),
+            "rope_then_two_ops": two_ops,
         }
         if dao is not None:
-            methods["dao"] = lambda x=x, s=scale: dao(x, s)
-        row = dict(kind="decode", tokens=tokens, heads=32, d=128, dtype="bfloat16")
+            methods["dao"] = lambda: dao(x, s)
+        return methods
+
+    for tokens in (1, 16, 64):
+        methods = methods_for(tokens)
+        row = dict(kind="decode", tokens=tokens, heads=32, kv_heads=8, d=128, dtype="bfloat16")
         for name, fn in methods.items():
-            for _ in range(50):
-                fn()
-            torch.cuda.synchronize()
-            n = 2000
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-            row[f"{name}_host_us"] = round((time.perf_counter() - t0) / n * 1e6, 2)
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-                with torch.cuda.graph(graph, stream=stream):
-                    for _ in range(100):
-                        fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            row[f"{name}_graph_us"] = round(start.elapsed_time(end) * 1e3 / 1000, 3)
+            host, graph = _host_and_graph_us(fn)
+            row[f"{name}_host_us"] = round(host, 2)
+            row[f"{name}_graph_us"] = round(graph, 3)
         rows.append(row)
         print(row, flush=True)
 
@@ -209,6 +253,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--min-mib", type=float, default=4.0)
+    parser.add_argument("--only", choices=["all", "decode", "prefill"], default="all")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_op.py needs a CUDA/ROCm GPU; on CPU run the test suite instead")
@@ -221,9 +266,11 @@ def main(argv=None) -> None:
     print(env, flush=True)
     timer = Timer(args.reps)
     rows: list[dict] = []
-    bench_sizes(timer, rows, (torch.bfloat16, torch.float16), int(args.min_mib * 2**20))
-    bench_large_and_matrix(timer, rows)
-    bench_decode(rows)
+    if args.only in ("all", "prefill"):
+        bench_sizes(timer, rows, (torch.bfloat16, torch.float16), int(args.min_mib * 2**20))
+        bench_large_and_matrix(timer, rows)
+    if args.only in ("all", "decode"):
+        bench_decode(rows)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with open(args.out / "bench_op.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)

@@ -2,7 +2,8 @@
 
 Same Llama-3-8B shapes as bench_generate.py (``--layers`` to shorten). Prints, per
 implementation, the top operators by self CPU time and by self CUDA time, and the share of
-CUDA time spent in the Hadamard kernels (Triton ``_rows_kernel``), so the rotation's cost and
+CUDA time spent in the Hadamard kernels (Triton ``_rows_kernel`` / fused ``_qk_kernel``, which
+also does the RoPE on fused layers), so the rotation's cost and
 the remaining gap (host vs device) can be read off.
 
 Usage (GPU machine): ``python benchmarks/profile_step.py --out results/``
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
         events = prof.key_averages()
         cuda_total = sum(e.self_device_time_total for e in events)
         hadamard = sum(e.self_device_time_total for e in events if "rows_kernel" in e.key
-                       or "hadamard" in e.key.lower())
+                       or "qk_kernel" in e.key or "hadamard" in e.key.lower())
         cpu_total = sum(e.self_cpu_time_total for e in events)
         report.append(f"=== {label}: self CPU total {cpu_total / 1e3:.1f} ms, self CUDA total "
                       f"{cuda_total / 1e3:.2f} ms, Hadamard kernels {hadamard / 1e3:.3f} ms "

@@ -1,7 +1,8 @@
 """The "hadamard_kq" attention implementations: rotate Q, then run an ordinary backend.
 
-Keys arrive here already rotated (cache.py rotates them before the cache write), so this
-function only rotates the query and delegates, with every argument (scaling, sliding_window,
+Keys arrive here already rotated (cache.py rotates them before the cache write, or fused.py
+rotated them together with the query at RoPE time), so this function only rotates the query
+(unless fused.py already did) and delegates, with every argument (scaling, sliding_window,
 softcap, ...) passed through unchanged.
 
 Each name is registered twice: as an attention function and as a *mask* function. Without
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import fused as fused_mod
 from .cache import rotate
 from .plan import HadamardKQConfigError
 
@@ -74,7 +76,16 @@ def _make_attention(inner_name: str) -> Callable:
         if PROBE is not None:
             PROBE.attention(module, inner_name, kwargs)
         if plan is not None and plan.q is not None:
-            query = rotate(query, plan.q, module)
+            state = None if torch.compiler.is_compiling() else fused_mod.STATE
+            if state is not None and state.done is module:
+                # rotated together with the key at RoPE time (fused.py), if this is that tensor
+                state.done = None
+                if query is not state.q_out:
+                    fused_mod.mismatch(module, "query")
+                    query = rotate(query, plan.q, module)  # probe only (mismatch raises)
+                state.q_out = None
+            else:
+                query = rotate(query, plan.q, module)
         if inner_name == "eager":
             inner = module.__dict__[EAGER_ATTR]
         else:

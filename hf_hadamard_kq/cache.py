@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import fused as fused_mod
 from .ops.op import hadamard_apply
 from .plan import Rotation
 
@@ -32,8 +33,26 @@ CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 PROBE = None
 
 
-def _record(owner) -> None:
-    PROBE.events.append(("k_rotated", PROBE.names.get(id(owner))))
+def _record(owner, event: str = "k_rotated") -> None:
+    PROBE.events.append((event, PROBE.names.get(id(owner))))
+
+
+def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> torch.Tensor:
+    """The key to store: ``key_states`` itself when fused.py already rotated exactly this
+    tensor at RoPE time for ``owner`` in this call, else its rotation."""
+    if not torch.compiler.is_compiling():
+        state = fused_mod.STATE
+        state.armed = None  # this layer's RoPE (if any) is over
+        if state.done is owner:
+            if key_states is state.k_out:
+                state.k_out = None
+                if PROBE is not None:
+                    _record(owner, "k_fused")
+                return key_states
+            fused_mod.mismatch(owner, "key")
+    if PROBE is not None:
+        _record(owner)
+    return rotate(key_states, rotation, owner)
 
 
 def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
@@ -66,9 +85,7 @@ class RotatingCacheView:
         self._hkq_owner = owner
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if PROBE is not None:
-            _record(self._hkq_owner)
-        key_states = rotate(key_states, self._hkq_rotation, self._hkq_owner)
+        key_states = _rotate_key(key_states, self._hkq_rotation, self._hkq_owner)
         return self._hkq_cache.update(key_states, value_states, *args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -92,9 +109,7 @@ class RotateOnlyCache:
         self._hkq_owner = owner
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if PROBE is not None:
-            _record(self._hkq_owner)
-        return rotate(key_states, self._hkq_rotation, self._hkq_owner), value_states
+        return _rotate_key(key_states, self._hkq_rotation, self._hkq_owner), value_states
 
     def __getattr__(self, name: str):
         if name.startswith("_hkq_"):
@@ -111,6 +126,7 @@ def make_key_pre_hook(
     kwarg_name: str,
     arg_index: Optional[int],
     kv_quantizer: Any = None,
+    fused: bool = False,
 ):
     """Build the forward pre-hook (``with_kwargs=True``) for one attention module.
 
@@ -138,6 +154,10 @@ def make_key_pre_hook(
         return RotatingCacheView(cache, rotation, module)
 
     def key_rotation_pre_hook(module, args, kwargs):
+        if fused and not torch.compiler.is_compiling():
+            state = fused_mod.STATE
+            state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
+            state.done = None
         for name in CACHE_KWARGS:
             if name in kwargs:
                 kwargs[name] = view_of(kwargs[name], module)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -16,11 +17,13 @@ import torch
 from torch import nn
 
 from . import cache as cache_mod
+from . import fused as fused_mod
 from .attention import EAGER_ATTR, PLAN_ATTR, model_eager_function
 from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
 
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
 MODEL_HOOKS_ATTR = "_hadamard_kq_hooks"
+MODEL_PATCHED_ATTR = "_hadamard_kq_patched_modules"
 SKIP_PROBE_ENV = "HF_HADAMARD_KQ_SKIP_PROBE"
 
 #: Set (in the module's __dict__) by the load hook on attention modules whose KV-cache
@@ -242,14 +245,18 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
         module.__dict__[PLAN_ATTR] = layer
         if eager[name] is not None:
             module.__dict__[EAGER_ATTR] = eager[name]
+    patched: list[str] = []
+    # released by remove_plan, or when the model is garbage-collected without it
+    model.__dict__[MODEL_PATCHED_ATTR] = weakref.finalize(model, _release_patches, patched)
     for name, module in modules.items():
         layer = plan.layers.get(name)
         quantizer = module.__dict__.get(KV_QUANTIZER_ATTR)
         rotation = None if layer is None else layer.k
         if rotation is None and quantizer is None:
             continue
+        fused = _install_fused(module, name, layer, patched)
         kwarg, index = _cache_param(module)
-        hook = cache_mod.make_key_pre_hook(rotation, kwarg, index, quantizer)
+        hook = cache_mod.make_key_pre_hook(rotation, kwarg, index, quantizer, fused)
         # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache hook,
         # where it works, has then already put its quantizer in place of the cache, and our
         # view wraps it, so keys are rotated *before* they are quantized.
@@ -258,20 +265,57 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
     model.__dict__[MODEL_HOOKS_ATTR] = hooks
     if probe and os.environ.get(SKIP_PROBE_ENV) != "1":
         try:
-            probe_pattern(model, plan)
+            withdrawn = probe_pattern(model, plan)
+            if withdrawn:  # those layers now take the general path: check the model again
+                probe_pattern(model, plan)
         except Exception:
             remove_plan(model)
             raise
 
 
+def _install_fused(module: nn.Module, name: str, layer: Optional[LayerPlan],
+                   patched: list[str]) -> bool:
+    """Let the layer rotate Q and K at RoPE time (fused.py) where its plan allows it: one
+    rotation shared by q and k (same scale, matrix and block, no precision cast), and its
+    modeling module has an interceptable ``apply_rotary_pos_emb``."""
+    if layer is None or os.environ.get(fused_mod.DISABLE_ENV) == "1":
+        return False
+    q, k = layer.q, layer.k
+    if q is None or k is None or q.cast is not None or k.cast is not None:
+        return False
+    if q.scale != k.scale or q.block != k.block or q.buffer != k.buffer:
+        return False
+    if q.buffer is None and (q.matrix is not None or k.matrix is not None):
+        return False
+    module_name = type(module).__module__
+    if module_name not in patched:
+        if not fused_mod.patch_module(module_name):
+            return False
+        patched.append(module_name)
+    module.__dict__[fused_mod.FUSED_ATTR] = fused_mod.FusedRotation(
+        q.scale, q.buffer, q.block, name)
+    return True
+
+
+def _release_patches(patched: list[str]) -> None:
+    for module_name in patched:
+        fused_mod.unpatch_module(module_name)
+    patched.clear()
+
+
 def remove_plan(model: nn.Module) -> None:
-    """Undo install_plan: hooks removed, attributes deleted."""
+    """Undo install_plan: hooks removed, attributes deleted, RoPE wrappers released."""
     for hook in model.__dict__.pop(MODEL_HOOKS_ATTR, []):
         hook.remove()
+    release = model.__dict__.pop(MODEL_PATCHED_ATTR, None)
+    if release is not None:
+        release()  # a weakref.finalize: runs _release_patches once
+    fused_mod.reset()
     model.__dict__.pop(MODEL_PLAN_ATTR, None)
     for module in model.modules():
         module.__dict__.pop(PLAN_ATTR, None)
         module.__dict__.pop(EAGER_ATTR, None)
+        module.__dict__.pop(fused_mod.FUSED_ATTR, None)
         for name in MATRIX_BUFFERS.values():
             module._buffers.pop(name, None)
 
@@ -304,13 +348,18 @@ class _Recorder:
             self.unapplied.append((name, type(module).__name__, inner, bad))
 
 
-def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
+def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
     """Run a 2-token forward and check each matched layer rotated its new keys on the way into
     the cache exactly once, *before* its attention function ran, and that the attention
     function ran (so the query was rotated). Raises naming the first layer that deviates.
 
     Why: a model whose attention does not follow proj -> RoPE -> cache.update -> attention
     would otherwise run with unrotated (or twice-rotated) keys without any visible error.
+
+    Layers on the fused path (fused.py) must show ``rope`` (q and k rotated at RoPE time)
+    then ``k_fused`` (that very key tensor reached the cache). A layer whose key or query was
+    replaced between RoPE and the cache / attention function loses the fused path; their
+    names are returned (the caller probes again: the general path must then pass).
     """
     from transformers import DynamicCache
 
@@ -321,6 +370,8 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
     recorder = _Recorder(ids)
     attn_mod.PROBE = recorder
     cache_mod.PROBE = recorder
+    fused_mod.PROBE = recorder
+    withdrawn: list[str] = []
     probe_hooks = []
     for name, module in modules.items():
         quantizer = kv_quantizer(module)
@@ -338,6 +389,12 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
                 if use_cache:
                     kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
                 model(input_ids=input_ids, **kwargs)
+                changed = _changed_after_rope(recorder.events)
+                if changed:
+                    for name in changed:
+                        modules[name].__dict__.pop(fused_mod.FUSED_ATTR, None)
+                    withdrawn.extend(changed)
+                    return withdrawn
                 _check_events(recorder.events, plan, modules, use_cache)
                 if recorder.unapplied:
                     name, cls, inner, bad = recorder.unapplied[0]
@@ -351,8 +408,11 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> None:
     finally:
         attn_mod.PROBE = None
         cache_mod.PROBE = None
+        fused_mod.PROBE = None
+        fused_mod.reset()
         for handle in probe_hooks:
             handle.remove()
+    return withdrawn
 
 
 def _model_cache_kwarg(model: nn.Module) -> str:
@@ -369,6 +429,11 @@ def _input_device(model: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+def _changed_after_rope(events) -> list[str]:
+    """Layers whose key or query was replaced after being rotated at RoPE time."""
+    return list(dict.fromkeys(n for e, n in events if e in ("key_changed", "query_changed")))
 
 
 def _check_events(events, plan: ModelPlan, modules, use_cache: bool) -> None:
@@ -394,8 +459,8 @@ def _check_events(events, plan: ModelPlan, modules, use_cache: bool) -> None:
                 "attention)"
             )
         if layer.k is not None:
-            expected = ["k_rotated", "kv_quant", "attention"] if quantized else [
-                "k_rotated", "attention"]
+            first = ["rope", "k_fused"] if mine[:1] == ["rope"] else ["k_rotated"]
+            expected = first + (["kv_quant", "attention"] if quantized else ["attention"])
             if mine != expected:
                 raise HadamardKQConfigError(
                     f"layer '{name}' ({type(module).__name__}) does not follow proj -> "

@@ -95,30 +95,41 @@ def test_compressed_tensors_cached_keys_match(r3_hd16):
         assert max_diff(a.keys, b.keys) < ATOL
 
 
-def test_decode_rotates_only_new_rows(r3_hd16, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "general"])
+def test_decode_rotates_only_new_rows(r3_hd16, monkeypatch, fused):
+    """Per layer and step: one rotation of the new K rows and one of the new Q rows, never of
+    the cache — on the fused path (both at RoPE time) and on the general path (K in
+    cache.update, Q in the attention function)."""
     import hf_hadamard_kq.attention as attention_mod
     import hf_hadamard_kq.cache as cache_mod
+    import hf_hadamard_kq.fused as fused_mod
 
+    if not fused:
+        monkeypatch.setenv(fused_mod.DISABLE_ENV, "1")
     model = load_r3(r3_hd16)
     seen = []
-    original = cache_mod.rotate
+    rotate, apply = cache_mod.rotate, fused_mod.hadamard_apply
 
-    def spy(where):
-        def rotate(x, rotation, module):
+    def spy(where, fn):
+        def wrapped(x, *args):
             seen.append((where, tuple(x.shape)))
-            return original(x, rotation, module)
-        return rotate
+            return fn(x, *args)
+        return wrapped
 
-    monkeypatch.setattr(cache_mod, "rotate", spy("k"))
-    monkeypatch.setattr(attention_mod, "rotate", spy("q"))
+    monkeypatch.setattr(cache_mod, "rotate", spy("k", rotate))
+    monkeypatch.setattr(attention_mod, "rotate", spy("q", rotate))
+    monkeypatch.setattr(fused_mod, "hadamard_apply", spy("rope", apply))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids(batch=2, seq=7), **with_cache(model, cache))
-        assert seen.count(("k", (2, 2, 7, 16))) == 2 and seen.count(("q", (2, 4, 7, 16))) == 2
         seen.clear()
         model(ids(batch=2, seq=1, seed=1), **with_cache(model, cache))
     # one decode step: per layer one K row per kv head and one Q row, never the whole cache
-    assert sorted(seen) == sorted([("k", (2, 2, 1, 16))] * 2 + [("q", (2, 4, 1, 16))] * 2)
+    if fused:
+        want = [("rope", (2, 4, 1, 16)), ("rope", (2, 2, 1, 16))] * 2
+    else:
+        want = [("k", (2, 2, 1, 16)), ("q", (2, 4, 1, 16))] * 2
+    assert seen == want
 
 
 def test_padded_batch_and_multi_token_continuation(r3_hd16):

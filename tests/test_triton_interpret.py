@@ -94,6 +94,16 @@ if not IN_INTERPRETER:
         (256, "bf16", "bf16", False, False),
     ]
     AOT_MID = [(16, "bf16"), (128, "fp32")]
+    # fused Q/K kernel cases: d, x dtype, W dtype or None, RoPE, BLOCK_M (decode 16 / prefill)
+    AOT_QK = [
+        (128, "bf16", None, True, 16),
+        (128, "bf16", None, True, 64),
+        (256, "bf16", None, True, 32),
+        (64, "fp16", None, False, 128),
+        (128, "bf16", "bf16", True, 64),
+        (128, "bf16", "fp32", True, 64),
+        (128, "fp32", None, True, 64),
+    ]
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
     def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int):
@@ -139,6 +149,30 @@ if not IN_INTERPRETER:
         spec.loader.exec_module(module)
         return module
 
+    def test_launcher_key_mirrors_triton_specialisation() -> None:
+        """launch.CachedLauncher keys compiled kernels by what triton specialises on; check
+        our int / pointer rules against this triton's own specialisation function."""
+        pytest.importorskip("triton")
+        try:
+            from triton._C.libtriton import native_specialize_impl
+            from triton.backends.compiler import BaseBackend
+        except ImportError:
+            pytest.skip("this triton has no native_specialize_impl to compare with")
+        from hf_hadamard_kq.ops.launch import int_spec
+
+        for v in (0, 1, 2, 15, 16, 17, 32, 4096, 2**31 - 1, 2**31, 2**31 + 16, -1, -16):
+            kind, hint = native_specialize_impl(BaseBackend, v, False, True, True)
+            code = int_spec(v)
+            assert (kind == "constexpr") == bool(code & 1), v
+            if kind != "constexpr":
+                assert (hint == "D") == bool(code & 2), v
+                assert (kind == "i64") == bool(code & 4), v
+        buf = torch.zeros(64, dtype=torch.bfloat16)
+        for offset in range(9):
+            view = buf[offset:]
+            _, hint = native_specialize_impl(BaseBackend, view, False, True, True)
+            assert (hint == "D") == (view.data_ptr() % 16 == 0), offset
+
     @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
     def test_kernels_compile_for_sm90() -> None:
         pytest.importorskip("triton")
@@ -166,6 +200,18 @@ if not IN_INTERPRETER:
             const = dict(M=m, LOG2M=m.bit_length() - 1, BLOCK_I=cfg.block_i, EMULATE_RTNE=False)
             k = _aot_compile(tk._mid_kernel, sig, const, cfg.num_warps)
             results.append((f"mid m={m} {odt}", k))
+        from hf_hadamard_kq.ops import qk_kernel
+
+        for d, xdt, wdt, rope, block_m in AOT_QK:
+            dot_f32 = xdt == "fp32" or wdt == "fp32"
+            sig = {f"{n}_ptr": ty[xdt] for n in ("q", "k", "qo", "ko", "c", "s")}
+            sig.update(w_ptr=ty[wdt or xdt], scale="fp32")
+            const = dict(
+                D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m,
+                ROPE=rope, SYLVESTER=wdt is None, DOT_F32=dot_f32, EMULATE_RTNE=False,
+            )  # fmt: skip
+            k = _aot_compile(qk_kernel._qk_kernel, sig, const, 4)
+            results.append((f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m}", k))
         for name, k in results:
             assert k.metadata.shared <= SMEM_LIMIT_SM90, (name, k.metadata.shared)
             spill = _local_bytes(k.asm["cubin"])
@@ -537,3 +583,94 @@ else:
         for k in range(9, 16):
             b, m = tk._plan_passes(1 << k)
             assert b * m == 1 << k and 32 <= b <= 256 and 16 <= m <= 128
+
+    # ------------------------------------------------------------------------------------------
+    # The fused Q/K kernel (hf_hadamard_kq/ops/qk_kernel.py): RoPE + Hadamard, one launch.
+
+    def torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Transformers' rotate-half RoPE, written out here (unsqueeze_dim=1), in x.dtype."""
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = x.shape[-1] // 2
+        return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+    def qk_inputs(dtype, d, b, s, layout, seed=0):
+        """q (b, 4, s, d), k (b, 2, s, d) in a model's layouts; cos/sin (b or 1, s, d)."""
+        g = torch.Generator().manual_seed(seed)
+        if layout == "transposed":  # (B, S, H, D).transpose(1, 2), the projection's view
+            q = torch.randn(b, s, 4, d, generator=g).to(dtype).transpose(1, 2)
+            k = torch.randn(b, s, 2, d, generator=g).to(dtype).transpose(1, 2)
+        elif layout == "contiguous":
+            q = torch.randn(b, 4, s, d, generator=g).to(dtype)
+            k = torch.randn(b, 2, s, d, generator=g).to(dtype)
+        else:  # "sliced": heads of a fused qkv projection, rows longer than d
+            qkv = torch.randn(b, s, 8, d, generator=g).to(dtype)
+            q, k = qkv[:, :, :4].transpose(1, 2), qkv[:, :, 4:6].transpose(1, 2)
+        angle = torch.randn(1 if b == 1 else b, s, d // 2, generator=g) * 3
+        cos = torch.cat([angle.cos(), angle.sin() * 0.5 + 0.3], -1).to(dtype)  # halves differ
+        sin = torch.cat([angle.sin(), angle.cos() * 0.7], -1).to(dtype)
+        return q, k, cos, sin
+
+    def signed_permutation(d: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        h = ct_sylvester(d)[torch.randperm(d, generator=g)]
+        return h * (torch.randint(0, 2, (d, 1), generator=g) * 2 - 1)
+
+    @pytest.mark.parametrize("layout", ["transposed", "contiguous", "sliced"])
+    @pytest.mark.parametrize("d", [32, 64, 128, 256])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    def test_qk_rope_sylvester(dtype: torch.dtype, d: int, layout: str) -> None:
+        from hf_hadamard_kq.ops import qk_kernel
+
+        for b, s in ((1, 1), (2, 5), (3, 40)):
+            q, k, cos, sin = qk_inputs(dtype, d, b, s, layout, seed=d + s)
+            assert qk_kernel.qk_supported(q, k, None, cos, sin)
+            qo, ko = qk_kernel.rotate_qk(q, k, d**-0.5, None, cos, sin)
+            for x, out in ((q, qo), (k, ko)):
+                # reference: torch's RoPE in x.dtype (what the model computes), then float64 H
+                assert_matches(out, torch_rope(x, cos, sin), d, None, d**-0.5)
+                if layout != "sliced":
+                    assert out.stride() == x.stride()  # the input's memory layout is kept
+
+    @pytest.mark.parametrize("d", [32, 64, 128])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    def test_qk_rope_is_bit_exact(dtype: torch.dtype, d: int) -> None:
+        """With W = I and scale 1 the kernel's output is its RoPE alone: bit-identical to
+        torch's (each product and the sum rounded to x.dtype as torch does)."""
+        from hf_hadamard_kq.ops import qk_kernel
+
+        q, k, cos, sin = qk_inputs(dtype, d, 2, 9, "transposed", seed=d)
+        eye = torch.eye(d, dtype=dtype)
+        qo, ko = qk_kernel.rotate_qk(q, k, 1.0, eye, cos, sin)
+        assert torch.equal(qo, torch_rope(q, cos, sin))
+        assert torch.equal(ko, torch_rope(k, cos, sin))
+
+    @pytest.mark.parametrize("wdtype", ["same", torch.float32], ids=ids)
+    @pytest.mark.parametrize("d", [32, 64, 128])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    def test_qk_explicit_matrix(dtype: torch.dtype, d: int, wdtype) -> None:
+        from hf_hadamard_kq.ops import qk_kernel
+
+        w64 = signed_permutation(d, seed=d) @ ct_sylvester(d) / d  # orthogonal, entries != +-1
+        w = w64.to(dtype if wdtype == "same" else wdtype)
+        q, k, cos, sin = qk_inputs(dtype, d, 2, 7, "transposed", seed=1)
+        qo, ko = qk_kernel.rotate_qk(q, k, 1.5, w, cos, sin)
+        for x, out in ((q, qo), (k, ko)):
+            assert_matches(out, torch_rope(x, cos, sin), d, w, 1.5)
+        qo, ko = qk_kernel.rotate_qk(q, k, 1.5, w)  # no RoPE
+        assert_matches(qo, q, d, w, 1.5)
+        assert_matches(ko, k, d, w, 1.5)
+
+    def test_qk_supported_refuses() -> None:
+        from hf_hadamard_kq.ops import qk_kernel
+
+        q, k, cos, sin = qk_inputs(torch.bfloat16, 64, 2, 3, "transposed")
+        assert qk_kernel.qk_supported(q, k, None, cos, sin)
+        assert not qk_kernel.qk_supported(q[..., :48], k[..., :48], None, None, None)  # not 2^k
+        assert not qk_kernel.qk_supported(q, k.float(), None, None, None)  # dtypes differ
+        assert not qk_kernel.qk_supported(q, k, None, cos[..., :32], sin[..., :32])  # partial
+        assert not qk_kernel.qk_supported(q, k, None, cos.float(), sin.float())  # promotes
+        assert not qk_kernel.qk_supported(q, k[:1], None, None, None)  # batch differs
+        big = torch.zeros(256, 256)
+        assert not qk_kernel.qk_supported(q, k, big, None, None)  # matrix size != d
+        q2, k2, _, _ = qk_inputs(torch.bfloat16, 256, 1, 1, "contiguous")
+        assert not qk_kernel.qk_supported(q2, k2, torch.eye(256), None, None)  # explicit > 128

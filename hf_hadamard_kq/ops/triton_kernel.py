@@ -408,6 +408,20 @@ if _HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
+def _cached_launcher(fn):
+    """A :class:`~hf_hadamard_kq.ops.launch.CachedLauncher` for ``fn`` (skips triton's per-call
+    binding; see launch.py), or None under the interpreter or when this module is loaded on
+    its own (the interpreter tests load it by file path, outside the package)."""
+    if INTERPRET or not _HAS_TRITON or not __package__:
+        return None
+    from .launch import CachedLauncher
+
+    return CachedLauncher(fn)
+
+
+_ROWS = _cached_launcher(_rows_kernel) if _HAS_TRITON else None
+
+
 def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int, int] | None:
     """``(n1, n2, s0, s1, s2)``: row ``(i0*n1 + i1)*n2 + i2`` of x starts at ``i0*s0 + i1*s1 +
     i2*s2`` (elements), the last dim having stride 1; None when more than three leading
@@ -458,33 +472,18 @@ def _launch_rows(
     cfg = rows_config(n, dot_f32, sylvester)
     n_rows = numel // n
     n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
-    grid = (min(n_tiles, _max_programs(x.device)),)
-    _rows_kernel[grid](
-        x,
-        w,
-        out,
-        n_rows,
-        n_tiles,
-        x.shape[-1] // n if strided else 1,
-        n1,
-        n2,
-        s0,
-        s1,
-        s2,
-        scale,
-        N=n,
-        BN=cfg.bn,
-        NB=cfg.nb,
-        BLOCK_M=cfg.block_m,
-        LOG2N=cfg.log2n,
-        SYLVESTER=sylvester,
-        STRIDED=strided,
-        SPLIT2=sylvester and cfg.nb == 2,
-        WIDE=wide,
-        DOT_F32=dot_f32,
+    grid = min(n_tiles, _max_programs(x.device))
+    scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2, scale)
+    meta = dict(
+        N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
+        STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2, WIDE=wide, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out.dtype is torch.bfloat16,
-        num_warps=cfg.num_warps,
-    )
+    )  # fmt: skip
+    if _ROWS is None:  # interpreter, or no launcher: the plain triton call
+        _rows_kernel[(grid,)](x, w, out, *scalars, **meta, num_warps=cfg.num_warps)
+        return
+    key = (n, sylvester, strided, wide, dot_f32, cfg, x.dtype, w.dtype, out.dtype)
+    _ROWS.launch(grid, key, x.get_device(), (x, w, out), scalars, meta, cfg.num_warps)
 
 
 def _launch_mid(buf: torch.Tensor, out: torch.Tensor, m: int, inner: int, scale: float) -> None:

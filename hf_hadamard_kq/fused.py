@@ -1,0 +1,270 @@
+"""Rotate Q and K where they are born: inside the model's ``apply_rotary_pos_emb`` call.
+
+Why: the general path (cache.py rotates K inside ``cache.update``, attention.py rotates Q in
+the attention function) costs two launches per layer and token. In eager decode, which is
+host-bound, that is most of our overhead. The query and key of a layer leave
+``apply_rotary_pos_emb(q, k, cos, sin)`` together, so at that point one launch can rotate both
+(ops/qk_kernel.py) and, when the function is the standard rotate-half RoPE, also do the RoPE
+(replacing about ten small eager kernels, which makes the layer cheaper than unrotated sdpa).
+
+How, without editing model code: the modeling module's global ``apply_rotary_pos_emb`` is
+replaced by a wrapper (once per modeling module, refcounted by installed models; the wrapper
+calls the original unchanged unless an installed layer is mid-forward). Per call:
+
+1. our forward pre-hook of a fused-eligible layer *arms* the thread's state with the module;
+2. the wrapper sees the armed module, disarms it, checks that its caller is that module's
+   ``forward`` (``self`` in the calling frame: a stale arm left by an exception elsewhere is
+   never applied to another module's call), and if the tensors qualify returns
+   ``(rope(q) H, rope(k) H)``, recording that this module's q/k were rotated and which tensors
+   it returned;
+3. ``cache.update`` (cache.py) skips its rotation for that module only if the key it receives
+   *is* the returned key; the attention function (attention.py) likewise for the query.
+
+Anything else falls back to the general path in the same call: no armed module (the layer
+never called the wrapper, e.g. NoPE layers), extra arguments (mrope), a head dim other than
+the rotation block (partial rotary), torch.compile, autograd, tensor subclasses (DTensor).
+If a tensor was *changed* between RoPE and the cache / attention (the identity check fails),
+rotation already happened and cannot be redone: the install probe finds such layers and turns
+the fused path off for them; at run time it is an error, never a silent wrong rotation.
+
+State is thread-local, so models running in different threads do not see each other's calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+from .ops.op import hadamard_apply
+
+#: Module ``__dict__`` key of an attention module's fused rotation: a :class:`FusedRotation`,
+#: or absent (general path only).
+FUSED_ATTR = "_hadamard_kq_fused"
+#: Attribute marking our wrapper (holds the original function).
+ORIGINAL_ATTR = "_hadamard_kq_original"
+#: Set to 1 to install only the general path (rotation in cache.update + attention function).
+DISABLE_ENV = "HF_HADAMARD_KQ_NO_FUSED"
+
+
+class _CallState(threading.local):
+    armed: Any = None  # module whose pre-hook ran and whose RoPE call is awaited
+    done: Any = None  # module whose q and k the wrapper rotated in the current call
+    q_out: Optional[torch.Tensor] = None
+    k_out: Optional[torch.Tensor] = None
+
+
+STATE = _CallState()
+
+#: Set by install.probe_pattern during its check forward; None otherwise.
+PROBE = None
+
+
+class FusedRotation:
+    """What the wrapper needs for one layer (q and k share one rotation)."""
+
+    __slots__ = ("block", "buffer", "name", "scale")
+
+    def __init__(self, scale: float, buffer: Optional[str], block: int, name: str) -> None:
+        self.scale = scale
+        self.buffer = buffer
+        self.block = block
+        self.name = name
+
+
+def reset() -> None:
+    STATE.armed = STATE.done = STATE.q_out = STATE.k_out = None
+
+
+# ------------------------------------------------------------------------------------------
+# Which RoPE functions qualify
+# ------------------------------------------------------------------------------------------
+
+
+def _standard_rope(q, k, cos, sin):
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * c + rot(q) * s, k * c + rot(k) * s
+
+
+def signature_ok(fn: Callable) -> bool:
+    """``fn(q, k, cos, sin, <params with defaults>)``: the form the wrapper intercepts."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if len(params) < 4:
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind not in positional for p in params[:4]):
+        return False
+    return all(
+        p.default is not inspect.Parameter.empty
+        or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for p in params[4:]
+    )
+
+
+def is_standard_rope(fn: Callable) -> bool:
+    """True when ``fn(q, k, cos, sin)`` computes rotate-half RoPE with ``unsqueeze_dim=1``
+    (checked numerically in float64 on random inputs, including cos/sin whose halves differ,
+    so an interleaved or partial RoPE cannot pass)."""
+    gen = torch.Generator().manual_seed(1234)
+    q = torch.randn(2, 3, 5, 16, dtype=torch.float64, generator=gen)
+    k = torch.randn(2, 2, 5, 16, dtype=torch.float64, generator=gen)
+    cos = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen)
+    sin = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen)
+    try:
+        got = fn(q, k, cos, sin)
+    except Exception:
+        return False
+    want = _standard_rope(q, k, cos, sin)
+    if not (isinstance(got, tuple) and len(got) == 2):
+        return False
+    return all(
+        isinstance(g, torch.Tensor) and g.shape == w.shape and torch.allclose(g, w, rtol=0,
+                                                                              atol=1e-12)
+        for g, w in zip(got, want)
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The wrapper
+# ------------------------------------------------------------------------------------------
+
+
+def _rotate_pair(q, k, cos, sin, original, standard, fused: FusedRotation, module):
+    """Rotated (and RoPE'd) q, k, or None when these tensors must take the general path."""
+    matrix = None if fused.buffer is None else module._buffers[fused.buffer]
+    if q.is_cuda:
+        from .ops import qk_kernel
+
+        if qk_kernel.triton is not None:
+            if standard and qk_kernel.qk_supported(q, k, matrix, cos, sin):
+                return qk_kernel.rotate_qk(q, k, fused.scale, matrix, cos, sin)
+            q, k = original(q, k, cos, sin)
+            if (
+                type(q) is torch.Tensor
+                and type(k) is torch.Tensor
+                and q.shape[-1] == fused.block
+                and qk_kernel.qk_supported(q, k, matrix, None, None)
+            ):
+                return qk_kernel.rotate_qk(q, k, fused.scale, matrix)
+            return _rotate_each(q, k, fused, matrix)
+    q, k = original(q, k, cos, sin)
+    return _rotate_each(q, k, fused, matrix)
+
+
+def _rotate_each(q, k, fused: FusedRotation, matrix):
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+        return None
+    if q.shape[-1] != fused.block or k.shape[-1] != fused.block:
+        return None
+    return (hadamard_apply(q, fused.scale, matrix, fused.block),
+            hadamard_apply(k, fused.scale, matrix, fused.block))
+
+
+def _make_wrapper(original: Callable, standard: bool) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return original(q, k, cos, sin, *args, **kwargs)
+        state = STATE
+        module = state.armed
+        if module is None:
+            return original(q, k, cos, sin, *args, **kwargs)
+        state.armed = None
+        fused = module.__dict__.get(FUSED_ATTR)
+        if (
+            fused is None
+            or sys._getframe(1).f_locals.get("self") is not module
+            or args
+            or kwargs
+            or type(q) is not torch.Tensor
+            or type(k) is not torch.Tensor
+            or q.shape[-1] != fused.block
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+        ):
+            return original(q, k, cos, sin, *args, **kwargs)
+        pair = _rotate_pair(q, k, cos, sin, original, standard, fused, module)
+        if pair is None:  # original() gave something unexpected: rerun it, general path
+            return original(q, k, cos, sin)
+        state.done = module
+        state.q_out, state.k_out = pair
+        if PROBE is not None:
+            PROBE.events.append(("rope", fused.name))
+        return pair
+
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    apply_rotary_pos_emb.__wrapped__ = original
+    setattr(apply_rotary_pos_emb, ORIGINAL_ATTR, original)
+    return apply_rotary_pos_emb
+
+
+#: modeling module name -> [original function, number of installed models using the wrapper]
+_PATCHED: dict[str, list] = {}
+
+
+def patch_module(module_name: str) -> bool:
+    """Install the wrapper in ``module_name`` (or count one more user). False when the module
+    has no interceptable ``apply_rotary_pos_emb`` (the general path then serves its layers)."""
+    entry = _PATCHED.get(module_name)
+    if entry is not None:
+        entry[1] += 1
+        return True
+    mod = sys.modules.get(module_name)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None or not callable(fn) or getattr(fn, ORIGINAL_ATTR, None) is not None:
+        return False
+    if not signature_ok(fn):
+        return False
+    mod.apply_rotary_pos_emb = _make_wrapper(fn, is_standard_rope(fn))
+    _PATCHED[module_name] = [fn, 1]
+    return True
+
+
+def unpatch_module(module_name: str) -> None:
+    """One user fewer; restore the original function when none is left."""
+    entry = _PATCHED.get(module_name)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        mod = sys.modules.get(module_name)
+        if mod is not None:
+            mod.apply_rotary_pos_emb = entry[0]
+        del _PATCHED[module_name]
+
+
+# ------------------------------------------------------------------------------------------
+# Hooks used by cache.py / attention.py / install.py
+# ------------------------------------------------------------------------------------------
+
+
+class FusedRotationMismatchError(RuntimeError):
+    """A tensor rotated at RoPE time was replaced before the cache / attention function."""
+
+
+def mismatch(module: Any, what: str) -> None:
+    """Record (probe) or raise: ``what`` ('key' or 'query') changed after RoPE."""
+    fused = module.__dict__.get(FUSED_ATTR)
+    name = getattr(fused, "name", type(module).__name__)
+    reset()
+    if PROBE is not None:
+        PROBE.events.append((f"{what}_changed", name))
+        return
+    raise FusedRotationMismatchError(
+        f"hf_hadamard_kq: layer '{name}' ({type(module).__name__}) changed the {what} between "
+        "apply_rotary_pos_emb and the "
+        + ("KV cache" if what == "key" else "attention function")
+        + ", after hf_hadamard_kq had already rotated it there; the result would not be the "
+        "R3 rotation. This was not seen when the model was loaded; please report it. "
+        f"Workaround: set {DISABLE_ENV}=1 before loading (general path only)."
+    )

@@ -1,0 +1,257 @@
+"""One Triton launch that rotates a layer's query *and* key, optionally fused with RoPE.
+
+Why: in eager decode a rotation is ~2 us of GPU work but tens of microseconds of host time
+per launch, twice per layer. The query and key of a layer come out of ``apply_rotary_pos_emb``
+together, so one kernel can take both (one launch instead of two), and — for the standard
+"rotate-half" RoPE — also do the RoPE itself, replacing the ~10 small element-wise kernels
+that eager RoPE launches. See ``hf_hadamard_kq/fused.py`` for when this path is taken.
+
+Math, per row ``x`` (one head of one token, ``D`` values, halves ``x0 | x1``):
+
+* RoPE (``ROPE``): ``r = x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x1 | x0)``,
+  evaluated exactly as torch evaluates it in ``x.dtype`` (each product rounded, then the sum
+  rounded), so the fused RoPE output is bit-identical to the model's own.
+* Hadamard: ``y = (r @ W) * scale``, fp32 accumulation, one rounding. For the Sylvester matrix
+  ``H_D = H_2 ⊗ H_{D/2}``: ``z_i = r_i @ H_{D/2}``, ``y = (z0 + z1 | z0 - z1)``; for an explicit
+  ``W`` (``D <= 128``) the four ``D/2``-square quarters of ``W`` stay in registers.
+
+Rows are ``(b, s, h)`` triples (consecutive heads of a token are adjacent in the usual
+``(B, S, H, D).transpose(1, 2)`` layout), read and written through strides, so neither input
+nor output needs to be contiguous; outputs keep the inputs' memory layout (``empty_like``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .launch import CachedLauncher
+from .triton_kernel import INTERPRET, _dot, _max_programs, _round_to, _w_tile, tl, triton
+
+#: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
+MAX_SYLVESTER_D = 256
+MAX_EXPLICIT_D = 128
+_INT32 = 2**31
+
+if triton is not None:
+
+    @triton.jit
+    def _to_dtype_f32(v, ref_ptr, EMULATE_RTNE: tl.constexpr):
+        """Round fp32 ``v`` to ``ref_ptr``'s element type and back (what a torch op in that
+        dtype stores); a no-op for fp32."""
+        if ref_ptr.dtype.element_ty == tl.float32:
+            return v
+        else:
+            return _round_to(v, ref_ptr, EMULATE_RTNE).to(tl.float32)
+
+    @triton.jit
+    def _qk_tile(
+        x_ptr, o_ptr, c_ptr, s_ptr, w00, w01, w10, w11, t, n_rows, H, S,
+        xb, xh, xs, ob, oh, os_, cb, cs, scale,
+        HALF: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
+        SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    ):
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, HALF)
+        ok = rows < n_rows
+        h = rows % H
+        bs = rows // H
+        s = bs % S
+        b = bs // S
+        mask = ok[:, None] & (rk < HALF)[None, :]
+        x_at = x_ptr + (b * xb + h * xh + s * xs)[:, None] + rk[None, :]
+        x0 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_at + HALF, mask=mask, other=0.0).to(tl.float32)
+        if ROPE:
+            c_off = (b * cb + s * cs)[:, None] + rk[None, :]
+            c0 = tl.load(c_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+            c1 = tl.load(c_ptr + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+            s0 = tl.load(s_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+            s1 = tl.load(s_ptr + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+            r0 = _to_dtype_f32(
+                _to_dtype_f32(x0 * c0, x_ptr, EMULATE_RTNE)
+                + _to_dtype_f32(-x1 * s0, x_ptr, EMULATE_RTNE),
+                x_ptr, EMULATE_RTNE,
+            )
+            r1 = _to_dtype_f32(
+                _to_dtype_f32(x1 * c1, x_ptr, EMULATE_RTNE)
+                + _to_dtype_f32(x0 * s1, x_ptr, EMULATE_RTNE),
+                x_ptr, EMULATE_RTNE,
+            )
+        else:
+            r0 = x0
+            r1 = x1
+        if not DOT_F32:
+            r0 = r0.to(x_ptr.dtype.element_ty)
+            r1 = r1.to(x_ptr.dtype.element_ty)
+        zero = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        if SYLVESTER:
+            z0 = _dot(r0, w00, zero, DOT_F32)
+            z1 = _dot(r1, w00, zero, DOT_F32)
+            y0 = (z0 + z1) * scale
+            y1 = (z0 - z1) * scale
+        else:
+            y0 = _dot(r1, w10, _dot(r0, w00, zero, DOT_F32), DOT_F32) * scale
+            y1 = _dot(r1, w11, _dot(r0, w01, zero, DOT_F32), DOT_F32) * scale
+        o_at = o_ptr + (b * ob + h * oh + s * os_)[:, None] + rk[None, :]
+        tl.store(o_at, _round_to(y0, o_ptr, EMULATE_RTNE), mask=mask)
+        tl.store(o_at + HALF, _round_to(y1, o_ptr, EMULATE_RTNE), mask=mask)
+
+    @triton.jit
+    def _qk_kernel(
+        q_ptr, k_ptr, qo_ptr, ko_ptr, c_ptr, s_ptr, w_ptr,
+        nq, nk, tq, n_tiles, Hq, Hk, S,
+        qb, qh, qs, kb, kh, ks, qob, qoh, qos, kob, koh, kos, cb, cs, scale,
+        D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+        ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
+        EMULATE_RTNE: tl.constexpr,
+    ):
+        """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid)."""
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        rk = tl.arange(0, HALF)
+        if SYLVESTER:
+            w00 = _w_tile(q_ptr, rk, rk, HALF, LOG2HALF, True, DOT_F32)
+            w01 = w00
+            w10 = w00
+            w11 = w00
+        else:
+            w00 = _w_tile(w_ptr, rk, rk, D, 0, False, DOT_F32)
+            w01 = _w_tile(w_ptr, rk, rk + HALF, D, 0, False, DOT_F32)
+            w10 = _w_tile(w_ptr, rk + HALF, rk, D, 0, False, DOT_F32)
+            w11 = _w_tile(w_ptr, rk + HALF, rk + HALF, D, 0, False, DOT_F32)
+        for t in range(pid, n_tiles, nprog):
+            if t < tq:
+                _qk_tile(
+                    q_ptr, qo_ptr, c_ptr, s_ptr, w00, w01, w10, w11, t, nq, Hq, S,
+                    qb, qh, qs, qob, qoh, qos, cb, cs, scale,
+                    HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
+                )
+            else:
+                _qk_tile(
+                    k_ptr, ko_ptr, c_ptr, s_ptr, w00, w01, w10, w11, t - tq, nk, Hk, S,
+                    kb, kh, ks, kob, koh, kos, cb, cs, scale,
+                    HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
+                )
+
+    _LAUNCHER = CachedLauncher(_qk_kernel)
+
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def qk_supported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    matrix: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> bool:
+    """Whether :func:`rotate_qk` takes these tensors (else the caller uses the general op).
+
+    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter),
+    same dtype, unit last stride, ``D`` a power of two in [32, 256] (explicit ``matrix``:
+    <= 128, square ``D``), every offset < 2**31. ``cos``/``sin`` (None: no RoPE): ``(B or 1,
+    S, D)``, q's dtype, identical strides, unit last stride.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.dtype is not k.dtype or q.dtype not in _SUPPORTED:
+        return False
+    b, _, s, d = q.shape
+    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d or d < 32 or d & (d - 1):
+        return False
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        return False
+    if not (q.is_cuda or INTERPRET) or k.device != q.device:
+        return False
+    if matrix is None:
+        if d > MAX_SYLVESTER_D:
+            return False
+    elif d > MAX_EXPLICIT_D or tuple(matrix.shape) != (d, d) or matrix.device != q.device:
+        return False
+    for t in (q, k):
+        if sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 >= _INT32:
+            return False
+    if cos is not None:
+        if sin is None or cos.dim() != 3 or cos.dtype is not q.dtype or sin.dtype is not q.dtype:
+            return False
+        if cos.shape[0] not in (1, b) or cos.shape[1] != s or cos.shape[2] != d:
+            return False
+        if sin.shape != cos.shape or sin.stride() != cos.stride() or cos.stride(-1) != 1:
+            return False
+        if sum((n - 1) * st for n, st in zip(cos.shape, cos.stride())) + 1 >= _INT32:
+            return False
+    return True
+
+
+@functools.cache
+def _block_m(d: int, rows: int) -> int:
+    """Rows per tile: 16 for decode-sized inputs; prefill tiles of 8192 / D rows (64 at 128)."""
+    if rows <= 256:
+        return 16
+    return max(16, min(128, 8192 // d))
+
+
+def rotate_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    matrix: torch.Tensor | None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rope(q) @ W * scale, rope(k) @ W * scale)`` in one launch (no RoPE if ``cos`` is None).
+
+    Arguments must satisfy :func:`qk_supported` (checked by the caller, not here: this is the
+    per-token hot path). ``matrix`` None: the Sylvester matrix. Returns new tensors with the
+    inputs' memory layouts.
+    """
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    qo = torch.empty_like(q)
+    ko = torch.empty_like(k)
+    nq = b * hq * s
+    nk = b * hk * s
+    if nq == 0:
+        return qo, ko
+    block_m = _block_m(d, max(nq, nk))
+    tq = -(-nq // block_m)
+    n_tiles = tq + -(-nk // block_m)
+    sylvester = matrix is None
+    w = q if sylvester else matrix
+    dtype = q.dtype
+    dot_f32 = dtype is torch.float32 or (not sylvester and w.dtype is not dtype) or (
+        INTERPRET and dtype is torch.bfloat16)
+    if not sylvester and not dot_f32 and w.dtype is not dtype:
+        w = w.to(dtype)
+    rope = cos is not None
+    if rope:
+        cb = cos.stride(0) if cos.shape[0] > 1 else 0
+        cs = cos.stride(1)
+        c, sn = cos, sin
+    else:
+        cb = cs = 0
+        c = sn = q
+    qst, kst, qost, kost = q.stride(), k.stride(), qo.stride(), ko.stride()
+    device = q.get_device() if q.is_cuda else -1
+    grid = min(n_tiles, _max_programs(q.device))
+    meta = {
+        "D": d, "HALF": d // 2, "LOG2HALF": (d // 2).bit_length() - 1, "BLOCK_M": block_m,
+        "ROPE": rope, "SYLVESTER": sylvester, "DOT_F32": dot_f32,
+        "EMULATE_RTNE": INTERPRET and dtype is torch.bfloat16,
+    }
+    key = (d, block_m, rope, sylvester, dot_f32, dtype, w.dtype)
+    scalars = (
+        nq, nk, tq, n_tiles, hq, hk, s,
+        qst[0], qst[1], qst[2], kst[0], kst[1], kst[2],
+        qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
+    )
+    tensors = (q, k, qo, ko, c, sn, w)
+    if INTERPRET:
+        _qk_kernel[(grid,)](*tensors, *scalars, **meta, num_warps=4)
+    elif device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _LAUNCHER.launch(grid, key, device, tensors, scalars, meta, 4)
+    else:
+        _LAUNCHER.launch(grid, key, device, tensors, scalars, meta, 4)
+    return qo, ko

@@ -1,0 +1,201 @@
+"""The fused path (hf_hadamard_kq/fused.py): Q and K rotated together at RoPE time.
+
+On the CPU the fused path runs the model's own RoPE and then one rotation per tensor (the
+one-launch Triton kernel is CUDA-only; its logic is tested under the interpreter in
+tests/test_triton_interpret.py and on the GPU in tests/test_gpu.py). What is tested here is
+the bookkeeping that decides, per call, who rotates: it must never rotate twice, never skip,
+and never touch a model that is not installed.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.models.llama import modeling_llama
+
+import hf_hadamard_kq
+from hf_hadamard_kq import fused as fused_mod
+from tests.oracles import load_unrotated, rotate64, with_cache
+
+ATOL = 1e-5
+
+
+def load_r3(path, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq", **kwargs)
+
+
+def ids(batch=2, seq=9, seed=0):
+    return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def attention_layers(model):
+    return [m for m in model.modules() if isinstance(m, modeling_llama.LlamaAttention)]
+
+
+def llama_forward_changing(change_key: bool, change_query: bool):
+    """A LlamaAttention.forward that replaces the key and/or query (same values, new tensor)
+    between RoPE and the cache / attention function: what an architecture that post-processes
+    RoPE output would do."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        if change_key:
+            k = k * 1.0
+        if change_query:
+            q = q * 1.0
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attend = modeling_llama.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
+
+    return forward
+
+
+def test_llama_layers_take_the_fused_path_and_unpatch(r3_hd16):
+    """The wrapper is shared by installed models (refcounted) and the module's original
+    function is restored when the last one is removed (or garbage-collected)."""
+    gc.collect()  # models left by earlier tests release their share
+
+    def users() -> int:
+        entry = fused_mod._PATCHED.get(modeling_llama.__name__)
+        return 0 if entry is None else entry[1]
+
+    current = modeling_llama.apply_rotary_pos_emb
+    original = getattr(current, fused_mod.ORIGINAL_ATTR, current)
+    start = users()
+    model = load_r3(r3_hd16)
+    assert all(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(model))
+    wrapper = modeling_llama.apply_rotary_pos_emb
+    assert getattr(wrapper, fused_mod.ORIGINAL_ATTR) is original
+    second = load_r3(r3_hd16)
+    assert users() == start + 2
+    hf_hadamard_kq.remove_r3(model, "sdpa")
+    assert users() == start + 1 and modeling_llama.apply_rotary_pos_emb is wrapper
+    assert not any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(model))
+    del second
+    gc.collect()  # a collected model releases its share too
+    assert users() <= start
+    if users() == 0:
+        assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_fused_and_general_paths_agree(r3_hd16, monkeypatch):
+    x = ids()
+    fused = load_r3(r3_hd16)
+    monkeypatch.setenv(fused_mod.DISABLE_ENV, "1")
+    general = load_r3(r3_hd16)
+    assert not any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(general))
+    plain = load_unrotated(r3_hd16)
+    caches = [DynamicCache(config=m.config) for m in (fused, general, plain)]
+    with torch.no_grad():
+        out = [m(x, **with_cache(m, c)).logits for m, c in zip((fused, general, plain), caches)]
+    assert (out[0] - out[1]).abs().max() == 0  # same arithmetic, same order
+    assert (out[0] - out[2]).abs().max() < ATOL
+    for a, b, p in zip(caches[0].layers, caches[1].layers, caches[2].layers):
+        assert torch.equal(a.keys, b.keys)
+        assert (a.keys - rotate64(p.keys, 16)).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("key,query", [(True, False), (False, True)], ids=["key", "query"])
+def test_change_after_rope_withdraws_fused_at_load(r3_hd16, monkeypatch, key, query):
+    """A layer that replaces K (or Q) after RoPE loses the fused path at load, and the general
+    path then rotates exactly what reaches the cache and the attention function."""
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
+                        llama_forward_changing(key, query))
+    model = load_r3(r3_hd16)
+    assert not any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(model))
+    x = ids()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        got = model(x, **with_cache(model, cache)).logits
+        plain_cache = DynamicCache(config=model.config)
+        plain = load_unrotated(r3_hd16)
+        want = plain(x, **with_cache(plain, plain_cache)).logits
+    assert (got - want).abs().max() < ATOL
+    for a, p in zip(cache.layers, plain_cache.layers):
+        assert (a.keys - rotate64(p.keys, 16)).abs().max() < ATOL
+
+
+def test_change_after_rope_at_run_time_raises(r3_hd16, monkeypatch):
+    model = load_r3(r3_hd16)  # fused at load
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
+                        llama_forward_changing(True, False))
+    with torch.no_grad(), pytest.raises(fused_mod.FusedRotationMismatchError,
+                                        match="changed the key"):
+        model(ids(), **with_cache(model, DynamicCache(config=model.config)))
+    fused_mod.reset()
+
+
+def test_stale_arm_never_rotates_another_model(r3_hd16):
+    """An armed state left behind (e.g. by an exception between our pre-hook and RoPE) must
+    not rotate another model's RoPE call: the wrapper checks its caller is the armed module."""
+    ours = load_r3(r3_hd16)
+    plain = load_unrotated(r3_hd16)
+    x = ids()
+    with torch.no_grad():
+        want = plain(x).logits
+        fused_mod.STATE.armed = attention_layers(ours)[0]
+        got = plain(x).logits
+    assert fused_mod.STATE.done is None
+    assert torch.equal(got, want)
+    fused_mod.reset()
+
+
+def test_state_is_per_thread(r3_hd16):
+    model = load_r3(r3_hd16)
+    layer = attention_layers(model)[0]
+    fused_mod.STATE.armed = layer
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(fused_mod.STATE.armed))
+    thread.start()
+    thread.join()
+    assert seen == [None]
+    fused_mod.reset()
+
+
+def test_qk_plans_that_cannot_fuse_use_the_general_path(r3_hd16):
+    """K-only (or Q-only) rotations, or a precision cast, cannot share one fused call."""
+    from hf_hadamard_kq.install import _install_fused
+    from hf_hadamard_kq.plan import LayerPlan, Rotation
+
+    def rotation(scale=0.25, cast=None):
+        return Rotation("R3", "k_cache", "hadamard", 16, scale, cast=cast)
+
+    module = attention_layers(load_unrotated(r3_hd16))[0]
+    patched: list[str] = []
+    rot = rotation()
+    assert not _install_fused(module, "l0", LayerPlan("l0", 16, q=None, k=rot), patched)
+    cast = rotation(cast=torch.float16)
+    assert not _install_fused(module, "l0", LayerPlan("l0", 16, q=cast, k=cast), patched)
+    other = rotation(scale=0.5)
+    assert not _install_fused(module, "l0", LayerPlan("l0", 16, q=rot, k=other), patched)
+    assert patched == [] and fused_mod.FUSED_ATTR not in module.__dict__
+
+
+def test_rope_recognition():
+    from transformers.models.cohere import modeling_cohere
+    from transformers.models.phi3 import modeling_phi3
+
+    assert fused_mod.is_standard_rope(fused_mod._standard_rope)
+    llama = getattr(modeling_llama.apply_rotary_pos_emb, fused_mod.ORIGINAL_ATTR,
+                    modeling_llama.apply_rotary_pos_emb)
+    assert fused_mod.is_standard_rope(llama)
+    assert not fused_mod.is_standard_rope(modeling_cohere.apply_rotary_pos_emb)  # interleaved
+    # Phi3's partial-rotary RoPE equals the standard one when cos covers the head; when it
+    # does not, qk_supported refuses RoPE fusion (tests/test_triton_interpret.py).
+    assert fused_mod.is_standard_rope(modeling_phi3.apply_rotary_pos_emb)
+    assert not fused_mod.signature_ok(lambda q, k, cos: None)
+    assert not fused_mod.signature_ok(lambda q, k, cos, sin, mrope_section: None)
+    assert fused_mod.signature_ok(lambda q, k, cos, sin, unsqueeze_dim=1: None)

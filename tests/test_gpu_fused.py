@@ -1,0 +1,183 @@
+"""GPU tests of the fast paths added for decode (marker ``gpu``): the one-launch fused Q/K
+kernel with RoPE (ops/qk_kernel.py), the cached direct launcher (ops/launch.py) and the
+fused path in a model (fused.py). References: torch's RoPE in the model dtype, then a
+float64 matmul with compressed-tensors' Sylvester matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from hf_hadamard_kq import fused as fused_mod
+from hf_hadamard_kq.ops import qk_kernel, triton_kernel
+from tests.conftest import FIXTURES
+from tests.oracles import load_unrotated, with_cache
+from tests.reference import ct_hadamard
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def torch_rope(x, cos, sin):
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+
+def rotate_ref(x, matrix, scale):
+    d = x.shape[-1]
+    w = ct_hadamard(d, x.device) if matrix is None else matrix.double()
+    return (x.double() @ w) * scale
+
+
+def assert_single_rounding(out, x_in, matrix, scale):
+    """max|out - ref64| <= 2 * max|round(fp32 product) - ref64| + tiny (one rounding)."""
+    ref = rotate_ref(x_in, matrix, scale)
+    d = x_in.shape[-1]
+    w32 = (ct_hadamard(d, x_in.device) if matrix is None else matrix.double()).float()
+    floor = ((x_in.float() @ w32) * scale).to(x_in.dtype).double()
+    bound = 2 * (floor - ref).abs().max().item()
+    if x_in.dtype == torch.float32:
+        bound += torch.finfo(torch.float32).eps * ref.abs().max().item()
+    else:
+        bound += torch.finfo(x_in.dtype).tiny
+    err = (out.double() - ref).abs().max().item()
+    assert err <= bound, (x_in.dtype, tuple(x_in.shape), err, bound)
+
+
+def inputs(dtype, d, b, s, hq=32, hk=8, offset=0, seed=0):
+    """Q/K as the projections' transposed views; ``offset`` shifts every tensor by that many
+    elements inside a larger buffer (misaligned pointers for the launcher's key)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+
+    def view(*shape):
+        n = 1
+        for v in shape:
+            n *= v
+        buf = torch.randn(n + offset, generator=g, device=DEV).to(dtype)
+        return buf[offset:].view(*shape)
+
+    q = view(b, s, hq, d).transpose(1, 2)
+    k = view(b, s, hk, d).transpose(1, 2)
+    angle = torch.rand(b, s, d // 2, generator=g, device=DEV) * 100
+    cos = torch.cat([angle.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([angle.sin()] * 2, -1).to(dtype)
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotate_qk_decode_and_prefill(dtype, d):
+    for b, s in ((1, 1), (4, 1), (64, 1), (1, 16), (2, 512)):
+        q, k, cos, sin = inputs(dtype, d, b, s, seed=b * s)
+        assert qk_kernel.qk_supported(q, k, None, cos, sin)
+        first = qk_kernel.rotate_qk(q, k, d**-0.5, None, cos, sin)
+        again = qk_kernel.rotate_qk(q, k, d**-0.5, None, cos, sin)  # cached direct launch
+        for x, out, out2 in ((q, *[p[0] for p in (first, again)]),
+                             (k, *[p[1] for p in (first, again)])):
+            assert torch.equal(out, out2)
+            assert_single_rounding(out, torch_rope(x, cos, sin), None, d**-0.5)
+        qo, ko = qk_kernel.rotate_qk(q, k, d**-0.5, None)  # no RoPE
+        assert_single_rounding(qo, q, None, d**-0.5)
+        assert_single_rounding(ko, k, None, d**-0.5)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotate_qk_rope_bit_exact_and_explicit(dtype, d):
+    q, k, cos, sin = inputs(dtype, d, 2, 33)
+    eye = torch.eye(d, device=DEV, dtype=dtype)
+    qo, ko = qk_kernel.rotate_qk(q, k, 1.0, eye, cos, sin)
+    assert torch.equal(qo, torch_rope(q, cos, sin)) and torch.equal(ko, torch_rope(k, cos, sin))
+    g = torch.Generator(device=DEV).manual_seed(d)
+    perm = torch.randperm(d, generator=g, device=DEV)
+    signs = torch.randint(0, 2, (d, 1), generator=g, device=DEV) * 2 - 1
+    w = (ct_hadamard(d, DEV)[perm] * signs).to(dtype)  # random-hadamard-like, exact in 16 bit
+    qo, ko = qk_kernel.rotate_qk(q, k, d**-0.5, w, cos, sin)
+    assert_single_rounding(qo, torch_rope(q, cos, sin), w, d**-0.5)
+    assert_single_rounding(ko, torch_rope(k, cos, sin), w, d**-0.5)
+
+
+def test_cached_launcher_respects_alignment():
+    """A kernel compiled for 16-byte aligned pointers must not be reused for misaligned ones
+    (and vice versa): run both orders, compare against the reference."""
+    for offsets in ((0, 1, 0, 3), (5, 0, 2, 0)):
+        for offset in offsets:
+            q, k, cos, sin = inputs(torch.bfloat16, 128, 1, 3, offset=offset, seed=offset)
+            qo, ko = qk_kernel.rotate_qk(q, k, 128**-0.5, None, cos, sin)
+            assert_single_rounding(qo, torch_rope(q, cos, sin), None, 128**-0.5)
+            assert_single_rounding(ko, torch_rope(k, cos, sin), None, 128**-0.5)
+            x = torch.randn(4 * 32 * 128 + offset, device=DEV).bfloat16()[offset:].view(4, 32, 128)
+            y = triton_kernel.hadamard_triton(x, 128**-0.5, None, 128)
+            assert_single_rounding(y, x, None, 128**-0.5)
+
+
+def test_rows_launcher_int_specialisation():
+    """Row counts / strides equal to 1 or multiples of 16 change triton's specialisation; the
+    cached launcher must key on them (mixed sizes after each other, compared each time)."""
+    for rows in (1, 16, 17, 32, 1, 33, 16):
+        x = torch.randn(rows, 3, 128, device=DEV).bfloat16().transpose(0, 1)  # strided rows
+        y = triton_kernel.hadamard_triton(x, 128**-0.5, None, 128)
+        assert_single_rounding(y, x, None, 128**-0.5)
+
+
+@pytest.mark.parametrize("fixture,block", [("llama_r3_hadamard_hd64", 64)])
+def test_model_fused_path_matches_general_and_reference(fixture, block, monkeypatch):
+    path = FIXTURES / fixture
+    kw = dict(dtype=torch.bfloat16, device_map=DEV)
+    calls = []
+    original = qk_kernel.rotate_qk
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("cos", args[4] if len(args) > 4 else None) is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(qk_kernel, "rotate_qk", spy)
+    fused = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq", **kw)
+    monkeypatch.setenv(fused_mod.DISABLE_ENV, "1")
+    general = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq", **kw)
+    plain = load_unrotated(path, **kw)
+    x = torch.randint(3, 256, (2, 12), device=DEV)
+    caches = [DynamicCache(config=m.config) for m in (fused, general, plain)]
+    calls.clear()
+    with torch.no_grad():
+        logits = [m(x, **with_cache(m, c)).logits.float()
+                  for m, c in zip((fused, general, plain), caches)]
+        step = x[:, -1:]
+        for m, c in zip((fused, general), caches):
+            m(step, **with_cache(m, c))
+    n_layers = fused.config.num_hidden_layers
+    assert calls == [True] * (2 * n_layers), calls  # one fused RoPE+rotation launch per layer
+    # same rotation, one rounding each: logits agree to bf16 noise, keys to 1 ulp
+    fp32 = load_unrotated(path, dtype=torch.float32, device_map=DEV)
+    with torch.no_grad():
+        exact = fp32(x).logits
+    floor = (logits[2] - exact).abs().max().item()
+    assert (logits[0] - exact).abs().max().item() <= 3 * floor + 1e-3
+    assert (logits[0] - logits[1]).abs().max().item() <= 3 * floor + 1e-3
+    for a, b, p in zip(caches[0].layers, caches[1].layers, caches[2].layers):
+        # the plain model's cached keys are the same bf16 RoPE output our kernel rotates, so
+        # ours must be their float64 rotation rounded once
+        assert_single_rounding(a.keys[..., :12, :], p.keys, None, block**-0.5)
+        assert a.keys.shape == b.keys.shape
+        diff = (a.keys.float() - b.keys.float()).abs()
+        ulp = torch.finfo(torch.bfloat16).eps * b.keys.float().abs().clamp_min(1e-3)
+        assert bool((diff <= ulp).all())
+
+
+def test_compiled_static_generate_with_fused_layers():
+    """torch.compile sees the general path (the fused wrapper steps aside while compiling):
+    a static-cache compiled generate gives the eager fused model's tokens (fp32)."""
+    path = FIXTURES / "llama_r3_hadamard_hd64"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq",
+                                                 device_map=DEV)
+    plain = load_unrotated(path, device_map=DEV)
+    x = torch.randint(3, 256, (2, 10), device=DEV)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eager = model.generate(x, **kw)
+    static = model.generate(x, cache_implementation="static", **kw)
+    assert torch.equal(eager, plain.generate(x, **kw))
+    assert torch.equal(static, eager)

@@ -5,41 +5,86 @@ alternates runs between the unrotated model (``attn_implementation="sdpa"``) and
 model with R3 applied online (``hf_hadamard_kq.apply_r3``: Q rotated in attention, K rotated
 before the cache), so both see the same GPU state. Reports tokens/s (batch * new tokens /
 wall time of ``generate`` with a fixed number of new tokens), prefill latency (one forward
-over the prompt), and the ratio hadamard_kq / sdpa. Modes: ``eager`` (DynamicCache) and
-``static`` (``cache_implementation="static"``; transformers compiles the decode step on CUDA).
+over the prompt), and the ratio hadamard_kq / sdpa. Modes: ``eager`` (DynamicCache),
+``static`` (``cache_implementation="static"``; transformers compiles the decode step on CUDA)
+and ``fp8kv`` (eager with hf_hadamard_kq.kv_quant's simulated fp8 KV cache, per-layer scales
+frozen at the prefill: it quantizes and dequantizes on write, so it measures the rotation's
+cost next to a quantized cache, not an fp8 memory saving).
 
 Usage (GPU machine): ``python benchmarks/bench_generate.py --out results/``
+
+Tensor parallel (``--tp N``, under ``torchrun --nproc-per-node N``)::
+
+    torchrun --nproc-per-node 2 benchmarks/bench_generate.py --tp 2 --out results/
+
+transformers applies ``tp_plan="auto"`` only in ``from_pretrained``, so rank 0 first writes a
+random-weight R3 checkpoint with the same shapes (``--ckpt``, default ``OUT/ckpt``; reused when
+present, the other ranks wait), every rank loads it with ``tp_plan="auto",
+attn_implementation="hadamard_kq"``, and the sdpa baseline is the same sharded model after
+``remove_r3`` (alternating as above). Every rank runs ``generate`` on the same prompt; rank 0
+reports (its wall time; the ranks run in lockstep through the all-reduces) and writes
+``bench_generate_tp{N}.json``. ``--device cpu --tiny`` runs the same code on CPU (gloo) with a
+tiny model, to check the script, not to measure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+    # before torch is imported: transformers picks the TP backend / device mesh from the
+    # current accelerator, so a CPU (gloo) run on a GPU machine must hide the GPUs
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llama_r3 import barrier, build_r3_checkpoint, init_distributed, llama_config
+
 import hf_hadamard_kq
+from hf_hadamard_kq.kv_quant import KVQuantSpec, make_cache
+
+#: ``--modes fp8kv``: eager generate with a simulated fp8 (e4m3) KV cache, one scale per layer
+#: for K and for V frozen at the prefill (like a static-scale fp8 cache); keys reach it rotated.
+FP8_KV = KVQuantSpec(fmt="fp8", key_granularity="tensor", value_granularity="tensor")
 
 
-def build_model(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(layers: int, device: str = "cuda", tiny: bool = False):
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-        num_key_value_heads=8, num_hidden_layers=layers, rope_theta=500000.0,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16,
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(llama_config(layers, tiny), dtype=torch.bfloat16,
                                               attn_implementation="sdpa")
     return model.eval()
+
+
+def load_tp_model(args, device: torch.device):
+    """The R3 checkpoint (built by rank 0 if absent) loaded with tp_plan="auto"."""
+    from transformers import AutoModelForCausalLM
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        build_r3_checkpoint(args.ckpt, llama_config(args.layers, args.tiny), torch.bfloat16,
+                            str(device))
+    barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # tp_plan= is "deprecated" (5.17-5.24)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.ckpt, tp_plan="auto", attn_implementation="hadamard_kq", dtype=torch.bfloat16)
+    return model.eval()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def set_rotation(model, on: bool) -> None:
@@ -56,21 +101,25 @@ def timed_generate(model, prompt, new_tokens: int, mode: str) -> float:
                   pad_token_id=0)
     if mode == "static":
         kwargs["cache_implementation"] = "static"
-    torch.cuda.synchronize()
+    elif mode == "fp8kv":
+        kwargs["past_key_values"] = make_cache(FP8_KV, model.config)
+    sync()
+    barrier()  # TP: all ranks start together
     start = time.perf_counter()
     out = model.generate(prompt, **kwargs)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return prompt.shape[0] * new_tokens / seconds
 
 
 def timed_prefill(model, prompt) -> float:
-    torch.cuda.synchronize()
+    sync()
+    barrier()
     start = time.perf_counter()
     with torch.no_grad():
         model(prompt, use_cache=False, logits_to_keep=1)
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) * 1e3
 
 
@@ -83,42 +132,74 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "static"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel size; run under torchrun --nproc-per-node TP")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="--tp: R3 checkpoint dir (default OUT/ckpt; built if absent)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny Llama (script check on CPU)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_generate.py needs a GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")
+    args.ckpt = args.ckpt or args.out / "ckpt"
+    rank, world, device = init_distributed(args.device)
+    if world != args.tp:
+        raise SystemExit(f"--tp {args.tp} needs torchrun --nproc-per-node {args.tp} "
+                         f"(WORLD_SIZE is {world})")
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers
 
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-               transformers=transformers.__version__, layers=args.layers,
-               prompt=args.prompt, new_tokens=args.new_tokens)
-    print(env, flush=True)
-    model = build_model(args.layers)
+    env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               tp=args.tp, torch=torch.__version__, transformers=transformers.__version__,
+               layers=args.layers, tiny=args.tiny, prompt=args.prompt,
+               new_tokens=args.new_tokens)
+    if rank == 0:
+        print(env, flush=True)
+    model = load_tp_model(args, device) if args.tp > 1 else build_model(
+        args.layers, args.device, args.tiny)
+    vocab = model.config.vocab_size
     results = []
     for mode in args.modes:
         for batch in args.batch:
-            prompt = torch.randint(3, 128000, (batch, args.prompt), device="cuda")
+            gen = torch.Generator().manual_seed(batch)  # the same prompt on every rank
+            prompt = torch.randint(3, min(128000, vocab - 1), (batch, args.prompt),
+                                   generator=gen).to(device)
             samples = {"sdpa": [], "hadamard_kq": []}
             prefill = {"sdpa": [], "hadamard_kq": []}
-            for label in ("sdpa", "hadamard_kq"):  # warm-up (and compile, in static mode)
-                set_rotation(model, label == "hadamard_kq")
-                timed_generate(model, prompt, 8, mode)
-                timed_prefill(model, prompt)
-            for _ in range(args.reps):
-                for label in ("sdpa", "hadamard_kq"):
-                    set_rotation(model, label == "hadamard_kq")
-                    samples[label].append(timed_generate(model, prompt, args.new_tokens, mode))
-                    prefill[label].append(timed_prefill(model, prompt))
             row = dict(mode=mode, batch=batch)
+            try:
+                for label in ("sdpa", "hadamard_kq"):  # warm-up (and compile, in static mode)
+                    set_rotation(model, label == "hadamard_kq")
+                    timed_generate(model, prompt, 8, mode)
+                    timed_prefill(model, prompt)
+                for _ in range(args.reps):
+                    for label in ("sdpa", "hadamard_kq"):
+                        set_rotation(model, label == "hadamard_kq")
+                        samples[label].append(timed_generate(model, prompt, args.new_tokens,
+                                                             mode))
+                        prefill[label].append(timed_prefill(model, prompt))
+            except Exception as e:  # e.g. a mode this transformers cannot run under TP
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                results.append(row)
+                if rank == 0:
+                    print(row, flush=True)
+                continue
             for label in samples:
                 row[f"{label}_tok_s"] = round(statistics.median(samples[label]), 2)
                 row[f"{label}_prefill_ms"] = round(statistics.median(prefill[label]), 2)
             row["ratio_tok_s"] = round(row["hadamard_kq_tok_s"] / row["sdpa_tok_s"], 4)
             row["ratio_prefill"] = round(row["sdpa_prefill_ms"] / row["hadamard_kq_prefill_ms"], 4)
             results.append(row)
-            print(row, flush=True)
-    (args.out / "bench_generate.json").write_text(
-        json.dumps({"env": env, "rows": results}, indent=1))
+            if rank == 0:
+                print(row, flush=True)
+    if rank == 0:
+        name = f"bench_generate_tp{args.tp}.json" if args.tp > 1 else "bench_generate.json"
+        (args.out / name).write_text(json.dumps({"env": env, "rows": results}, indent=1))
+    if world > 1:
+        import torch.distributed as dist
+
+        barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

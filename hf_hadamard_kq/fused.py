@@ -148,16 +148,15 @@ def _rotate_pair(q, k, cos, sin, original, standard, fused: FusedRotation, modul
         from .ops import qk_kernel
 
         if qk_kernel.triton is not None:
-            if standard and qk_kernel.qk_supported(q, k, matrix, cos, sin):
-                return qk_kernel.rotate_qk(q, k, fused.scale, matrix, cos, sin)
+            if standard:
+                pair = qk_kernel.try_rotate_qk(q, k, fused.scale, matrix, cos, sin)
+                if pair is not None:
+                    return pair
             q, k = original(q, k, cos, sin)
-            if (
-                type(q) is torch.Tensor
-                and type(k) is torch.Tensor
-                and q.shape[-1] == fused.block
-                and qk_kernel.qk_supported(q, k, matrix, None, None)
-            ):
-                return qk_kernel.rotate_qk(q, k, fused.scale, matrix)
+            if type(q) is torch.Tensor and type(k) is torch.Tensor and q.shape[-1] == fused.block:
+                pair = qk_kernel.try_rotate_qk(q, k, fused.scale, matrix)
+                if pair is not None:
+                    return pair
             return _rotate_each(q, k, fused, matrix)
     q, k = original(q, k, cos, sin)
     return _rotate_each(q, k, fused, matrix)

@@ -588,10 +588,12 @@ else:
     # The fused Q/K kernel (hf_hadamard_kq/ops/qk_kernel.py): RoPE + Hadamard, one launch.
 
     def torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Transformers' rotate-half RoPE, written out here (unsqueeze_dim=1), in x.dtype."""
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        """Rotate-half RoPE (unsqueeze_dim=1) in fp32, rounded once to x.dtype: the kernel's
+        documented RoPE (products of 16-bit values are exact in fp32)."""
+        c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+        xf = x.float()
         half = x.shape[-1] // 2
-        return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+        return (xf * c + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * s).to(x.dtype)
 
     def qk_inputs(dtype, d, b, s, layout, seed=0):
         """q (b, 4, s, d), k (b, 2, s, d) in a model's layouts; cos/sin (b or 1, s, d)."""
@@ -635,7 +637,7 @@ else:
     @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
     def test_qk_rope_is_bit_exact(dtype: torch.dtype, d: int) -> None:
         """With W = I and scale 1 the kernel's output is its RoPE alone: bit-identical to
-        torch's (each product and the sum rounded to x.dtype as torch does)."""
+        the fp32 RoPE rounded once (torch's eager RoPE in x.dtype rounds three times)."""
         from hf_hadamard_kq.ops import qk_kernel
 
         q, k, cos, sin = qk_inputs(dtype, d, 2, 9, "transposed", seed=d)
@@ -643,6 +645,14 @@ else:
         qo, ko = qk_kernel.rotate_qk(q, k, 1.0, eye, cos, sin)
         assert torch.equal(qo, torch_rope(q, cos, sin))
         assert torch.equal(ko, torch_rope(k, cos, sin))
+        # ...and at least as close to the exact (float64) RoPE as torch's eager RoPE in x.dtype
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = d // 2
+        eager = q * c + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * s
+        q64, c64, s64 = q.double(), c.double(), s.double()
+        exact = q64 * c64 + torch.cat((-q64[..., half:], q64[..., :half]), dim=-1) * s64
+        ours_err = (qo.double() - exact).abs()
+        assert bool((ours_err <= (eager.double() - exact).abs()).all())
 
     @pytest.mark.parametrize("wdtype", ["same", torch.float32], ids=ids)
     @pytest.mark.parametrize("d", [32, 64, 128])

@@ -10,8 +10,9 @@ Correctness rests on our key naming everything triton specialises on for these k
 the constexpr values and dtypes (``meta``, given by the caller), the device, the 16-byte
 alignment of every pointer argument, and for each int argument what triton derives from its
 value: equal to 1 (made a constant), divisible by 16 (an alignment hint) and whether it needs
-64 bits. (Kernels may also declare ints ``do_not_specialize``; the key is then merely finer
-than necessary.) These are triton's rules from 3.0 through 3.9 (checked against triton 3.9's
+64 bits — unless the kernel declares all its int arguments ``do_not_specialize`` and the
+caller guarantees they fit in int32 (``specialized_ints=False``: a smaller key per call).
+These are triton's rules from 3.0 through 3.9 (checked against triton 3.9's
 ``native_specialize_impl`` in tests/test_triton_interpret.py). Pointers are passed to the
 launcher as ints (``data_ptr()``), which its C code takes as the device address as-is.
 
@@ -33,17 +34,56 @@ except ImportError:  # pragma: no cover - triton absent or too old for knobs
     _knobs = None
 
 
+_RUNTIME = getattr(_knobs, "runtime", None)
+
+
+def _hook_set(hook: Any) -> bool:
+    """A launch hook is installed: not None, and (triton >= 3.7's ``HookChain``) not empty."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooks_active() -> bool:
-    runtime = getattr(_knobs, "runtime", None)
-    return runtime is not None and (
-        getattr(runtime, "launch_enter_hook", None) is not None
-        or getattr(runtime, "launch_exit_hook", None) is not None
+    return _RUNTIME is not None and (
+        _hook_set(_RUNTIME.launch_enter_hook) or _hook_set(_RUNTIME.launch_exit_hook)
     )
 
 
 def int_spec(v: int) -> int:
     """What triton's specialisation derives from an int argument, as a small code."""
     return (v == 1) | ((v % 16 == 0) << 1) | ((not -(2**31) <= v < 2**31) << 2)
+
+
+#: The parameters of triton 3.4-3.6's ``CudaLauncher.__call__``, whose body allocates the
+#: (here empty) scratch buffers and forwards to the C ``launch`` function.
+_PY_LAUNCHER_PARAMS = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
+
+
+def _direct(kernel: Any):
+    """The C launch function of ``kernel`` bound to its constants, when its Python launcher has
+    the known triton 3.4-3.6 form and no scratch memory to allocate (saves a few microseconds
+    of Python per launch); None otherwise (then ``kernel.run`` is called)."""
+    import inspect
+
+    run = kernel.run
+    launch = getattr(run, "launch", None)
+    try:
+        params = list(inspect.signature(type(run).__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+    if launch is None or params != _PY_LAUNCHER_PARAMS:
+        return None
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    coop, pdl = getattr(run, "launch_cooperative_grid", None), getattr(run, "launch_pdl", None)
+    if coop is None or pdl is None:
+        return None
+    function, packed = kernel.function, kernel.packed_metadata
+
+    def direct(grid: int, stream: int, *args: Any) -> None:
+        launch(grid, 1, 1, stream, function, coop, pdl, None, None, packed, None, None, None,
+               *args)
+
+    return direct
 
 
 class CachedLauncher:
@@ -57,8 +97,9 @@ class CachedLauncher:
     alignment.
     """
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, specialized_ints: bool = True) -> None:
         self.fn = fn
+        self.specialized_ints = specialized_ints
         self.cache: dict[tuple, tuple] = {}
         get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._stream = get_stream or (lambda idx: torch.cuda.current_stream(idx).cuda_stream)
@@ -74,15 +115,25 @@ class CachedLauncher:
         num_warps: int,
     ) -> None:
         ptrs = [t.data_ptr() for t in tensors]
-        full_key = (key, device, *[p & 15 == 0 for p in ptrs],
-                    *[int_spec(v) for v in scalars if type(v) is int])
+        merged = 0
+        for p in ptrs:
+            merged |= p
+        # all 16-byte aligned (the usual case) is one flag; otherwise one flag per pointer
+        align = True if not merged & 15 else tuple(p & 15 == 0 for p in ptrs)
+        if self.specialized_ints:
+            full_key = (key, device, align, tuple(int_spec(v) for v in scalars if type(v) is int))
+        else:
+            full_key = (key, device, align)
         entry = self.cache.get(full_key)
         if entry is None or _hooks_active():
             kernel = self.fn[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps)
             if entry is None and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
-                self.cache[full_key] = (kernel, tuple(meta.values()))
+                self.cache[full_key] = (_direct(kernel), kernel, tuple(meta.values()))
             return
-        kernel, meta_values = entry
+        direct, kernel, meta_values = entry
+        if direct is not None:
+            direct(grid, self._stream(device), *ptrs, *scalars, *meta_values)
+            return
         kernel.run(
             grid, 1, 1, self._stream(device), kernel.function, kernel.packed_metadata, None,
             None, None, *ptrs, *scalars, *meta_values,

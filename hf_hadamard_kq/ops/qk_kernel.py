@@ -9,8 +9,13 @@ that eager RoPE launches. See ``hf_hadamard_kq/fused.py`` for when this path is 
 Math, per row ``x`` (one head of one token, ``D`` values, halves ``x0 | x1``):
 
 * RoPE (``ROPE``): ``r = x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x1 | x0)``,
-  evaluated exactly as torch evaluates it in ``x.dtype`` (each product rounded, then the sum
-  rounded), so the fused RoPE output is bit-identical to the model's own.
+  in fp32 and rounded once to ``x.dtype`` (the tensor-core operand). Products of 16-bit values
+  are exact in fp32, so this is the exact RoPE rounded (at most) twice, fp32 then ``x.dtype``,
+  whatever FMA contraction the compiler applies. torch's eager RoPE rounds each product and
+  the sum to ``x.dtype``, so the two differ by one unit in the last place in some elements
+  (measured on an H100: about a quarter of them), ours being the more accurate.
+  (An earlier version emulated torch's three roundings; on the GPU the compiled kernel did not
+  reproduce them, so exactness with eager RoPE is not a property this kernel claims.)
 * Hadamard: ``y = (r @ W) * scale``, fp32 accumulation, one rounding. For the Sylvester matrix
   ``H_D = H_2 ⊗ H_{D/2}``: ``z_i = r_i @ H_{D/2}``, ``y = (z0 + z1 | z0 - z1)``; for an explicit
   ``W`` (``D <= 128``) the four ``D/2``-square quarters of ``W`` stay in registers.
@@ -23,6 +28,7 @@ nor output needs to be contiguous; outputs keep the inputs' memory layout (``emp
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -69,16 +75,12 @@ if triton is not None:
             c1 = tl.load(c_ptr + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
             s0 = tl.load(s_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
             s1 = tl.load(s_ptr + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
-            r0 = _to_dtype_f32(
-                _to_dtype_f32(x0 * c0, x_ptr, EMULATE_RTNE)
-                + _to_dtype_f32(-x1 * s0, x_ptr, EMULATE_RTNE),
-                x_ptr, EMULATE_RTNE,
-            )
-            r1 = _to_dtype_f32(
-                _to_dtype_f32(x1 * c1, x_ptr, EMULATE_RTNE)
-                + _to_dtype_f32(x0 * s1, x_ptr, EMULATE_RTNE),
-                x_ptr, EMULATE_RTNE,
-            )
+            r0 = x0 * c0 - x1 * s0
+            r1 = x1 * c1 + x0 * s1
+            # the dot operand is x.dtype: round here explicitly (the interpreter's bf16 case
+            # keeps fp32 operands, DOT_F32, and must still see the rounded RoPE)
+            r0 = _to_dtype_f32(r0, x_ptr, EMULATE_RTNE)
+            r1 = _to_dtype_f32(r1, x_ptr, EMULATE_RTNE)
         else:
             r0 = x0
             r1 = x1
@@ -98,7 +100,12 @@ if triton is not None:
         tl.store(o_at, _round_to(y0, o_ptr, EMULATE_RTNE), mask=mask)
         tl.store(o_at + HALF, _round_to(y1, o_ptr, EMULATE_RTNE), mask=mask)
 
-    @triton.jit
+    @triton.jit(
+        do_not_specialize=[
+            "nq", "nk", "tq", "n_tiles", "Hq", "Hk", "S", "qb", "qh", "qs", "kb", "kh", "ks",
+            "qob", "qoh", "qos", "kob", "koh", "kos", "cb", "cs",
+        ]
+    )
     def _qk_kernel(
         q_ptr, k_ptr, qo_ptr, ko_ptr, c_ptr, s_ptr, w_ptr,
         nq, nk, tq, n_tiles, Hq, Hk, S,
@@ -135,7 +142,9 @@ if triton is not None:
                     HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
                 )
 
-    _LAUNCHER = CachedLauncher(_qk_kernel)
+    # ints are not specialised (do_not_specialize, all < 2**31): only pointer alignment is
+    # keyed, which keeps the per-call key small (decode is host-bound)
+    _LAUNCHER = CachedLauncher(_qk_kernel, specialized_ints=False)
 
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -192,6 +201,119 @@ def _block_m(d: int, rows: int) -> int:
     return max(16, min(128, 8192 // d))
 
 
+class _Plan(NamedTuple):
+    grid: int
+    scalars: tuple
+    meta: dict
+    key: tuple
+    num_warps: int
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    nq, nk = b * hq * s, b * hk * s
+    block_m = _block_m(d, max(nq, nk))
+    tq = -(-nq // block_m)
+    n_tiles = tq + -(-nk // block_m)
+    sylvester = w is q
+    dtype = q.dtype
+    dot_f32 = dtype is torch.float32 or w.dtype is not dtype or (
+        INTERPRET and dtype is torch.bfloat16)
+    if cos is not None:
+        cb, cs = (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
+    else:
+        cb = cs = 0
+    qst, kst, qost, kost = q.stride(), k.stride(), qo.stride(), ko.stride()
+    meta = {
+        "D": d, "HALF": d // 2, "LOG2HALF": (d // 2).bit_length() - 1, "BLOCK_M": block_m,
+        "ROPE": cos is not None, "SYLVESTER": sylvester, "DOT_F32": dot_f32,
+        "EMULATE_RTNE": INTERPRET and dtype is torch.bfloat16,
+    }
+    scalars = (
+        nq, nk, tq, n_tiles, hq, hk, s,
+        qst[0], qst[1], qst[2], kst[0], kst[1], kst[2],
+        qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
+    )
+    key = (tuple(meta.values()), dtype, w.dtype)
+    return _Plan(min(n_tiles, _max_programs(q.device)), scalars, meta, key, 4)
+
+
+def _layout(q, k, matrix, cos, sin, scale) -> tuple:
+    """Everything :func:`qk_supported` and :func:`_make_plan` look at (outputs are
+    ``empty_like`` of the inputs, so their strides follow from these)."""
+    m = None if matrix is None else (matrix.shape, matrix.dtype, matrix.device)
+    c = None if cos is None else (cos.shape, cos.stride(), cos.dtype, sin.shape, sin.stride(),
+                                  sin.dtype)
+    return (q.shape, q.stride(), k.shape, k.stride(), q.dtype, k.dtype, q.device, k.device,
+            m, c, scale)
+
+
+def try_rotate_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    matrix: torch.Tensor | None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rope(q) @ W * scale, rope(k) @ W * scale)`` in one launch (no RoPE if ``cos`` is None),
+    or None when :func:`qk_supported` refuses these tensors (the caller then rotates them
+    another way). ``matrix`` None: the Sylvester matrix. Returns new tensors with the inputs'
+    memory layouts.
+
+    Host cost (this is the per-token hot path): the support check and the launch parameters
+    are computed once per layout (shapes, strides, dtypes, devices, scale) and cached; per
+    call there is one key, two allocations and the launch.
+    """
+    layout = _layout(q, k, matrix, cos, sin, scale)
+    plan = _PLANS.get(layout)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        if not qk_supported(q, k, matrix, cos, sin):
+            _PLANS[layout] = False
+            return None
+        plan = _PLANS[layout] = _make_plan(q, k, torch.empty_like(q), torch.empty_like(k), cos,
+                                           scale, _operand(q, matrix))
+    elif plan is False:
+        return None
+    qo = torch.empty_like(q)
+    ko = torch.empty_like(k)
+    if plan.grid == 0:  # no rows
+        return qo, ko
+    w = _operand(q, matrix)
+    if cos is not None:
+        tensors = (q, k, qo, ko, cos, sin, w)
+    else:
+        tensors = (q, k, qo, ko, q, q, w)
+    if INTERPRET:
+        _qk_kernel[(plan.grid,)](*tensors, *plan.scalars, **plan.meta, num_warps=plan.num_warps)
+        return qo, ko
+    device = q.get_device()
+    if device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
+                             plan.num_warps)
+    else:
+        _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
+                         plan.num_warps)
+    return qo, ko
+
+
+def _operand(q: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's W argument: q itself stands in for the generated Sylvester matrix."""
+    if matrix is None:
+        return q
+    if matrix.dtype is q.dtype or matrix.dtype is torch.float32:
+        return matrix
+    return matrix.to(torch.float32)
+
+
 def rotate_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,58 +322,11 @@ def rotate_qk(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rope(q) @ W * scale, rope(k) @ W * scale)`` in one launch (no RoPE if ``cos`` is None).
-
-    Arguments must satisfy :func:`qk_supported` (checked by the caller, not here: this is the
-    per-token hot path). ``matrix`` None: the Sylvester matrix. Returns new tensors with the
-    inputs' memory layouts.
-    """
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    qo = torch.empty_like(q)
-    ko = torch.empty_like(k)
-    nq = b * hq * s
-    nk = b * hk * s
-    if nq == 0:
-        return qo, ko
-    block_m = _block_m(d, max(nq, nk))
-    tq = -(-nq // block_m)
-    n_tiles = tq + -(-nk // block_m)
-    sylvester = matrix is None
-    w = q if sylvester else matrix
-    dtype = q.dtype
-    dot_f32 = dtype is torch.float32 or (not sylvester and w.dtype is not dtype) or (
-        INTERPRET and dtype is torch.bfloat16)
-    if not sylvester and not dot_f32 and w.dtype is not dtype:
-        w = w.to(dtype)
-    rope = cos is not None
-    if rope:
-        cb = cos.stride(0) if cos.shape[0] > 1 else 0
-        cs = cos.stride(1)
-        c, sn = cos, sin
-    else:
-        cb = cs = 0
-        c = sn = q
-    qst, kst, qost, kost = q.stride(), k.stride(), qo.stride(), ko.stride()
-    device = q.get_device() if q.is_cuda else -1
-    grid = min(n_tiles, _max_programs(q.device))
-    meta = {
-        "D": d, "HALF": d // 2, "LOG2HALF": (d // 2).bit_length() - 1, "BLOCK_M": block_m,
-        "ROPE": rope, "SYLVESTER": sylvester, "DOT_F32": dot_f32,
-        "EMULATE_RTNE": INTERPRET and dtype is torch.bfloat16,
-    }
-    key = (d, block_m, rope, sylvester, dot_f32, dtype, w.dtype)
-    scalars = (
-        nq, nk, tq, n_tiles, hq, hk, s,
-        qst[0], qst[1], qst[2], kst[0], kst[1], kst[2],
-        qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
-    )
-    tensors = (q, k, qo, ko, c, sn, w)
-    if INTERPRET:
-        _qk_kernel[(grid,)](*tensors, *scalars, **meta, num_warps=4)
-    elif device != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            _LAUNCHER.launch(grid, key, device, tensors, scalars, meta, 4)
-    else:
-        _LAUNCHER.launch(grid, key, device, tensors, scalars, meta, 4)
-    return qo, ko
+    """:func:`try_rotate_qk` for tensors that must qualify (raises ValueError otherwise)."""
+    out = try_rotate_qk(q, k, scale, matrix, cos, sin)
+    if out is None:
+        raise ValueError(
+            "rotate_qk: these tensors are not supported by the fused kernel (see qk_supported): "
+            f"q {tuple(q.shape)} {q.dtype} on {q.device}, k {tuple(k.shape)} {k.dtype}"
+        )
+    return out

@@ -7,7 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fused import FUSED_ATTR
 from .install import attention_modules, installed_plan
+
+#: ``rotation_table`` "path" values.
+FUSED_PATH = "fused at RoPE (q and k in one call; general path where a call does not qualify)"
+GENERAL_PATH = "general (K in cache.update, Q in the attention function)"
 
 
 def _compute(rotation, module: nn.Module) -> str:
@@ -21,12 +26,16 @@ def _compute(rotation, module: nn.Module) -> str:
 
 
 def rotation_table(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per attention module: which of q / k it rotates, the type, block and matrix."""
+    """One row per attention module: which of q / k it rotates, the type, block and matrix,
+    and (rotated layers) which path rotates them (``FUSED_PATH`` / ``GENERAL_PATH``; see
+    fused.py: the fused path still falls back per call, e.g. under torch.compile)."""
     plan = installed_plan(model)
     rows = []
     for name, module in attention_modules(model).items():
         layer = plan.layers.get(name) if plan is not None else None
         row: dict[str, Any] = {"module": name, "class": type(module).__name__}
+        if layer is not None:
+            row["path"] = FUSED_PATH if FUSED_ATTR in module.__dict__ else GENERAL_PATH
         for slot in ("q", "k"):
             rot = getattr(layer, slot) if layer is not None else None
             row[slot] = None if rot is None else {
@@ -56,5 +65,7 @@ def describe(model: nn.Module) -> str:
             r = row[slot]
             parts.append(f"{label}: " + ("-" if r is None else f"{r['type']} b={r['block']} "
                                           f"[{r['matrix']}]"))
+        if "path" in row:
+            parts.append("fused" if row["path"] == FUSED_PATH else "general")
         lines.append(f"  {row['module']:<32} " + " | ".join(parts))
     return "\n".join(lines)

@@ -382,6 +382,7 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
     try:
         device = _input_device(model)
         input_ids = torch.tensor([[0, 1]], device=device)
+        fused_seen: set[str] = set()
         with torch.no_grad():
             for use_cache in (True, False):
                 recorder.events.clear()
@@ -396,6 +397,7 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
                     withdrawn.extend(changed)
                     return withdrawn
                 _check_events(recorder.events, plan, modules, use_cache)
+                fused_seen.update(n for e, n in recorder.events if e == "rope")
                 if recorder.unapplied:
                     name, cls, inner, bad = recorder.unapplied[0]
                     raise HadamardKQConfigError(
@@ -405,6 +407,11 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
                         "attn_implementation='hadamard_kq_eager' (the model's own eager "
                         "attention) or 'hadamard_kq_flex'."
                     )
+        # layers whose RoPE call never qualified (no RoPE call, partial rotary, ...) take the
+        # general path on every call: drop the fused marker (no arming, honest describe())
+        for name, module in modules.items():
+            if name not in fused_seen:
+                module.__dict__.pop(fused_mod.FUSED_ATTR, None)
     finally:
         attn_mod.PROBE = None
         cache_mod.PROBE = None

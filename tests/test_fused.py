@@ -199,3 +199,16 @@ def test_rope_recognition():
     assert not fused_mod.signature_ok(lambda q, k, cos: None)
     assert not fused_mod.signature_ok(lambda q, k, cos, sin, mrope_section: None)
     assert fused_mod.signature_ok(lambda q, k, cos, sin, unsqueeze_dim=1: None)
+
+
+def test_layers_whose_rope_never_qualifies_take_the_general_path():
+    """StableLM applies RoPE to a slice of each head (partial rotary): the wrapper cannot
+    rotate there, the probe sees no fused call and drops the marker; describe() says so."""
+    from hf_hadamard_kq.inspect_model import FUSED_PATH, GENERAL_PATH
+    from tests.tiny_models import rotated
+
+    partial = rotated("stablelm")
+    assert {r["path"] for r in hf_hadamard_kq.rotation_table(partial)} == {GENERAL_PATH}
+    full = rotated("llama")
+    assert {r["path"] for r in hf_hadamard_kq.rotation_table(full)} == {FUSED_PATH}
+    assert "| fused" in hf_hadamard_kq.describe(full)

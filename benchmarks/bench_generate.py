@@ -204,3 +204,8 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # see tp_check.py: skip the interpreter teardown that occasionally aborts with gloo
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -328,4 +328,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip interpreter teardown: with gloo, a C++ destructor at exit occasionally aborts the
+    # process ("terminate called without an active exception", seen once in ~10 CPU runs)
+    # after every check has passed and the process group was destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -10,7 +10,11 @@ per-call view whose ``update`` rotates only the new keys and forwards everything
 real cache. This composes with any cache class (dynamic, static, quantized, sliding, offloaded)
 because the real cache still does all the storing. With ``use_cache=False`` (no cache) the
 view stores nothing and only rotates, so the attention code's ``if cache is not None`` branch
-is what delivers rotated keys in both cases: keys are rotated exactly once, in one place.
+is what delivers rotated keys in both cases.
+
+Where the layer's RoPE call already rotated q and k (the fused path, fused.py), ``update``
+receives exactly the tensor the RoPE wrapper returned and stores it as it is; any other key is
+rotated here. Either way each key is rotated exactly once.
 """
 
 from __future__ import annotations
@@ -157,7 +161,7 @@ def make_key_pre_hook(
         if fused and not torch.compiler.is_compiling():
             state = fused_mod.STATE
             state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
-            state.done = None
+            state.done = state.q_out = state.k_out = None
         for name in CACHE_KWARGS:
             if name in kwargs:
                 kwargs[name] = view_of(kwargs[name], module)

@@ -23,9 +23,12 @@ calls the original unchanged unless an installed layer is mid-forward). Per call
 Anything else falls back to the general path in the same call: no armed module (the layer
 never called the wrapper, e.g. NoPE layers), extra arguments (mrope), a head dim other than
 the rotation block (partial rotary), torch.compile, autograd, tensor subclasses (DTensor).
-If a tensor was *changed* between RoPE and the cache / attention (the identity check fails),
+If a tensor was *replaced* between RoPE and the cache / attention (the identity check fails),
 rotation already happened and cannot be redone: the install probe finds such layers and turns
-the fused path off for them; at run time it is an error, never a silent wrong rotation.
+the fused path off for them; at run time it is an error, never a silent wrong rotation. (The
+check is by identity: an *in-place* edit of q or k after RoPE would go unnoticed and be applied
+after the rotation. No transformers 5.17-5.24 model edits them in place; a future one that did
+would need ``HF_HADAMARD_KQ_NO_FUSED=1``.)
 
 State is thread-local, so models running in different threads do not see each other's calls.
 """
@@ -197,8 +200,9 @@ def _make_wrapper(original: Callable, standard: bool) -> Callable:
             return original(q, k, cos, sin)
         state.done = module
         state.q_out, state.k_out = pair
-        if PROBE is not None:
-            PROBE.events.append(("rope", fused.name))
+        probe = PROBE
+        if probe is not None:  # keyed by id: other threads' models stay unnamed (ignored)
+            probe.events.append(("rope", probe.names.get(id(module))))
         return pair
 
     apply_rotary_pos_emb.__doc__ = original.__doc__
@@ -256,8 +260,9 @@ def mismatch(module: Any, what: str) -> None:
     fused = module.__dict__.get(FUSED_ATTR)
     name = getattr(fused, "name", type(module).__name__)
     reset()
-    if PROBE is not None:
-        PROBE.events.append((f"{what}_changed", name))
+    probe = PROBE
+    if probe is not None and id(module) in probe.names:  # a layer of the model being probed
+        probe.events.append((f"{what}_changed", probe.names[id(module)]))
         return
     raise FusedRotationMismatchError(
         f"hf_hadamard_kq: layer '{name}' ({type(module).__name__}) changed the {what} between "

@@ -265,9 +265,13 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
     model.__dict__[MODEL_HOOKS_ATTR] = hooks
     if probe and os.environ.get(SKIP_PROBE_ENV) != "1":
         try:
-            withdrawn = probe_pattern(model, plan)
-            if withdrawn:  # those layers now take the general path: check the model again
-                probe_pattern(model, plan)
+            # a probe that withdraws layers from the fused path stops there; those layers
+            # now take the general path, so probe again until a whole probe withdraws nothing
+            for _ in range(len(plan.layers) + 1):
+                if not probe_pattern(model, plan):
+                    break
+            else:  # pragma: no cover - each round withdraws at least one layer
+                raise HadamardKQConfigError("hf_hadamard_kq: the load probe did not settle")
         except Exception:
             remove_plan(model)
             raise

@@ -19,6 +19,7 @@ from transformers.models.llama import modeling_llama
 
 import hf_hadamard_kq
 from hf_hadamard_kq import fused as fused_mod
+from hf_hadamard_kq.cache import RotateOnlyCache
 from tests.oracles import load_unrotated, rotate64, with_cache
 
 ATOL = 1e-5
@@ -36,21 +37,25 @@ def attention_layers(model):
     return [m for m in model.modules() if isinstance(m, modeling_llama.LlamaAttention)]
 
 
-def llama_forward_changing(change_key: bool, change_query: bool):
+def llama_forward_changing(change_key, change_query):
     """A LlamaAttention.forward that replaces the key and/or query (same values, new tensor)
     between RoPE and the cache / attention function: what an architecture that post-processes
-    RoPE output would do."""
+    RoPE output would do. ``change_key`` may be a function ``(layer_idx, has_cache) -> bool``."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        # without a cache our pre-hook passes a RotateOnlyCache (rotates, stores nothing)
+        has_cache = cache is not None and not isinstance(cache, RotateOnlyCache)
+        key_changes = change_key(self.layer_idx, has_cache) if callable(
+            change_key) else change_key
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
-        if change_key:
+        if key_changes:
             k = k * 1.0
         if change_query:
             q = q * 1.0
@@ -212,3 +217,70 @@ def test_layers_whose_rope_never_qualifies_take_the_general_path():
     full = rotated("llama")
     assert {r["path"] for r in hf_hadamard_kq.rotation_table(full)} == {FUSED_PATH}
     assert "| fused" in hf_hadamard_kq.describe(full)
+
+
+def test_probe_repeats_until_no_layer_is_withdrawn(r3_hd16, monkeypatch):
+    """Layer 0 changes K after RoPE with a cache, layer 1 only without one: the first probe
+    withdraws layer 0 (cache pass), the second layer 1 (no-cache pass), the third passes."""
+    from hf_hadamard_kq import install
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", llama_forward_changing(
+        lambda layer, has_cache: has_cache if layer == 0 else not has_cache, False))
+    rounds = []
+    probe = install.probe_pattern
+
+    def counting_probe(*args):
+        rounds.append(probe(*args))
+        return rounds[-1]
+
+    monkeypatch.setattr(install, "probe_pattern", counting_probe)
+    model = load_r3(r3_hd16)
+    # each round's withdrawals, the last one complete (both passes checked, none withdrawn)
+    assert rounds == [["model.layers.0.self_attn"], ["model.layers.1.self_attn"], []]
+    assert not any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(model))
+    x = ids()
+    with torch.no_grad():
+        got = model(x, use_cache=False).logits
+        want = load_unrotated(r3_hd16)(x, use_cache=False).logits
+    assert (got - want).abs().max() < ATOL
+
+
+def test_loading_while_another_thread_serves(r3_hd16):
+    """The load probe records events globally; a model of the same class running in another
+    thread meanwhile must neither fail the load nor be treated as the probed model."""
+    serving = load_r3(r3_hd16)
+    x = ids(batch=1, seq=4)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    serving(x, **with_cache(serving, DynamicCache(config=serving.config)))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        for _ in range(5):
+            load_r3(r3_hd16)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+
+
+def test_mismatch_of_a_model_not_being_probed_raises(r3_hd16):
+    """During another model's probe, a real mismatch elsewhere is still an error."""
+    from hf_hadamard_kq.install import _Recorder
+
+    model = load_r3(r3_hd16)
+    layer = attention_layers(model)[0]
+    fused_mod.PROBE = _Recorder({})  # probing some other model
+    try:
+        with pytest.raises(fused_mod.FusedRotationMismatchError):
+            fused_mod.mismatch(layer, "key")
+    finally:
+        fused_mod.PROBE = None

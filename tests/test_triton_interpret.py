@@ -684,3 +684,13 @@ else:
         assert not qk_kernel.qk_supported(q, k, big, None, None)  # matrix size != d
         q2, k2, _, _ = qk_inputs(torch.bfloat16, 256, 1, 1, "contiguous")
         assert not qk_kernel.qk_supported(q2, k2, torch.eye(256), None, None)  # explicit > 128
+        w = torch.randn(64, 64).to(torch.bfloat16)
+        assert qk_kernel.qk_supported(q, k, w, cos, sin)
+        assert not qk_kernel.qk_supported(q, k, w.t(), cos, sin)  # the kernel reads W row-major
+        assert qk_kernel.qk_supported(q, k, w.t().contiguous(), cos, sin)
+        assert not qk_kernel.qk_supported(q, k, None, cos.to("meta"), sin.to("meta"))  # device
+        wide = q[:, :1].expand(-1, 4, -1, -1)  # stride-0 heads: overlapping input
+        assert not qk_kernel.qk_supported(wide, k, None, None, None)
+        assert qk_kernel.try_rotate_qk(q, k, 0.125, w.t(), cos, sin) is None
+        with pytest.raises(ValueError, match="not supported by the fused kernel"):
+            qk_kernel.rotate_qk(q, k, 0.125, w.t(), cos, sin)

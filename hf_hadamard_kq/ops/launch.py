@@ -12,12 +12,16 @@ alignment of every pointer argument, and for each int argument what triton deriv
 value: equal to 1 (made a constant), divisible by 16 (an alignment hint) and whether it needs
 64 bits — unless the kernel declares all its int arguments ``do_not_specialize`` and the
 caller guarantees they fit in int32 (``specialized_ints=False``: a smaller key per call).
-These are triton's rules from 3.0 through 3.9 (checked against triton 3.9's
-``native_specialize_impl`` in tests/test_triton_interpret.py). Pointers are passed to the
-launcher as ints (``data_ptr()``), which its C code takes as the device address as-is.
+These are triton's rules in the versions we support, 3.3 through 3.9 (checked against triton
+3.9's ``native_specialize_impl`` in tests/test_triton_interpret.py); in those versions
+``CompiledKernel.run`` takes every argument, constexprs included, in signature order.
+Pointers are passed to the launcher as ints (``data_ptr()``), which its C code takes as the
+device address as-is.
 
 When a launch hook is installed (profilers such as proton set one) the normal triton path is
-used, so hooks see every launch.
+used, so hooks see every launch. On ROCm the normal path is always used (see ``_PLAIN``).
+Other runtime knobs changed after a kernel was cached (``knobs.runtime.debug``,
+instrumentation) do not recompile it.
 """
 
 from __future__ import annotations
@@ -27,14 +31,22 @@ from typing import Any
 import torch
 
 try:
-    import triton
     from triton import knobs as _knobs
-except ImportError:  # pragma: no cover - triton absent or too old for knobs
-    triton = None
+except ImportError:  # pragma: no cover - triton absent, or 3.3 (hooks on CompiledKernel)
     _knobs = None
 
-
+#: Where triton keeps its launch hooks: ``knobs.runtime`` (3.4+) or, in 3.3, the
+#: ``CompiledKernel`` class itself.
 _RUNTIME = getattr(_knobs, "runtime", None)
+if _RUNTIME is None:  # pragma: no cover - triton 3.3
+    try:
+        from triton.compiler.compiler import CompiledKernel as _RUNTIME
+    except ImportError:
+        _RUNTIME = None
+
+#: ROCm: triton's HIP backend also specialises tensor arguments on their storage size
+#: (buffer ops for storages <= 2 GiB), which this cache does not key on: launch normally.
+_PLAIN = torch.version.hip is not None
 
 
 def _hook_set(hook: Any) -> bool:
@@ -44,7 +56,8 @@ def _hook_set(hook: Any) -> bool:
 
 def _hooks_active() -> bool:
     return _RUNTIME is not None and (
-        _hook_set(_RUNTIME.launch_enter_hook) or _hook_set(_RUNTIME.launch_exit_hook)
+        _hook_set(getattr(_RUNTIME, "launch_enter_hook", None))
+        or _hook_set(getattr(_RUNTIME, "launch_exit_hook", None))
     )
 
 
@@ -53,14 +66,14 @@ def int_spec(v: int) -> int:
     return (v == 1) | ((v % 16 == 0) << 1) | ((not -(2**31) <= v < 2**31) << 2)
 
 
-#: The parameters of triton 3.4-3.6's ``CudaLauncher.__call__``, whose body allocates the
+#: The parameters of triton 3.5-3.6's ``CudaLauncher.__call__``, whose body allocates the
 #: (here empty) scratch buffers and forwards to the C ``launch`` function.
 _PY_LAUNCHER_PARAMS = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
 
 
 def _direct(kernel: Any):
     """The C launch function of ``kernel`` bound to its constants, when its Python launcher has
-    the known triton 3.4-3.6 form and no scratch memory to allocate (saves a few microseconds
+    the known triton 3.5-3.6 form and no scratch memory to allocate (saves a few microseconds
     of Python per launch); None otherwise (then ``kernel.run`` is called)."""
     import inspect
 
@@ -124,10 +137,11 @@ class CachedLauncher:
             full_key = (key, device, align, tuple(int_spec(v) for v in scalars if type(v) is int))
         else:
             full_key = (key, device, align)
-        entry = self.cache.get(full_key)
+        entry = None if _PLAIN else self.cache.get(full_key)
         if entry is None or _hooks_active():
             kernel = self.fn[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps)
-            if entry is None and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
+            if (entry is None and not _PLAIN and hasattr(kernel, "run")
+                    and hasattr(kernel, "packed_metadata")):
                 self.cache[full_key] = (_direct(kernel), kernel, tuple(meta.values()))
             return
         direct, kernel, meta_values = entry

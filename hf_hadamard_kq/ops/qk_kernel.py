@@ -162,7 +162,7 @@ def qk_supported(
     ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter),
     same dtype, unit last stride, ``D`` a power of two in [32, 256] (explicit ``matrix``:
     <= 128, square ``D``), every offset < 2**31. ``cos``/``sin`` (None: no RoPE): ``(B or 1,
-    S, D)``, q's dtype, identical strides, unit last stride.
+    S, D)``, q's dtype and device, identical strides, unit last stride. ``matrix``: contiguous.
     """
     if q.dim() != 4 or k.dim() != 4 or q.dtype is not k.dtype or q.dtype not in _SUPPORTED:
         return False
@@ -176,13 +176,23 @@ def qk_supported(
     if matrix is None:
         if d > MAX_SYLVESTER_D:
             return False
-    elif d > MAX_EXPLICIT_D or tuple(matrix.shape) != (d, d) or matrix.device != q.device:
+    elif (
+        d > MAX_EXPLICIT_D
+        or tuple(matrix.shape) != (d, d)
+        or matrix.device != q.device
+        or not matrix.is_contiguous()  # the kernel reads W[i, j] at i * d + j
+    ):
         return False
     for t in (q, k):
+        # no broadcast (stride-0) dims: an overlapping input could have a larger output
+        if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+            return False
         if sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 >= _INT32:
             return False
     if cos is not None:
         if sin is None or cos.dim() != 3 or cos.dtype is not q.dtype or sin.dtype is not q.dtype:
+            return False
+        if cos.device != q.device or sin.device != q.device:
             return False
         if cos.shape[0] not in (1, b) or cos.shape[1] != s or cos.shape[2] != d:
             return False
@@ -246,9 +256,11 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
 def _layout(q, k, matrix, cos, sin, scale) -> tuple:
     """Everything :func:`qk_supported` and :func:`_make_plan` look at (outputs are
     ``empty_like`` of the inputs, so their strides follow from these)."""
-    m = None if matrix is None else (matrix.shape, matrix.dtype, matrix.device)
-    c = None if cos is None else (cos.shape, cos.stride(), cos.dtype, sin.shape, sin.stride(),
-                                  sin.dtype)
+    m = None if matrix is None else (matrix.shape, matrix.stride(), matrix.dtype, matrix.device)
+    c = None if cos is None else (
+        cos.shape, cos.stride(), cos.dtype, cos.device,
+        None if sin is None else (sin.shape, sin.stride(), sin.dtype, sin.device),
+    )
     return (q.shape, q.stride(), k.shape, k.stride(), q.dtype, k.dtype, q.device, k.device,
             m, c, scale)
 

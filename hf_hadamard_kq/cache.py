@@ -81,7 +81,10 @@ def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
 class RotatingCacheView:
     """Stands in for the real cache during one attention call; rotates keys on update."""
 
-    __slots__ = ("__weakref__", "_hkq_cache", "_hkq_owner", "_hkq_rotation")
+    # "__dict__": dynamo, resuming after a graph break inside the attention module, guards on
+    # the cache argument's __dict__ (without one, compile failed: "getattr failed on source
+    # kwargs['cache'].__dict__"); the attributes themselves stay slots.
+    __slots__ = ("__dict__", "__weakref__", "_hkq_cache", "_hkq_owner", "_hkq_rotation")
 
     def __init__(self, cache: Any, rotation: Rotation, owner: Any) -> None:
         self._hkq_cache = cache
@@ -106,7 +109,7 @@ class RotatingCacheView:
 class RotateOnlyCache:
     """Used when the model runs without a cache: ``update`` rotates keys and stores nothing."""
 
-    __slots__ = ("__weakref__", "_hkq_owner", "_hkq_rotation")
+    __slots__ = ("__dict__", "__weakref__", "_hkq_owner", "_hkq_rotation")
 
     def __init__(self, rotation: Rotation, owner: Any) -> None:
         self._hkq_rotation = rotation

@@ -64,6 +64,34 @@ def test_generate_with_compiled_forward():
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), want)
 
 
+def test_compile_with_a_graph_break_inside_attention():
+    """torch.compile without fullgraph, with a graph break inside every attention module (here
+    a user pre-hook): dynamo resumes mid-module and must guard on our per-call cache view
+    (it reads its ``__dict__``). Same logits as the plain model, keys rotated once."""
+    from tests.oracles import rotate64
+
+    plain = tm.base_model("llama")
+    ours = tm.rotated("llama")
+
+    def graph_break(module, args, kwargs):
+        torch._dynamo.graph_break()
+
+    for layer in ours.model.layers:
+        layer.self_attn.register_forward_pre_hook(graph_break, with_kwargs=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours)
+    ids, mask = tm.prompt()
+    from transformers import DynamicCache
+
+    c_plain, c_ours = DynamicCache(config=plain.config), DynamicCache(config=ours.config)
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask, **tm.with_cache(plain, c_plain)).logits
+        got = compiled(ids, attention_mask=mask, **tm.with_cache(ours, c_ours)).logits
+    assert tm.max_diff(got, want) < 1e-5
+    for k_ours, k_plain in zip(tm.cache_keys(c_ours), tm.cache_keys(c_plain)):
+        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
 def test_generate_cuda_graphs_reduce_overhead(name):

@@ -27,8 +27,9 @@ If a tensor was *replaced* between RoPE and the cache / attention (the identity 
 rotation already happened and cannot be redone: the install probe finds such layers and turns
 the fused path off for them; at run time it is an error, never a silent wrong rotation. (The
 check is by identity: an *in-place* edit of q or k after RoPE would go unnoticed and be applied
-after the rotation. No transformers 5.17-5.24 model edits them in place; a future one that did
-would need ``HF_HADAMARD_KQ_NO_FUSED=1``.)
+after the rotation. In transformers 5.17 and 5.24 the only in-place edits of query/key states
+are OLMo/OLMoE's ``clip_qkv`` clamps, before RoPE (checked by grep); a future model that edited
+them after RoPE would need ``HF_HADAMARD_KQ_NO_FUSED=1``.)
 
 State is thread-local, so models running in different threads do not see each other's calls.
 """

@@ -32,8 +32,16 @@ from typing import NamedTuple
 
 import torch
 
-from .launch import CachedLauncher
-from .triton_kernel import INTERPRET, _dot, _max_programs, _round_to, _w_tile, tl, triton
+from .triton_kernel import (
+    INTERPRET,
+    _cached_launcher,
+    _dot,
+    _max_programs,
+    _round_to,
+    _w_tile,
+    tl,
+    triton,
+)
 
 #: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
@@ -144,7 +152,7 @@ if triton is not None:
 
     # ints are not specialised (do_not_specialize, all < 2**31): only pointer alignment is
     # keyed, which keeps the per-call key small (decode is host-bound)
-    _LAUNCHER = CachedLauncher(_qk_kernel, specialized_ints=False)
+    _LAUNCHER = _cached_launcher(_qk_kernel, specialized_ints=False)
 
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -265,6 +273,14 @@ def _layout(q, k, matrix, cos, sin, scale) -> tuple:
             m, c, scale)
 
 
+def _remember(layout: tuple, plan):
+    """Cache a plan (or False: unsupported) for a layout; the cache is bounded."""
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[layout] = plan
+    return plan
+
+
 def try_rotate_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -284,26 +300,23 @@ def try_rotate_qk(
     """
     layout = _layout(q, k, matrix, cos, sin, scale)
     plan = _PLANS.get(layout)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        if not qk_supported(q, k, matrix, cos, sin):
-            _PLANS[layout] = False
-            return None
-        plan = _PLANS[layout] = _make_plan(q, k, torch.empty_like(q), torch.empty_like(k), cos,
-                                           scale, _operand(q, matrix))
-    elif plan is False:
+    if plan is False:
+        return None
+    if plan is None and not qk_supported(q, k, matrix, cos, sin):
+        _remember(layout, False)
         return None
     qo = torch.empty_like(q)
     ko = torch.empty_like(k)
+    w = _operand(q, matrix)
+    if plan is None:
+        plan = _remember(layout, _make_plan(q, k, qo, ko, cos, scale, w))
     if plan.grid == 0:  # no rows
         return qo, ko
-    w = _operand(q, matrix)
     if cos is not None:
         tensors = (q, k, qo, ko, cos, sin, w)
     else:
         tensors = (q, k, qo, ko, q, q, w)
-    if INTERPRET:
+    if _LAUNCHER is None:  # interpreter: the plain triton call
         _qk_kernel[(plan.grid,)](*tensors, *plan.scalars, **plan.meta, num_warps=plan.num_warps)
         return qo, ko
     device = q.get_device()

@@ -408,15 +408,16 @@ if _HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cached_launcher(fn):
+def _cached_launcher(fn, specialized_ints: bool = True):
     """A :class:`~hf_hadamard_kq.ops.launch.CachedLauncher` for ``fn`` (skips triton's per-call
     binding; see launch.py), or None under the interpreter or when this module is loaded on
-    its own (the interpreter tests load it by file path, outside the package)."""
+    its own (the interpreter tests load it by file path, outside the package): callers then
+    launch ``fn`` the plain triton way."""
     if INTERPRET or not _HAS_TRITON or not __package__:
         return None
     from .launch import CachedLauncher
 
-    return CachedLauncher(fn)
+    return CachedLauncher(fn, specialized_ints)
 
 
 _ROWS = _cached_launcher(_rows_kernel) if _HAS_TRITON else None

@@ -66,3 +66,12 @@ def assert_single_rounding(out: torch.Tensor, ref64: torch.Tensor, factor: float
     else:
         rtol = 1e-5 if out.dtype == torch.float32 else 1e-12
         assert err <= rtol * max(scale, 1.0), f"{out.dtype}: error {err} (max |ref| {scale})"
+
+
+def rope_once(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (``unsqueeze_dim=1``) in fp32, rounded once to ``x.dtype``: the fused
+    kernel's documented RoPE (products of 16-bit values are exact in fp32)."""
+    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    xf = x.float()
+    half = x.shape[-1] // 2
+    return (xf * c + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * s).to(x.dtype)

@@ -15,18 +15,11 @@ from hf_hadamard_kq.ops import qk_kernel, triton_kernel
 from tests.conftest import FIXTURES
 from tests.oracles import load_unrotated, with_cache
 from tests.reference import ct_hadamard
+from tests.reference import rope_once as torch_rope
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-
-def torch_rope(x, cos, sin):
-    """Rotate-half RoPE in fp32, rounded once to x.dtype (the kernel's documented RoPE)."""
-    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
-    xf = x.float()
-    half = x.shape[-1] // 2
-    return (xf * c + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * s).to(x.dtype)
 
 
 def rotate_ref(x, matrix, scale):

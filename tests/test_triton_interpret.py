@@ -587,13 +587,7 @@ else:
     # ------------------------------------------------------------------------------------------
     # The fused Q/K kernel (hf_hadamard_kq/ops/qk_kernel.py): RoPE + Hadamard, one launch.
 
-    def torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half RoPE (unsqueeze_dim=1) in fp32, rounded once to x.dtype: the kernel's
-        documented RoPE (products of 16-bit values are exact in fp32)."""
-        c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
-        xf = x.float()
-        half = x.shape[-1] // 2
-        return (xf * c + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * s).to(x.dtype)
+    from tests.reference import rope_once as torch_rope
 
     def qk_inputs(dtype, d, b, s, layout, seed=0):
         """q (b, 4, s, d), k (b, 2, s, d) in a model's layouts; cos/sin (b or 1, s, d)."""

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama_r3 import barrier, build_r3_checkpoint, init_distributed, llama_config
 
 import hf_hadamard_kq
+from hf_hadamard_kq.inspect_model import FUSED_PATH
 from hf_hadamard_kq.kv_quant import KVQuantSpec, make_cache
 
 #: ``--modes fp8kv``: eager generate with a simulated fp8 (e4m3) KV cache, one scale per layer
@@ -168,9 +169,11 @@ def main(argv=None) -> None:
             prefill = {"sdpa": [], "hadamard_kq": []}
             row = dict(mode=mode, batch=batch)
             try:
-                for label in ("sdpa", "hadamard_kq"):  # warm-up (and compile, in static mode)
+                # warm-up (and compile, in static mode) at full length: with 8 new tokens the
+                # first timed run of each label was still ~2x slower (TP, 32 layers)
+                for label in ("sdpa", "hadamard_kq"):
                     set_rotation(model, label == "hadamard_kq")
-                    timed_generate(model, prompt, 8, mode)
+                    timed_generate(model, prompt, args.new_tokens, mode)
                     timed_prefill(model, prompt)
                 for _ in range(args.reps):
                     for label in ("sdpa", "hadamard_kq"):
@@ -184,10 +187,17 @@ def main(argv=None) -> None:
                 if rank == 0:
                     print(row, flush=True)
                 continue
+            set_rotation(model, True)
+            row["fused_layers"] = sum(r.get("path") == FUSED_PATH
+                                      for r in hf_hadamard_kq.rotation_table(model))
             for label in samples:
+                row[f"{label}_samples"] = [round(v, 2) for v in samples[label]]
                 row[f"{label}_tok_s"] = round(statistics.median(samples[label]), 2)
                 row[f"{label}_prefill_ms"] = round(statistics.median(prefill[label]), 2)
             row["ratio_tok_s"] = round(row["hadamard_kq_tok_s"] / row["sdpa_tok_s"], 4)
+            # each hadamard_kq run against the sdpa run just before it (robust to drift)
+            row["ratio_tok_s_paired_median"] = round(statistics.median(
+                h / s for h, s in zip(samples["hadamard_kq"], samples["sdpa"])), 4)
             row["ratio_prefill"] = round(row["sdpa_prefill_ms"] / row["hadamard_kq_prefill_ms"], 4)
             results.append(row)
             if rank == 0:

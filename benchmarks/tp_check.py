@@ -22,10 +22,13 @@ One command (GPU machine)::
    * ``vs_single``: its cached keys are its kv-head slice ``[r*Hkv/N, (r+1)*Hkv/N)`` of the
      single-GPU unrotated keys times the matrix: the error relative to max |key| is reported,
      and must be < 1/10 of the distance to the *unrotated* slice (so the keys are rotated, of
-     the right heads); in layer 0 (identical inputs) it must also be <= 4 ulp of max |key|;
+     the right heads); in layer 0 (identical inputs, another k_proj GEMM shape) it must
+     also be <= 8 ulp of max |key|;
    * greedy tokens equal the single-GPU hadamard_kq tokens; as a noise baseline the same
      comparison is made for plain sdpa (TP vs single GPU, after ``remove_r3``): in bf16 TP's
-     all-reduce sums in another order, so a near-tie can flip a token for sdpa too;
+     all-reduce sums in another order, so a near-tie can flip a token for sdpa too. When
+     sdpa's tokens differ as well, the check passes only if our last-position logits moved
+     no more than 1.5x sdpa's (``tokens_within_sdpa_noise``);
    * stored matrices (``random-hadamard``) are plain-tensor buffers on the rank's device.
 
    Rank 0 writes ``OUT/tp_check.json`` (all ranks' results) and every rank exits 1 if any
@@ -63,6 +66,15 @@ from transformers.models.llama import modeling_llama
 import hf_hadamard_kq
 
 REFERENCE = "reference.pt"
+#: Layer 0 sees identical inputs on one GPU and under TP, but its k_proj GEMM has half the
+#: output columns per rank, so cuBLAS may pick another kernel (another summation order): the
+#: keys then differ by a few ulps before any rotation. Measured on 2x H100 (fp32, 32 layers):
+#: 4.0 and 4.8 eps of max |key|; 8 eps still fails a wrong head or a missing rotation by
+#: orders of magnitude (``unrotated_rel`` ~ 1).
+LAYER0_ULPS = 8
+#: bf16 token check when plain sdpa's TP tokens also differ from one GPU: our TP-vs-one-GPU
+#: logit difference may exceed sdpa's by at most this factor.
+TOKEN_NOISE = 1.5
 
 
 def parse(argv=None):
@@ -244,8 +256,8 @@ def check_rank(args, dtype, device, rank: int, world: int, ref: dict) -> dict:
                    unrotated_rel=(got.double() - plain).abs().max().item() / scale)
         row["ok"] = (row["local_type"] == "Tensor" and row["same_run_rel"] <= same_run_tol
                      and row["vs_single_rel"] < 0.1 * row["unrotated_rel"])
-        if i == 0:
-            row["ok"] = row["ok"] and row["vs_single_rel"] <= 4 * torch.finfo(dtype).eps
+        if i == 0:  # same inputs; only the k_proj GEMM differs (a sharded N, see LAYER0_ULPS)
+            row["ok"] = row["ok"] and row["vs_single_rel"] <= LAYER0_ULPS * torch.finfo(dtype).eps
         layers.append(row)
     res["layers"] = layers
     res["checks"]["keys"] = all(r["ok"] for r in layers)
@@ -270,7 +282,12 @@ def check_rank(args, dtype, device, rank: int, world: int, ref: dict) -> dict:
     res["sdpa_tokens_equal"] = bool(torch.equal(greedy(model, ids, args.new_tokens),
                                                 ref["tokens_sdpa"]))
     res["sdpa_logits_max_diff"] = (last_logits(model, ids) - ref["logits_sdpa"]).abs().max().item()
-    res["checks"]["tokens"] = res["tokens_equal"]
+    # bf16: TP's all-reduce sums in another order than one GPU, and plain sdpa's tokens move
+    # too; then the criterion is that ours move no more than sdpa's (logits, see TOKEN_NOISE)
+    res["tokens_within_sdpa_noise"] = (
+        not res["sdpa_tokens_equal"]
+        and res["logits_max_diff"] <= TOKEN_NOISE * res["sdpa_logits_max_diff"])
+    res["checks"]["tokens"] = res["tokens_equal"] or res["tokens_within_sdpa_noise"]
     res["ok"] = all(res["checks"].values())
     return res
 

@@ -12,7 +12,7 @@ from .api import apply_r3, default_r3_config, remove_r3, save_r3_pretrained
 from .attention import IMPLEMENTATIONS, register
 from .inspect_model import describe, rotation_table
 from .loading import patch_transformers
-from .ops import hadamard_transform
+from .ops import hadamard_transform, set_compile_rotation
 from .plan import HadamardKQConfigError
 
 __version__ = "0.1.0"
@@ -31,4 +31,5 @@ __all__ = [
     "remove_r3",
     "rotation_table",
     "save_r3_pretrained",
+    "set_compile_rotation",
 ]

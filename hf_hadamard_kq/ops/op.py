@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from . import native
 from .matrices import MAX_SYLVESTER_SIZE, is_power_of_two, sylvester
 
 #: Largest Sylvester block the torch path multiplies densely. Above it the matrix is factored
@@ -163,7 +164,8 @@ def hadamard_apply(
     straight to the same implementation the op would run. Under ``torch.compile``, autograd,
     tensor subclasses (DTensor, FakeTensor) or dispatch modes, the op is used so that the
     compiler, autograd and subclass dispatch see one node (FakeTensor is a subclass, so
-    fake/meta tracing also takes the op).
+    fake/meta tracing also takes the op) -- unless :func:`native.set_compile_rotation`
+    chose ``"native"``: then torch.compile traces plain torch ops it can fuse (native.py).
     """
     if (
         type(x) is torch.Tensor
@@ -177,6 +179,8 @@ def hadamard_apply(
             return _hadamard_cuda(x, scale, matrix, block)
         if x.device.type == "cpu":
             return torch_hadamard(x, scale, matrix, block)
+    if native.ENABLED and block <= native.NATIVE_MAX_BLOCK and torch.compiler.is_compiling():
+        return native.native_hadamard(x, scale, matrix, block)
     return torch.ops.hadamard_kq.hadamard_transform(x, scale, matrix, block)
 
 

@@ -1,0 +1,246 @@
+"""The opt-in torch-native rotation under torch.compile (hf_hadamard_kq/ops/native.py).
+
+Checked against compressed-tensors' Sylvester matrix and float64 matmuls (tests/reference.py),
+in eager and compiled (inductor, CPU) form, inside a model's compiled decode step and compiled
+generate, and with autograd. The GPU test (CUDA graphs) carries the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_hadamard_kq
+from hf_hadamard_kq.ops import native
+from tests import tiny_models as tm
+from tests.oracles import rotate64
+from tests.reference import assert_single_rounding, ct_hadamard, reference_transform
+
+GEN = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture
+def native_mode():
+    """Compile with the native form; restore the default (and dynamo's caches) afterwards."""
+    torch._dynamo.reset()
+    hf_hadamard_kq.set_compile_rotation("native")
+    yield
+    hf_hadamard_kq.set_compile_rotation("op")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 64, 128, 256, 1024])
+def test_sylvester_signs_equal_compressed_tensors(n):
+    got = native.sylvester_signs(n, torch.device("cpu"), torch.float64)
+    assert torch.equal(got, ct_hadamard(n))
+
+
+CASES = [  # (last dim, block, explicit matrix size or None)
+    (128, 128, None),
+    (64, 16, None),  # block-diagonal
+    (256, 256, None),
+    (96, 96, 96),  # non-power-of-two explicit matrix
+    (128, 64, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("d,block,msize", CASES)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_native_matches_float64(dtype, d, block, msize, compiled):
+    gen = torch.Generator().manual_seed(d + block)
+    x = (torch.randn(3, 4, 5, d, generator=gen) * 3).to(dtype)
+    matrix = None
+    if msize is not None:
+        matrix = torch.randn(msize, msize, generator=gen, dtype=torch.float64).to(
+            dtype if dtype != torch.float64 else torch.float64)
+    scale = block ** -0.5
+    fn = native.native_hadamard
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    out = fn(x, scale, matrix, block)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = reference_transform(x, block=block, matrix=matrix, scale=scale)
+    assert_single_rounding(out, ref)
+
+
+def test_native_gradients_float64():
+    """Autograd through the native form (x and an explicit matrix) against finite differences."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(8, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: native.native_hadamard(a, 0.5, b, 8), (x, w))
+    assert torch.autograd.gradcheck(lambda a: native.native_hadamard(a, 0.25, None, 16), (x,))
+
+
+def _graphs_of_decode_step(model):
+    from tests.test_compile_offload_autograd import _decode_step_inputs
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    inputs = _decode_step_inputs(model)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(**inputs)
+    ops = [n for g in graphs for n in g.graph.nodes
+           if n.op == "call_function" and "hadamard_kq" in str(n.target)]
+    return graphs, ops, out, inputs
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
+def test_native_decode_step_traces_without_the_custom_op(name, native_mode):
+    """fullgraph decode step: one graph, no custom-op node (the rotation is plain torch ops),
+    and the same logits as the default (custom-op) form; with the default, 2 op nodes/layer."""
+    model = tm.rotated(name)
+    graphs, ops, out_native, _ = _graphs_of_decode_step(model)
+    assert len(graphs) == 1 and ops == []
+    hf_hadamard_kq.set_compile_rotation("op")
+    torch._dynamo.reset()
+    model = tm.rotated(name)
+    graphs, ops, out_op, _ = _graphs_of_decode_step(model)
+    assert len(graphs) == 1 and len(ops) == 2 * tm.COMMON["num_hidden_layers"]
+    assert tm.max_diff(out_native.logits, out_op.logits) < 1e-5
+
+
+def _kernel_calls(model) -> list[str]:
+    """Kernels the inductor (CPU) code of one compiled decode step calls, in order."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.test_compile_offload_autograd import _decode_step_inputs
+
+    torch._dynamo.reset()
+    inputs = _decode_step_inputs(model)
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model, fullgraph=True), **inputs)
+    src = "\n".join(code)
+    return re.findall(
+        r"(?:^\s+|= )(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+)\(", src, re.M)
+
+
+def test_native_adds_no_kernel(native_mode):
+    """The point of the native form: inductor fuses the rotation into existing kernels, so a
+    compiled decode step calls as many kernels as the plain model's (CPU, tiny 2-layer Llama,
+    torch 2.13: 31), where the op form adds its 4 custom-op calls and 2 kernels (37)."""
+    plain = _kernel_calls(tm.base_model("llama"))
+    ours = _kernel_calls(tm.rotated("llama"))
+    assert len(ours) == len(plain), (ours, plain)
+    assert not any("hadamard_kq" in k for k in ours)
+    hf_hadamard_kq.set_compile_rotation("op")
+    with_op = _kernel_calls(tm.rotated("llama"))
+    layers = tm.COMMON["num_hidden_layers"]
+    assert sum("hadamard_kq" in k for k in with_op) == 2 * layers
+    assert len(with_op) > len(plain)
+
+
+def test_switching_form_recompiles(native_mode):
+    """dynamo guards the flag: a compiled model switched to the op form retraces."""
+    model = tm.rotated("llama")
+    from tests.test_compile_offload_autograd import _decode_step_inputs
+
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        compiled(**_decode_step_inputs(model))
+        hf_hadamard_kq.set_compile_rotation("op")
+        compiled(**_decode_step_inputs(model))
+    assert counts == [0, 2 * tm.COMMON["num_hidden_layers"]]
+
+
+def test_native_compiled_generate_static_cache(native_mode):
+    """Inductor (CPU) compiles the model's forward with the native rotation: same tokens as
+    the plain model, and the static cache holds the plain model's keys rotated (float64)."""
+    from transformers import StaticCache
+
+    plain, ours = tm.base_model("llama"), tm.rotated("llama")
+    ours.forward = torch.compile(ours.forward, fullgraph=True)
+    ids, mask = tm.prompt(seq=7)
+    kw = dict(max_new_tokens=6, cache_implementation="static", **GEN)
+    want = plain.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), want)
+    c_plain = StaticCache(config=plain.config, max_cache_len=16)
+    c_ours = StaticCache(config=ours.config, max_cache_len=16)
+    with torch.no_grad():
+        lp = plain(ids, attention_mask=mask, **tm.with_cache(plain, c_plain)).logits
+        lo = ours(ids, attention_mask=mask, **tm.with_cache(ours, c_ours)).logits
+    assert tm.max_diff(lo, lp) < 1e-5
+    for k_ours, k_plain in zip(tm.cache_keys(c_ours), tm.cache_keys(c_plain)):
+        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+
+
+def test_native_compiled_training_step_gradients(native_mode):
+    """Gradients of a compiled forward + backward with the native form equal the eager
+    (custom-op) model's."""
+    ids, mask = tm.prompt(seq=7)
+    eager, comp = tm.rotated("llama"), tm.rotated("llama")
+    comp.load_state_dict(eager.state_dict())
+    for model in (eager, comp):
+        model.train()
+    loss_e = eager(ids, attention_mask=mask, labels=ids).loss
+    loss_e.backward()
+    loss_c = torch.compile(comp, fullgraph=True)(ids, attention_mask=mask, labels=ids).loss
+    loss_c.backward()
+    assert abs(loss_c.item() - loss_e.item()) < 1e-5
+    for (name, pe), pc in zip(eager.named_parameters(), comp.parameters()):
+        if pe.grad is None:
+            assert pc.grad is None, name
+            continue
+        assert tm.max_diff(pc.grad, pe.grad) <= 1e-4 * max(1.0, pe.grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("value,ok", [("native", True), ("op", True), ("bogus", False)])
+def test_environment_variable(value, ok):
+    env = dict(os.environ, **{native.COMPILE_ENV: value})
+    code = "import hf_hadamard_kq.ops.native as n; print(n.ENABLED)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if ok:
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == str(value == "native")
+    else:
+        assert res.returncode != 0
+        assert "HF_HADAMARD_KQ_COMPILE='bogus'" in res.stderr and "'native'" in res.stderr
+
+
+def test_set_compile_rotation_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="'op' or 'native'"):
+        hf_hadamard_kq.set_compile_rotation("fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_native_generate_cuda_graphs(name, native_mode):
+    """transformers' generate auto-compile (static cache, reduce-overhead) with the native
+    form on CUDA: same tokens as the plain model, CUDA graphs not skipped, and inductor's code
+    has no call of our custom op."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+    from transformers import CompileConfig
+
+    counters.clear()
+    plain = tm.fresh(name).to("cuda")
+    ours = tm.rotated(name).to("cuda")
+    ids, mask = (t.to("cuda") for t in tm.prompt(seq=7))
+    kw = dict(max_new_tokens=8, cache_implementation="static", **GEN)
+    want = plain.generate(ids, attention_mask=mask, disable_compile=True, **kw)
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    got, code = run_and_get_code(ours.generate, ids, attention_mask=mask,
+                                 compile_config=config, **kw)
+    assert torch.equal(got, want)
+    assert code and not any("hadamard_kq" in src for src in code)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, compile_config=config, **kw), want)
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -139,10 +139,14 @@ def main(argv=None) -> None:
                         help="--tp: R3 checkpoint dir (default OUT/ckpt; built if absent)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny Llama (script check on CPU)")
+    parser.add_argument("--compile-rotation", choices=["op", "native"], default="op",
+                        help="form of the rotation in compiled graphs (static mode): our custom "
+                             "op, or plain torch ops inductor can fuse (ops/native.py)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")
     args.ckpt = args.ckpt or args.out / "ckpt"
+    hf_hadamard_kq.set_compile_rotation(args.compile_rotation)
     rank, world, device = init_distributed(args.device)
     if world != args.tp:
         raise SystemExit(f"--tp {args.tp} needs torchrun --nproc-per-node {args.tp} "
@@ -153,7 +157,7 @@ def main(argv=None) -> None:
     env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                tp=args.tp, torch=torch.__version__, transformers=transformers.__version__,
                layers=args.layers, tiny=args.tiny, prompt=args.prompt,
-               new_tokens=args.new_tokens)
+               new_tokens=args.new_tokens, compile_rotation=args.compile_rotation)
     if rank == 0:
         print(env, flush=True)
     model = load_tp_model(args, device) if args.tp > 1 else build_model(

@@ -103,7 +103,12 @@ def timed_generate(model, prompt, new_tokens: int, mode: str) -> float:
     if mode == "static":
         kwargs["cache_implementation"] = "static"
     elif mode == "fp8kv":
-        kwargs["past_key_values"] = make_cache(FP8_KV, model.config)
+        # transformers 5.24 renamed generate's ``past_key_values`` to ``cache`` (old name warns)
+        import inspect
+
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else (
+            "past_key_values")
+        kwargs[name] = make_cache(FP8_KV, model.config)
     sync()
     barrier()  # TP: all ranks start together
     start = time.perf_counter()

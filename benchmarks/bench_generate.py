@@ -52,6 +52,7 @@ from llama_r3 import barrier, build_r3_checkpoint, init_distributed, llama_confi
 import hf_hadamard_kq
 from hf_hadamard_kq.inspect_model import FUSED_PATH
 from hf_hadamard_kq.kv_quant import KVQuantSpec, make_cache
+from hf_hadamard_kq.research import cache_kwarg
 
 #: ``--modes fp8kv``: eager generate with a simulated fp8 (e4m3) KV cache, one scale per layer
 #: for K and for V frozen at the prefill (like a static-scale fp8 cache); keys reach it rotated.
@@ -103,12 +104,7 @@ def timed_generate(model, prompt, new_tokens: int, mode: str) -> float:
     if mode == "static":
         kwargs["cache_implementation"] = "static"
     elif mode == "fp8kv":
-        # transformers 5.24 renamed generate's ``past_key_values`` to ``cache`` (old name warns)
-        import inspect
-
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else (
-            "past_key_values")
-        kwargs[name] = make_cache(FP8_KV, model.config)
+        kwargs[cache_kwarg(model)] = make_cache(FP8_KV, model.config)  # 5.24 renamed it
     sync()
     barrier()  # TP: all ranks start together
     start = time.perf_counter()
@@ -184,8 +180,10 @@ def main(argv=None) -> None:
                     set_rotation(model, label == "hadamard_kq")
                     timed_generate(model, prompt, args.new_tokens, mode)
                     timed_prefill(model, prompt)
-                for _ in range(args.reps):
-                    for label in ("sdpa", "hadamard_kq"):
+                for rep in range(args.reps):
+                    # alternate which goes first, so a drift within a pair cancels out
+                    order = ("sdpa", "hadamard_kq") if rep % 2 == 0 else ("hadamard_kq", "sdpa")
+                    for label in order:
                         set_rotation(model, label == "hadamard_kq")
                         samples[label].append(timed_generate(model, prompt, args.new_tokens,
                                                              mode))
@@ -196,15 +194,16 @@ def main(argv=None) -> None:
                 if rank == 0:
                     print(row, flush=True)
                 continue
-            set_rotation(model, True)
-            row["fused_layers"] = sum(r.get("path") == FUSED_PATH
-                                      for r in hf_hadamard_kq.rotation_table(model))
+            if mode != "static":  # compiled graphs take the general path (fused.py)
+                set_rotation(model, True)
+                row["fused_layers"] = sum(r.get("path") == FUSED_PATH
+                                          for r in hf_hadamard_kq.rotation_table(model))
             for label in samples:
                 row[f"{label}_samples"] = [round(v, 2) for v in samples[label]]
                 row[f"{label}_tok_s"] = round(statistics.median(samples[label]), 2)
                 row[f"{label}_prefill_ms"] = round(statistics.median(prefill[label]), 2)
             row["ratio_tok_s"] = round(row["hadamard_kq_tok_s"] / row["sdpa_tok_s"], 4)
-            # each hadamard_kq run against the sdpa run just before it (robust to drift)
+            # each hadamard_kq run against the sdpa run of the same rep (robust to drift)
             row["ratio_tok_s_paired_median"] = round(statistics.median(
                 h / s for h, s in zip(samples["hadamard_kq"], samples["sdpa"])), 4)
             row["ratio_prefill"] = round(row["sdpa_prefill_ms"] / row["hadamard_kq_prefill_ms"], 4)

@@ -7,17 +7,19 @@ events, cold L2, GPU time only), ``torch.clone`` and the row kernel under every 
 * ``BLOCK_M`` (tile rows) and ``num_warps`` -- each pair is one compiled kernel,
 * programs per SM of the persistent grid (``0`` = one program per tile, not persistent),
 
-checks every result against a float64 Sylvester product (max error must be the
-single-rounding floor), and writes all rows plus the best configuration per shape to
-``OUT/tune_rows.json``. Nothing in the package changes; the current defaults are one of the
-swept points (marked ``default``).
+checks every result against a float64 Sylvester product (max error at most 1.05x the
+single-rounding floor, the issue's bound), and writes all rows plus the best configuration
+per shape to ``OUT/tune_rows.json``. Nothing in the package changes; the current defaults
+are one of the swept points (marked ``default``).
 
 Usage (GPU machine)::
 
     python benchmarks/tune_rows.py --out results/ [--d 128 256] [--dtypes bfloat16]
 
 ``--interpret`` (CPU, ``TRITON_INTERPRET=1`` set by the script) runs every configuration once
-on a small tensor and checks the result, without timing: a check of the sweep itself.
+on a small tensor and checks the result, without timing: a check of the sweep itself (the
+interpreter runs bf16 through the fp32-operand dot, see triton_kernel.py, and has no SMs, so
+programs-per-SM values other than 0 behave alike there).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from hf_hadamard_kq.ops import triton_kernel as tk
 from hf_hadamard_kq.ops.matrices import sylvester
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Issue 6: max error <= 1.05x the single-rounding floor.
+MAX_ERR_VS_FLOOR = 1.05
 
 
 def configs(n: int, block_ms, warps):
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
                     except Exception as e:  # e.g. out of shared memory for this tile
                         row["error"] = f"{type(e).__name__}: {e}"[:300]
                     rows.append(row)
-                    ok = "error" not in row and row["err_vs_floor"] <= 1.0
+                    ok = "error" not in row and row["err_vs_floor"] <= MAX_ERR_VS_FLOOR
                     key = json.dumps(shape)
                     if ok and timer is not None and (
                             key not in best or row["pct_clone"] > best[key]["pct_clone"]):
@@ -135,7 +139,7 @@ def main(argv=None) -> None:
                 print(shape, "clone", round(clone_us, 2), "us; default",
                       dflt[0]["pct_clone"] if dflt else None, "%; best",
                       best.get(json.dumps(shape)), flush=True)
-    bad = [r for r in rows if "error" in r or r["err_vs_floor"] > 1.0]
+    bad = [r for r in rows if "error" in r or r["err_vs_floor"] > MAX_ERR_VS_FLOOR]
     if args.interpret:
         print(f"{len(rows)} configurations checked under the interpreter, {len(bad)} not ok")
         raise SystemExit(1 if bad else 0)

@@ -74,7 +74,8 @@ def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
     matrix = rotation.matrix if name is None else module._buffers[name]
     if rotation.cast is None:
         return hadamard_apply(x, rotation.scale, matrix, rotation.block)
-    y = hadamard_apply(x.to(rotation.cast), rotation.scale, matrix, rotation.block)
+    # not fusable: inductor would drop the two roundings to the scheme precision (ops/native.py)
+    y = hadamard_apply(x.to(rotation.cast), rotation.scale, matrix, rotation.block, False)
     return y.to(x.dtype)
 
 

@@ -76,6 +76,9 @@ def test_native_gradients_float64():
     w = torch.randn(8, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: native.native_hadamard(a, 0.5, b, 8), (x, w))
     assert torch.autograd.gradcheck(lambda a: native.native_hadamard(a, 0.25, None, 16), (x,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: native.native_hadamard(a, 0.5, b, 8), fullgraph=True)
+    assert torch.autograd.gradcheck(compiled, (x, w))
 
 
 def _graphs_of_decode_step(model):
@@ -108,6 +111,87 @@ def test_native_decode_step_traces_without_the_custom_op(name, native_mode):
     graphs, ops, out_op, _ = _graphs_of_decode_step(model)
     assert len(graphs) == 1 and len(ops) == 2 * tm.COMMON["num_hidden_layers"]
     assert tm.max_diff(out_native.logits, out_op.logits) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
+def test_native_decode_step_caches_rotated_keys(name, native_mode):
+    """Logits cannot show a missing rotation (q and k rotated alike cancel in q.k^T): the
+    static cache after the compiled native decode step must hold the plain model's keys times
+    the float64 Hadamard matrix -- including position 7, written by the compiled step."""
+    from tests.test_compile_offload_autograd import _decode_step_inputs
+
+    plain, ours = tm.base_model(name), tm.rotated(name)
+    p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
+    assert torch.equal(p_in["input_ids"], o_in["input_ids"])
+    name_ = "cache" if "cache" in p_in else "past_key_values"
+    before = [k.clone() for k in tm.cache_keys(o_in[name_])]
+    with torch.no_grad():
+        plain(**p_in)
+        torch.compile(ours, fullgraph=True)(**o_in)
+    plain_keys, our_keys = tm.cache_keys(p_in[name_]), tm.cache_keys(o_in[name_])
+    for k_ours, k_plain, k_before in zip(our_keys, plain_keys, before):
+        # the compiled step wrote a key (position 7, or a sliding layer's rolling slot)
+        assert not torch.equal(k_ours, k_before)
+        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+
+
+def test_routing_under_compile(native_mode):
+    """Which form hadamard_apply puts in a traced graph with native on: plain ops for blocks
+    <= 256; the op for larger blocks and for fusable=False (a scheme precision cast)."""
+    from hf_hadamard_kq.ops import hadamard_apply
+
+    def op_nodes(fn, x):
+        found = []
+
+        def backend(gm, example_inputs):
+            found.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(fn, backend=backend, fullgraph=True)(x)
+        return found
+
+    x = torch.randn(2, 4, 512)
+    assert op_nodes(lambda t: hadamard_apply(t, 0.125, None, 128), x) == [0]
+    assert op_nodes(lambda t: hadamard_apply(t, 512 ** -0.5, None, 512), x) == [1]
+    assert op_nodes(lambda t: hadamard_apply(t, 0.125, None, 128, False), x) == [1]
+
+
+def test_precision_cast_keeps_its_roundings(tmp_path, native_mode):
+    """A scheme with precision bf16 on an fp32 model rounds the rotation's input and result to
+    bf16 (as compressed-tensors does). Inductor would fuse those roundings away in the native
+    form, so that rotation keeps the op: compiled keys equal eager keys exactly, on the bf16
+    grid."""
+    from tests.test_transforms import ids, load_r3, r3_config, run_with_cache, write_ct_checkpoint
+
+    tc = r3_config("random-hadamard", 16, precision="torch.bfloat16")
+    path = write_ct_checkpoint(tmp_path / "m", tc, 16)
+    x = ids()
+    model = load_r3(path)
+    want, want_keys = run_with_cache(model, x)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    got, got_keys = run_with_cache(model, x)
+    for g, w in zip(got_keys, want_keys):
+        assert torch.equal(g, w)
+        assert torch.equal(g, g.to(torch.bfloat16).float())
+    assert tm.max_diff(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("x_dtype,m_dtype", [
+    (torch.bfloat16, torch.float64), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float32, torch.float64),
+])
+def test_native_mixed_matrix_dtypes(x_dtype, m_dtype):
+    """The matrix is used in the compute dtype (fp32 here), as the op does: a float64 matrix
+    is rounded to fp32 once, a 16-bit one is exact in fp32."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 64, generator=gen).to(x_dtype)
+    m = torch.randn(32, 32, generator=gen, dtype=torch.float64).to(m_dtype)
+    torch._dynamo.reset()
+    fn = torch.compile(native.native_hadamard, fullgraph=True, dynamic=False)
+    out = fn(x, 0.2, m, 32)
+    assert out.dtype == x_dtype
+    assert_single_rounding(out, reference_transform(x, block=32, matrix=m, scale=0.2))
 
 
 def _kernel_calls(model) -> list[str]:
@@ -184,7 +268,8 @@ def test_native_compiled_generate_static_cache(native_mode):
 
 def test_native_compiled_training_step_gradients(native_mode):
     """Gradients of a compiled forward + backward with the native form equal the eager
-    (custom-op) model's."""
+    (custom-op) model's. (Gradients, like logits, do not show whether q and k were rotated --
+    that is what the key tests check -- only that the native form's backward is right.)"""
     ids, mask = tm.prompt(seq=7)
     eager, comp = tm.rotated("llama"), tm.rotated("llama")
     comp.load_state_dict(eager.state_dict())
@@ -226,7 +311,8 @@ def test_set_compile_rotation_rejects_unknown_mode():
 def test_native_generate_cuda_graphs(name, native_mode):
     """transformers' generate auto-compile (static cache, reduce-overhead) with the native
     form on CUDA: same tokens as the plain model, CUDA graphs not skipped, and inductor's code
-    has no call of our custom op."""
+    has no call of our custom op. (Tokens cannot show a missing rotation; the cached keys of
+    the compiled native form are checked in test_native_decode_step_caches_rotated_keys.)"""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
     from transformers import CompileConfig

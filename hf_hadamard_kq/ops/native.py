@@ -18,7 +18,14 @@ the rotation (it keeps fused intermediates in fp32), so results can differ from 
 one rounding -- the same thing the fused eager kernel does.
 
 Only blocks up to :data:`NATIVE_MAX_BLOCK` take this form (its work grows with ``block**2``);
-larger blocks keep the custom op.
+larger blocks keep the custom op, and so do rotations whose scheme ``precision`` rounds the
+input and result (cache.rotate: inductor would fuse those roundings away), and DTensors.
+
+Memory: inductor fuses the broadcast product into the sum (checked on CPU), so nothing of
+size ``x.numel() * block`` is stored. A backend that does not fuse (``backend="eager"`` or
+``"aot_eager"``, ``torch.export`` then run eagerly) materialises it: ``4 * x.numel() * block``
+bytes, e.g. 16 GiB for the query of an 8k-token prefill with 32 heads of 128 -- use the
+default form with those backends.
 
 Enable with ``HF_HADAMARD_KQ_COMPILE=native`` in the environment (read at import) or
 :func:`set_compile_rotation` before compiling.
@@ -56,8 +63,8 @@ ENABLED: bool = _mode_from_env() == "native"
 def set_compile_rotation(mode: str) -> None:
     """Choose how the rotation appears in graphs traced by torch.compile: ``"op"`` (our custom
     op, the default) or ``"native"`` (plain torch ops that inductor fuses with their producer,
-    see this module's docstring). Call it before compiling; graphs compiled earlier keep the
-    form they were traced with until ``torch._dynamo.reset()``."""
+    see this module's docstring). Dynamo guards the setting: a compiled function called after
+    a switch is traced again (one recompilation, counted against dynamo's recompile limit)."""
     global ENABLED
     if mode not in _MODES:
         raise ValueError(f"mode must be 'op' or 'native', got {mode!r}")

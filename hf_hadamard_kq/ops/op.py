@@ -154,7 +154,11 @@ _hadamard_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def hadamard_apply(
-    x: torch.Tensor, scale: float, matrix: Optional[torch.Tensor], block: int
+    x: torch.Tensor,
+    scale: float,
+    matrix: Optional[torch.Tensor],
+    block: int,
+    fusable: bool = True,
 ) -> torch.Tensor:
     """Hot-path entry for pre-validated arguments (the model hooks call this).
 
@@ -166,6 +170,8 @@ def hadamard_apply(
     compiler, autograd and subclass dispatch see one node (FakeTensor is a subclass, so
     fake/meta tracing also takes the op) -- unless :func:`native.set_compile_rotation`
     chose ``"native"``: then torch.compile traces plain torch ops it can fuse (native.py).
+    ``fusable=False`` keeps the op even then: for a caller whose roundings around the call
+    matter (a scheme ``precision`` cast), which inductor would fuse away.
     """
     if (
         type(x) is torch.Tensor
@@ -179,7 +185,13 @@ def hadamard_apply(
             return _hadamard_cuda(x, scale, matrix, block)
         if x.device.type == "cpu":
             return torch_hadamard(x, scale, matrix, block)
-    if native.ENABLED and block <= native.NATIVE_MAX_BLOCK and torch.compiler.is_compiling():
+    if (
+        native.ENABLED
+        and fusable
+        and block <= native.NATIVE_MAX_BLOCK
+        and type(x) is torch.Tensor  # not a DTensor: plain ops with a plain matrix
+        and torch.compiler.is_compiling()
+    ):
         return native.native_hadamard(x, scale, matrix, block)
     return torch.ops.hadamard_kq.hadamard_transform(x, scale, matrix, block)
 

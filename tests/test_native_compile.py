@@ -113,11 +113,12 @@ def test_native_decode_step_traces_without_the_custom_op(name, native_mode):
     assert tm.max_diff(out_native.logits, out_op.logits) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("name", list(tm.ARCHS))
 def test_native_decode_step_caches_rotated_keys(name, native_mode):
-    """Logits cannot show a missing rotation (q and k rotated alike cancel in q.k^T): the
-    static cache after the compiled native decode step must hold the plain model's keys times
-    the float64 Hadamard matrix -- including position 7, written by the compiled step."""
+    """Every architecture of the matrix, compiled (inductor, fullgraph) decode step with the
+    native form: same logits as the plain model, and -- since logits cannot show a missing
+    rotation (q and k rotated alike cancel in q.k^T) -- the static cache holds the plain
+    model's keys times the float64 Hadamard matrix, including what the compiled step wrote."""
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
     plain, ours = tm.base_model(name), tm.rotated(name)
@@ -126,13 +127,13 @@ def test_native_decode_step_caches_rotated_keys(name, native_mode):
     name_ = "cache" if "cache" in p_in else "past_key_values"
     before = [k.clone() for k in tm.cache_keys(o_in[name_])]
     with torch.no_grad():
-        plain(**p_in)
-        torch.compile(ours, fullgraph=True)(**o_in)
-    plain_keys, our_keys = tm.cache_keys(p_in[name_]), tm.cache_keys(o_in[name_])
-    for k_ours, k_plain, k_before in zip(our_keys, plain_keys, before):
+        want = plain(**p_in).logits
+        got = torch.compile(ours, fullgraph=True)(**o_in).logits
+    assert tm.max_diff(got, want) < 1e-5
+    for k_ours, k_before in zip(tm.cache_keys(o_in[name_]), before):
         # the compiled step wrote a key (position 7, or a sliding layer's rolling slot)
         assert not torch.equal(k_ours, k_before)
-        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+    tm.assert_keys_rotated(o_in[name_], p_in[name_])
 
 
 def test_routing_under_compile(native_mode):

@@ -92,6 +92,21 @@ def test_compile_with_a_graph_break_inside_attention():
         assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
 
 
+def cuda_graph_generate_setup(name: str):
+    """``(ours, ids, kwargs, want)``: the rotated model on CUDA, a prompt, ``generate`` kwargs
+    for transformers' auto-compile with a static cache and ``mode="reduce-overhead"`` (CUDA
+    graphs), and the plain model's tokens for them (uncompiled)."""
+    from transformers import CompileConfig
+
+    plain = tm.fresh(name).to("cuda")
+    ours = tm.rotated(name).to("cuda")
+    ids, mask = (t.to("cuda") for t in tm.prompt(seq=7))
+    kw = dict(attention_mask=mask, max_new_tokens=8, cache_implementation="static", **GEN)
+    want = plain.generate(ids, disable_compile=True, **kw)
+    kw["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    return ours, ids, kw, want
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
 def test_generate_cuda_graphs_reduce_overhead(name):
@@ -99,19 +114,12 @@ def test_generate_cuda_graphs_reduce_overhead(name):
     CUDA graphs) on a rotated model: same tokens as the plain model, and inductor did not skip
     CUDA-graph capture."""
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
     torch._dynamo.reset()
     counters.clear()
-    plain = tm.fresh(name).to("cuda")
-    ours = tm.rotated(name).to("cuda")
-    ids, mask = (t.to("cuda") for t in tm.prompt(seq=7))
-    kw = dict(max_new_tokens=8, cache_implementation="static", **GEN)
-    want = plain.generate(ids, attention_mask=mask, disable_compile=True, **kw)
-    config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    ours, ids, kw, want = cuda_graph_generate_setup(name)
     for _ in range(2):  # capture, then replay
-        got = ours.generate(ids, attention_mask=mask, compile_config=config, **kw)
-        assert torch.equal(got, want)
+        assert torch.equal(ours.generate(ids, **kw), want)
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert counters["stats"]["unique_graphs"] >= 1
 

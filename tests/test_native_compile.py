@@ -316,18 +316,13 @@ def test_native_generate_cuda_graphs(name, native_mode):
     the compiled native form are checked in test_native_decode_step_caches_rotated_keys.)"""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
-    from transformers import CompileConfig
+
+    from tests.test_compile_offload_autograd import cuda_graph_generate_setup
 
     counters.clear()
-    plain = tm.fresh(name).to("cuda")
-    ours = tm.rotated(name).to("cuda")
-    ids, mask = (t.to("cuda") for t in tm.prompt(seq=7))
-    kw = dict(max_new_tokens=8, cache_implementation="static", **GEN)
-    want = plain.generate(ids, attention_mask=mask, disable_compile=True, **kw)
-    config = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    got, code = run_and_get_code(ours.generate, ids, attention_mask=mask,
-                                 compile_config=config, **kw)
+    ours, ids, kw, want = cuda_graph_generate_setup(name)
+    got, code = run_and_get_code(ours.generate, ids, **kw)  # capture
     assert torch.equal(got, want)
     assert code and not any("hadamard_kq" in src for src in code)
-    assert torch.equal(ours.generate(ids, attention_mask=mask, compile_config=config, **kw), want)
+    assert torch.equal(ours.generate(ids, **kw), want)  # replay
     assert counters["inductor"]["cudagraph_skips"] == 0

@@ -140,6 +140,11 @@ def main(argv=None) -> None:
                         help="--tp: R3 checkpoint dir (default OUT/ckpt; built if absent)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny Llama (script check on CPU)")
+    parser.add_argument("--two-models", action="store_true",
+                        help="build a second copy of the model (same seed, same weights) that "
+                             "keeps R3 applied, instead of applying / removing R3 on one model "
+                             "between runs: compiled graphs then never see a re-installed "
+                             "rotation (twice the GPU memory; not with --tp)")
     parser.add_argument("--compile-rotation", choices=["op", "native"], default="op",
                         help="form of the rotation in compiled graphs (static mode): our custom "
                              "op, or plain torch ops inductor can fuse (ops/native.py)")
@@ -158,11 +163,29 @@ def main(argv=None) -> None:
     env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                tp=args.tp, torch=torch.__version__, transformers=transformers.__version__,
                layers=args.layers, tiny=args.tiny, prompt=args.prompt,
-               new_tokens=args.new_tokens, compile_rotation=args.compile_rotation)
+               new_tokens=args.new_tokens, compile_rotation=args.compile_rotation,
+               two_models=args.two_models)
     if rank == 0:
         print(env, flush=True)
+    if args.two_models and args.tp > 1:
+        raise SystemExit("--two-models is for single-device runs")
     model = load_tp_model(args, device) if args.tp > 1 else build_model(
         args.layers, args.device, args.tiny)
+    rotated = None
+    if args.two_models:
+        rotated = build_model(args.layers, args.device, args.tiny)
+        for a, b in zip(model.state_dict().values(), rotated.state_dict().values()):
+            if not torch.equal(a, b):
+                raise SystemExit("--two-models: the two copies differ; cannot compare them")
+        hf_hadamard_kq.apply_r3(rotated)
+
+    def pick(label: str):
+        """The model to run for ``label`` (a second copy, or the one model toggled)."""
+        if rotated is not None:
+            return rotated if label == "hadamard_kq" else model
+        set_rotation(model, label == "hadamard_kq")
+        return model
+
     vocab = model.config.vocab_size
     results = []
     for mode in args.modes:
@@ -177,17 +200,16 @@ def main(argv=None) -> None:
                 # warm-up (and compile, in static mode) at full length: with 8 new tokens the
                 # first timed run of each label was still ~2x slower (TP, 32 layers)
                 for label in ("sdpa", "hadamard_kq"):
-                    set_rotation(model, label == "hadamard_kq")
-                    timed_generate(model, prompt, args.new_tokens, mode)
-                    timed_prefill(model, prompt)
+                    m = pick(label)
+                    timed_generate(m, prompt, args.new_tokens, mode)
+                    timed_prefill(m, prompt)
                 for rep in range(args.reps):
                     # alternate which goes first, so a drift within a pair cancels out
                     order = ("sdpa", "hadamard_kq") if rep % 2 == 0 else ("hadamard_kq", "sdpa")
                     for label in order:
-                        set_rotation(model, label == "hadamard_kq")
-                        samples[label].append(timed_generate(model, prompt, args.new_tokens,
-                                                             mode))
-                        prefill[label].append(timed_prefill(model, prompt))
+                        m = pick(label)
+                        samples[label].append(timed_generate(m, prompt, args.new_tokens, mode))
+                        prefill[label].append(timed_prefill(m, prompt))
             except Exception as e:  # e.g. a mode this transformers cannot run under TP
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
                 results.append(row)
@@ -195,9 +217,9 @@ def main(argv=None) -> None:
                     print(row, flush=True)
                 continue
             if mode != "static":  # compiled graphs take the general path (fused.py)
-                set_rotation(model, True)
                 row["fused_layers"] = sum(r.get("path") == FUSED_PATH
-                                          for r in hf_hadamard_kq.rotation_table(model))
+                                          for r in hf_hadamard_kq.rotation_table(
+                                              pick("hadamard_kq")))
             for label in samples:
                 row[f"{label}_samples"] = [round(v, 2) for v in samples[label]]
                 row[f"{label}_tok_s"] = round(statistics.median(samples[label]), 2)

@@ -1,25 +1,32 @@
-"""Sweep the row kernel's launch parameters at prefill sizes (issue 6, target 1: >= 97% of
-``torch.clone``), so that ``triton_kernel.rows_config`` can be set from measurements.
+"""Sweep the row kernel's launch parameters (issue 6), so that ``triton_kernel.rows_config``'s
+measured table ``TUNED_16BIT`` can be set from measurements.
 
-For each (tokens, heads, d, dtype) of at least ``--min-mib`` it times, like bench_op.py (CUDA
-events, cold L2, GPU time only), ``torch.clone`` and the row kernel under every combination of
+Prefill (target 1: >= 97% of ``torch.clone``): for each (tokens, heads, d, dtype) of at least
+``--min-mib`` it times, like bench_op.py (CUDA events, cold L2, GPU time only), ``torch.clone``
+and the row kernel under every combination of
 
-* ``BLOCK_M`` (tile rows) and ``num_warps`` -- each pair is one compiled kernel,
-* programs per SM of the persistent grid (``0`` = one program per tile, not persistent),
+* ``bn``: a resident ``H_d`` or the SPLIT2 / SPLIT4 forms (``H_d = H_2 ⊗ H_{d/2}``,
+  ``H_4 ⊗ H_{d/4}``; ``bn = d / 2``, ``d / 4``),
+* ``BLOCK_M`` (tile rows) and ``num_warps`` -- each (bn, BLOCK_M, warps) is one compiled kernel,
+* programs per SM of the persistent grid (``0`` = one program per tile, not persistent).
 
-checks every result against a float64 Sylvester product (max error at most 1.05x the
-single-rounding floor, the issue's bound), and writes all rows plus the best configuration
-per shape to ``OUT/tune_rows.json``. Nothing in the package changes; the current defaults
-are one of the swept points (marked ``default``).
+Decode (target 2: <= 2 us of GPU time in a CUDA graph): the query view ``(1, 32, T, d)`` of
+the projection for ``T`` in ``--decode-tokens``, GPU time per call inside a CUDA graph of 100
+calls, against clone's in the same graph form (``pct_base``).
+
+Every result is checked against a float64 Sylvester product (max error at most 1.05x the
+single-rounding floor, the issue's bound); all rows plus the best configuration per shape go
+to ``OUT/tune_rows.json``. Nothing in the package changes; the current defaults are marked
+``default``.
 
 Usage (GPU machine)::
 
     python benchmarks/tune_rows.py --out results/ [--d 128 256] [--dtypes bfloat16]
 
 ``--interpret`` (CPU, ``TRITON_INTERPRET=1`` set by the script) runs every configuration once
-on a small tensor and checks the result, without timing: a check of the sweep itself (the
-interpreter runs bf16 through the fp32-operand dot, see triton_kernel.py, and has no SMs, so
-programs-per-SM values other than 0 behave alike there).
+on small tensors of both size classes and checks the result, without timing: a check of the
+sweep itself (the interpreter runs bf16 through the fp32-operand dot, see triton_kernel.py,
+and has no SMs, so programs-per-SM values other than 0 behave alike there).
 """
 
 from __future__ import annotations
@@ -47,26 +54,52 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_ERR_VS_FLOOR = 1.05
 
 
-def configs(n: int, block_ms, warps):
-    """RowsConfig candidates for a Sylvester block ``n`` with 16-bit operands."""
-    default = tk.rows_config.__wrapped__(n, False, True)
-    for block_m, num_warps in itertools.product(block_ms, warps):
-        yield tk.RowsConfig(default.bn, default.nb, block_m, num_warps, default.log2n), default
+def configs(n: int, small: bool, block_ms, warps, programs_per_sm):
+    """(RowsConfig candidate, default RowsConfig) for a Sylvester block ``n`` with 16-bit
+    operands: a resident ``H_n`` (n <= 128), or the SPLIT2 / SPLIT4 forms ``bn = n / 2``,
+    ``n / 4`` (bn >= 16)."""
+    default = tk.rows_config.__wrapped__(n, False, True, small)
+    np2 = max(16, n)
+    bns = [b for b in (np2, np2 // 2, np2 // 4) if 16 <= b <= 128]
+    for bn, block_m, num_warps, pps in itertools.product(bns, block_ms, warps, programs_per_sm):
+        yield tk.RowsConfig(bn, np2 // bn, block_m, num_warps, default.log2n, pps), default
 
 
-def run_config(x: torch.Tensor, n: int, cfg, programs_per_sm: int) -> torch.Tensor:
-    """The kernel with ``cfg`` and this grid policy (module functions patched for the call)."""
-    saved = tk.rows_config, tk._max_programs
+def run_config(x: torch.Tensor, n: int, cfg) -> torch.Tensor:
+    """The kernel with ``cfg`` (the module's config function patched for the call, and its
+    per-layout plan cache emptied so that the patched function is consulted)."""
+    saved = tk.rows_config
     tk.rows_config = lambda *_: cfg
-    if programs_per_sm == 0:
-        tk._max_programs = lambda _device: 2**31 - 1  # one program per tile
-    elif x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        tk._max_programs = lambda _device: programs_per_sm * sms
+    tk._ROW_PLANS.clear()
     try:
         return tk.hadamard_triton(x, 1 / math.sqrt(n), None, n)
     finally:
-        tk.rows_config, tk._max_programs = saved
+        tk.rows_config = saved
+        tk._ROW_PLANS.clear()
+
+
+def graph_us(fn, calls: int = 100) -> float:
+    """GPU time per call inside a CUDA graph of ``calls`` calls (decode: launch-latency bound,
+    as bench_op.py measures it)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * calls)
 
 
 def err_vs_floor(out: torch.Tensor, x: torch.Tensor, n: int) -> float:
@@ -85,8 +118,10 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--heads", type=int, nargs="+", default=[8, 32])
     p.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    p.add_argument("--decode-tokens", type=int, nargs="+", default=[1, 16, 64],
+                   help="decode sweep: (1, 32, T, d) query views, CUDA-graph time; [] to skip")
     p.add_argument("--min-mib", type=float, default=4.0)
     p.add_argument("--reps", type=int, default=25)
     p.add_argument("--interpret", action="store_true")
@@ -94,7 +129,8 @@ def main(argv=None) -> None:
 
     if args.interpret:
         device, timer = "cpu", None
-        shapes = [(40, 2, d) for d in args.d]  # 40 rows per head: partial tiles too
+        # 80 and 2200 chunks: both size classes (tk.SMALL_ROWS), partial tiles too
+        shapes = [(t, 2, d) for d in args.d for t in (40, 1100)]
         args.programs_per_sm = [p for p in args.programs_per_sm if p in (0, 1)]
     else:
         from bench_op import Timer
@@ -102,43 +138,59 @@ def main(argv=None) -> None:
         device, timer = "cuda", Timer(args.reps)
         shapes = [(t, h, d) for d in args.d for h in args.heads for t in args.tokens]
     rows, best = [], {}
+
+    def sweep(x: torch.Tensor, shape: dict, d: int, small: bool, time_fn, base_us) -> None:
+        """Every candidate on ``x``: error vs float64, and (GPU) time vs the baseline."""
+        pps_list = [0] if small else args.programs_per_sm  # a decode call is 1-2 tiles
+        block_ms = [b for b in args.block_m if not small or b <= 64]
+        for cfg, default in configs(d, small, block_ms, args.warps, pps_list):
+            row = dict(shape, bn=cfg.bn, block_m=cfg.block_m, num_warps=cfg.num_warps,
+                       programs_per_sm=cfg.programs_per_sm,
+                       default=cfg._replace(programs_per_sm=0) == default._replace(
+                           programs_per_sm=0) and (small or cfg == default))
+            try:
+                out = run_config(x, d, cfg)
+                row["err_vs_floor"] = round(err_vs_floor(out, x, d), 3)
+                if time_fn is not None:
+                    us = time_fn(lambda x=x, n=d, c=cfg: run_config(x, n, c))
+                    row["us"] = round(us, 3)
+                    row["pct_base"] = round(100 * base_us / us, 1)
+            except Exception as e:  # e.g. out of shared memory for this tile
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            ok = "error" not in row and row["err_vs_floor"] <= MAX_ERR_VS_FLOOR
+            key = json.dumps(shape)
+            if ok and time_fn is not None and (
+                    key not in best or row["pct_base"] > best[key]["pct_base"]):
+                best[key] = row
+            if not ok:
+                print("NOT OK", row, flush=True)
+        if time_fn is not None:
+            dflt = [r for r in rows if r["default"] and r.get("pct_base") and all(
+                r[k] == v for k, v in shape.items())]
+            print(shape, "base", round(base_us, 3), "us; default",
+                  dflt[0]["pct_base"] if dflt else None, "%; best",
+                  best.get(json.dumps(shape)), flush=True)
+
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        for tokens, heads, d in shapes:
+        for tokens, heads, d in shapes:  # prefill: % of clone, cold L2
             x = torch.randn(tokens, heads, d, device=device).to(dtype)
             mib = x.numel() * x.element_size() / 2**20
             if timer is not None and mib < args.min_mib:
                 continue
-            shape = dict(tokens=tokens, heads=heads, d=d, dtype=dtype_name, MiB=round(mib, 1))
+            shape = dict(kind="prefill", tokens=tokens, heads=heads, d=d, dtype=dtype_name,
+                         MiB=round(mib, 1))
+            small = x.numel() // d <= tk.SMALL_ROWS
             clone_us = timer(lambda x=x: x.clone()) if timer else None
-            for cfg, default in configs(d, args.block_m, args.warps):
-                for pps in args.programs_per_sm:
-                    row = dict(shape, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                               programs_per_sm=pps,
-                               default=(cfg == default and pps == tk.PROGRAMS_PER_SM))
-                    try:
-                        out = run_config(x, d, cfg, pps)
-                        row["err_vs_floor"] = round(err_vs_floor(out, x, d), 3)
-                        if timer is not None:
-                            us = timer(lambda x=x, n=d, c=cfg, q=pps: run_config(x, n, c, q))
-                            row["us"] = round(us, 2)
-                            row["pct_clone"] = round(100 * clone_us / us, 1)
-                    except Exception as e:  # e.g. out of shared memory for this tile
-                        row["error"] = f"{type(e).__name__}: {e}"[:300]
-                    rows.append(row)
-                    ok = "error" not in row and row["err_vs_floor"] <= MAX_ERR_VS_FLOOR
-                    key = json.dumps(shape)
-                    if ok and timer is not None and (
-                            key not in best or row["pct_clone"] > best[key]["pct_clone"]):
-                        best[key] = row
-                    if not ok:
-                        print("NOT OK", row, flush=True)
-            if timer is not None:
-                dflt = [r for r in rows if r["default"] and r.get("pct_clone") and all(
-                    r[k] == v for k, v in shape.items())]
-                print(shape, "clone", round(clone_us, 2), "us; default",
-                      dflt[0]["pct_clone"] if dflt else None, "%; best",
-                      best.get(json.dumps(shape)), flush=True)
+            sweep(x, shape, d, small, timer, clone_us)
+        for tokens in ([] if args.interpret else args.decode_tokens):
+            for d in args.d:  # decode: the projection's (1, T, 32, d) -> (1, 32, T, d) view
+                x = torch.randn(1, tokens, 32, d, device=device).to(dtype).transpose(1, 2)
+                small = x.numel() // d <= tk.SMALL_ROWS
+                shape = dict(kind="decode", tokens=tokens, heads=32, d=d, dtype=dtype_name)
+                base = graph_us(lambda x=x: x.clone())
+                sweep(x, shape, d, small, graph_us, base)
     bad = [r for r in rows if "error" in r or r["err_vs_floor"] > MAX_ERR_VS_FLOOR]
     if args.interpret:
         print(f"{len(rows)} configurations checked under the interpreter, {len(bad)} not ok")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import math
 import os
 import pathlib
@@ -179,21 +180,26 @@ if not IN_INTERPRETER:
         tk = _kernel_module_compiled()
         ty = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
         results = []
-        for n, xdt, wdt, strided, wide in AOT_ROWS:
+        seen = set()
+        for (n, xdt, wdt, strided, wide), small in itertools.product(AOT_ROWS, (False, True)):
             sylvester = wdt is None
             dot_f32 = xdt == "fp32" or wdt == "fp32"
-            cfg = tk.rows_config(n, dot_f32, sylvester)
+            cfg = tk.rows_config(n, dot_f32, sylvester, small)
+            if (n, xdt, wdt, strided, wide, cfg) in seen:
+                continue
+            seen.add((n, xdt, wdt, strided, wide, cfg))
             sig = {"x_ptr": ty[xdt], "w_ptr": ty[wdt or xdt], "out_ptr": ty[xdt], "scale": "fp32"}
             if wide:
                 sig.update(s0="i64", s1="i64", s2="i64")
             const = dict(
                 N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
                 SYLVESTER=sylvester, STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2,
+                SPLIT4=sylvester and cfg.nb == 4,
                 WIDE=wide, DOT_F32=dot_f32,
                 EMULATE_RTNE=False,
             )  # fmt: skip
             k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps)
-            results.append((f"rows n={n} {xdt} W={wdt} strided={strided}", k))
+            results.append((f"rows n={n} {xdt} W={wdt} strided={strided} {cfg}", k))
         for m, odt in AOT_MID:
             cfg = tk.mid_config(m, 256)
             sig = {"buf_ptr": "*fp32", "out_ptr": ty[odt], "scale": "fp32"}
@@ -568,15 +574,80 @@ else:
         err = (raw.to(torch.float64) - reference(x, 64, None, 0.125)).abs().max().item()
         assert not err < 0.1
 
+    @pytest.mark.parametrize("rows", [37, 350])  # 222 and 2100 chunks: both size classes
+    @pytest.mark.parametrize(
+        ("n", "bn"),
+        [(32, 32), (32, 16), (64, 64), (64, 32), (64, 16), (128, 128), (128, 64), (128, 32),
+         (256, 128), (256, 64)],
+    )
+    def test_tuned_tilings(n: int, bn: int, rows: int, monkeypatch) -> None:
+        """Every tiling the measured table can select (TUNED_16BIT: a resident H_n, or the
+        SPLIT2 / SPLIT4 forms with bn = n / 2, n / 4; grid bounded or one program per tile) is
+        exact, in both size classes and through the strided (projection-view) layout."""
+        small = rows * 6 <= tk.SMALL_ROWS  # x below has rows * 3 * 2 chunks of n
+        for pps in (0, 1):
+            monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (bn, 16, 4, pps))
+            tk.rows_config.cache_clear()
+            try:
+                cfg = tk.rows_config(n, False, True, small)
+                assert (cfg.bn, cfg.nb, cfg.programs_per_sm) == (bn, n // bn, pps)
+                x = rand(rows, 3, 2 * n, dtype=torch.float16, seed=n + rows) * 3
+                for view in (x, x.transpose(0, 1)):
+                    layout = None if view.is_contiguous() else tk._row_layout(view)
+                    plan = tk._rows_plan(view, view, view.dtype, n, True, False, layout)
+                    assert (plan.meta["BN"], plan.meta["BLOCK_M"]) == (bn, 16)  # the entry is used
+                    out = tk.hadamard_triton(view, n**-0.5, None, n)
+                    assert_matches(out, view, n, None, n**-0.5)
+            finally:
+                monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
+                tk.rows_config.cache_clear()
+
+    def test_row_plan_cache(monkeypatch) -> None:
+        """The per-layout plan cache (decode host cost): a repeated layout skips validation and
+        planning but launches exactly what the first call did; another layout (strides,
+        dtype, size class) gets its own plan, and every result is the float64 rotation."""
+        launches = []
+
+        class Recording:  # stands in for the CUDA launcher; runs the kernel interpreted
+            int_key = staticmethod(lambda scalars: tuple(type(v).__name__ for v in scalars))
+
+            def launch(self, grid, key, device, tensors, scalars, meta, num_warps, int_key):
+                launches.append((grid, key, scalars, tuple(meta.items()), num_warps, int_key))
+                tk._rows_kernel[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps)
+
+        monkeypatch.setattr(tk, "_ROWS", Recording())
+        monkeypatch.setattr(tk, "_ROW_PLANS", {})
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)  # CPU "device" here
+        base = rand(3, 40, 2, 128, dtype=torch.float16, seed=5)
+        views = [base, base.transpose(1, 2), base[:, :5].transpose(1, 2),
+                 rand(2, 1100, 128, dtype=torch.float16, seed=6)]  # 2200 rows: large class
+        for view in views:
+            for _ in range(2):
+                out = tk.hadamard_triton(view, 128**-0.5, None, 128)
+                assert_matches(out, view, 128, None, 128**-0.5)
+            assert launches[-1] == launches[-2]
+        assert len(tk._ROW_PLANS) == len(views)
+        plans = list(tk._ROW_PLANS.values())
+        assert [p.meta["STRIDED"] for p in plans] == [False, True, True, False]
+        assert plans[0].key != plans[-1].key  # both flat: 240 rows (small) vs 2200 (large)
+        # a matrix, or a block the plan was not made for, does not take a cached plan
+        tk.hadamard_triton(base, 1.0, None, 64)
+        assert len(tk._ROW_PLANS) == len(views) + 1
+        w = torch.eye(128, dtype=torch.float16)
+        out = tk.hadamard_triton(base, 1.0, w, 128)
+        assert torch.equal(out, base) and len(tk._ROW_PLANS) == len(views) + 1
+
     def test_launch_configs() -> None:
         for n in [1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 160, 192, 256]:
             for dot_f32 in (False, True):
                 for sylvester in (False, True):
-                    cfg = tk.rows_config(n, dot_f32, sylvester)
-                    np2 = cfg.bn * cfg.nb
-                    assert np2 >= 16 and np2 >= n and cfg.bn >= 16
-                    assert cfg.bn <= 128 and np2 == max(16, 1 << (n - 1).bit_length())
-                    assert 16 <= cfg.block_m <= 256 and cfg.num_warps in (4, 8)
+                    for small in (False, True):
+                        cfg = tk.rows_config(n, dot_f32, sylvester, small)
+                        np2 = cfg.bn * cfg.nb
+                        assert np2 >= 16 and np2 >= n and cfg.bn >= 16
+                        assert cfg.bn <= 128 and np2 == max(16, 1 << (n - 1).bit_length())
+                        assert 16 <= cfg.block_m <= 256 and cfg.num_warps in (2, 4, 8)
+                        assert cfg.programs_per_sm >= 0
         for m in (16, 32, 64, 128):
             mcfg = tk.mid_config(m, 256)
             assert 16 <= mcfg.block_i <= 128 and mcfg.num_warps in (4, 8)

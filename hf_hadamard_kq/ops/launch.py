@@ -66,6 +66,11 @@ def int_spec(v: int) -> int:
     return (v == 1) | ((v % 16 == 0) << 1) | ((not -(2**31) <= v < 2**31) << 2)
 
 
+def int_specs(scalars: tuple) -> tuple[int, ...]:
+    """:func:`int_spec` of every int among a launch's scalar arguments (floats are not keyed)."""
+    return tuple(int_spec(v) for v in scalars if type(v) is int)
+
+
 #: The parameters of triton 3.5-3.6's ``CudaLauncher.__call__``, whose body allocates the
 #: (here empty) scratch buffers and forwards to the C ``launch`` function.
 _PY_LAUNCHER_PARAMS = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
@@ -117,6 +122,11 @@ class CachedLauncher:
         get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._stream = get_stream or (lambda idx: torch.cuda.current_stream(idx).cuda_stream)
 
+    @staticmethod
+    def int_key(scalars: tuple) -> tuple[int, ...]:
+        """What :meth:`launch` keys the int ``scalars`` on (for callers that cache it)."""
+        return int_specs(scalars)
+
     def launch(
         self,
         grid: int,
@@ -126,7 +136,9 @@ class CachedLauncher:
         scalars: tuple,
         meta: dict[str, Any],
         num_warps: int,
+        int_key: tuple | None = None,
     ) -> None:
+        """``int_key``: :meth:`int_key` of ``scalars`` when the caller already has it."""
         ptrs = [t.data_ptr() for t in tensors]
         merged = 0
         for p in ptrs:
@@ -134,7 +146,7 @@ class CachedLauncher:
         # all 16-byte aligned (the usual case) is one flag; otherwise one flag per pointer
         align = True if not merged & 15 else tuple(p & 15 == 0 for p in ptrs)
         if self.specialized_ints:
-            full_key = (key, device, align, tuple(int_spec(v) for v in scalars if type(v) is int))
+            full_key = (key, device, align, int_specs(scalars) if int_key is None else int_key)
         else:
             full_key = (key, device, align)
         entry = None if _PLAIN else self.cache.get(full_key)

@@ -27,11 +27,14 @@ Why it is built this way
   one 16-wide row with a block-diagonal ``W`` would waste less compute, but its zero blocks turn
   an inf in one chunk into NaN in its neighbours; these sizes are rare.)
 * ``n`` up to 256 is one pass. A resident ``W`` is at most 128 x 128 (registers). Sylvester
-  ``n = 256`` with 16-bit operands uses ``H_256 = H_2 ⊗ H_128``: both halves of a chunk go
-  through the resident ``H_128`` and an fp32 add/subtract combines them (no regenerated tiles).
-  Otherwise a ``W`` wider than 128 (explicit, or fp32 operands) is split into ``NB x NB``
-  sub-tiles that are rebuilt or reloaded (L2) per row tile, with ``x`` sub-tiles re-read from
-  L1/L2 per output block.
+  blocks can also be split: ``H_n = H_2 ⊗ H_{n/2}`` (``SPLIT2``) or ``H_4 ⊗ H_{n/4}``
+  (``SPLIT4``): each quarter/half of a chunk goes through one resident small ``H`` and an fp32
+  butterfly combines them (exact products, fp32 sums, still one final rounding). That cuts the
+  per-program matrix generation and the tensor-core work (n/2 or n/4 instead of n MACs per
+  element), and measured faster at prefill sizes for n = 128 and 256 and at decode sizes (the
+  table :data:`TUNED_16BIT`, from benchmarks/tune_rows.py). Explicit ``W`` wider than 128 is
+  split into ``NB x NB`` sub-tiles that are reloaded (L2) per row tile, with ``x`` sub-tiles
+  re-read from L1/L2 per output block.
 * ``n > 256`` (Sylvester only, up to 32768): ``H_{mb} = H_m ⊗ H_b`` (row index ``i = i_m*b +
   i_b``), i.e. for a chunk viewed as ``X (m, b)``: ``Y = H_m X H_b``. Pass 1 applies ``H_b``
   (32 <= b <= 256) to rows of ``x`` with the row kernel and writes an fp32 buffer; pass 2
@@ -47,7 +50,9 @@ Why it is built this way
   away by triton), writing contiguous rows. Anything else is made contiguous first.
 * Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
   parameters come from :func:`rows_config` / :func:`mid_config` (cached pure functions of the
-  size and dtypes; tiles chosen so that nothing spills on sm_90), and the per-call Python is a
+  size class, block and dtypes; tiles chosen so that nothing spills on sm_90), a Sylvester
+  one-pass call whose (shape, strides, dtype, device, block) was seen before reuses its whole
+  launch plan (:data:`_ROW_PLANS`, validation included), and the per-call Python is a
   few attribute reads and one launch (~4 us of Python on this CPU besides triton's launcher).
 
 Interpreter caveat (``TRITON_INTERPRET=1``, triton 3.9)
@@ -120,13 +125,14 @@ def triton_available() -> bool:
 
 
 class RowsConfig(NamedTuple):
-    """Compile-time parameters of the row kernel for one (block, operand kind, layout)."""
+    """Compile-time parameters of the row kernel for one (block, operand kind, size class)."""
 
     bn: int  # sub-tile width (power of two >= 16)
     nb: int  # sub-tiles per tile row; padded width = nb * bn
     block_m: int  # tile rows per iteration
     num_warps: int
     log2n: int  # bits of the Sylvester index (0 for explicit matrices)
+    programs_per_sm: int = PROGRAMS_PER_SM  # persistent grid bound; 0 = one program per tile
 
 
 class MidConfig(NamedTuple):
@@ -140,30 +146,62 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+#: At most this many chunks (rows) is a decode-sized call (up to 64 tokens x 32 heads): its own
+#: tiling, 16-row tiles, one program each (latency-bound, not bandwidth-bound; prefill sizes of
+#: >= 4 MiB have >= 8192 rows even at d = 256).
+SMALL_ROWS: int = 2048
+
+#: Measured tilings for Sylvester blocks with 16-bit operands, ``(n, small) -> (bn, block_m,
+#: num_warps, programs_per_sm)``; see :func:`rows_config` and benchmarks/tune_rows.py.
+#: Measured on an H100 (session 4, benchmarks/results/tune_rows_h100*.json): at prefill sizes
+#: the split forms beat a resident H_128 (d = 128: 92-94% -> 96-98% of clone at >= 32 MiB,
+#: 72% -> 96% at 8 MiB; d = 256: 79-94% -> 92-98% with H_4 ⊗ H_64), and decode-sized calls
+#: want 16-row tiles (d = 128, one token: 3.1 -> 1.9 us in a CUDA graph).
+TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int]] = {
+    (64, False): (64, 64, 4, 4),
+    (64, True): (32, 16, 4, 0),
+    (128, False): (64, 64, 4, 0),
+    (128, True): (32, 16, 4, 0),
+    (256, False): (64, 16, 4, 0),
+    (256, True): (64, 16, 4, 0),
+}
+
+
 @functools.cache
-def rows_config(n: int, dot_f32: bool, sylvester: bool) -> RowsConfig:
+def rows_config(n: int, dot_f32: bool, sylvester: bool, small: bool = False) -> RowsConfig:
     """Pick the row-kernel tiling for block ``n`` (padded width ``np2 = max(16, next_pow2(n))``).
 
-    Starting points, checked by compiling for sm_90 with triton 3.6 and 3.9 (no register
-    spills, shared memory well under the 227 KiB limit); throughput is tuned on the GPU:
+    ``small``: the call has at most :data:`SMALL_ROWS` chunks (decode). Sylvester blocks with
+    16-bit operands use the measured table :data:`TUNED_16BIT` where it has an entry; a ``bn``
+    of ``np2 / 2`` there selects the kernel's ``SPLIT2`` form (``H_n = H_2 ⊗ H_{n/2}``: a
+    quarter of the resident matrix, half the tensor-core work, one fp32 add/subtract).
+
+    Otherwise, starting points checked by compiling for sm_90 with triton 3.6 and 3.9 (no
+    register spills, shared memory well under the 227 KiB limit):
 
     * 16-bit operands (tensor cores): ``W`` resident up to 128 x 128; ``np2 = 256`` has
       ``nb = 2``: a resident ``H_128`` used twice (Sylvester, the kernel's ``SPLIT2``) or
-      128-wide sub-tiles (explicit ``W``); ``BLOCK_M = 8192 / np2`` rows in [32, 256].
+      128-wide sub-tiles (explicit ``W``); ``BLOCK_M = 8192 / np2`` rows in [32, 256]
+      (16 rows for small calls).
     * fp32 operands (ieee: FMA, no tensor cores): ``W`` resident up to 128 x 128 with
-      ``BLOCK_M = 16`` at 128; 64-wide sub-tiles (``nb = 4``, rebuilt per tile) for 256, since a
-      resident fp32 ``H_128`` used twice spills; ``BLOCK_M = 4096 / np2`` (max 128) below 128.
+      ``BLOCK_M = 16`` at 128; 64-wide sub-tiles (``nb = 4``) for 256, since a resident fp32
+      ``H_128`` used twice spills: Sylvester takes ``SPLIT4`` (one resident fp32 ``H_64``), an
+      explicit ``W`` reloads its sub-tiles; ``BLOCK_M = 4096 / np2`` (max 128) below 128.
     """
     np2 = max(16, _next_pow2(n))
+    log2n = (n.bit_length() - 1) if sylvester else 0
+    tuned = TUNED_16BIT.get((n, small)) if sylvester and not dot_f32 else None
+    if tuned is not None:
+        bn, block_m, num_warps, pps = tuned
+        return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n, pps)
     if dot_f32:
         bn = min(np2, 128) if np2 <= 128 else 64
         block_m = 16 if np2 >= 128 else min(128, 4096 // np2)
         num_warps = 8 if np2 >= 64 else 4
     else:
         bn = min(np2, 128)
-        block_m = max(32, min(256, 8192 // np2))
+        block_m = 16 if small else max(32, min(256, 8192 // np2))
         num_warps = 4 if block_m * bn <= 4096 else 8
-    log2n = (n.bit_length() - 1) if sylvester else 0
     return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n)
 
 
@@ -178,10 +216,14 @@ def mid_config(m: int, inner: int) -> MidConfig:
 
 
 @functools.cache
-def _max_programs(device: torch.device) -> int:
+def _max_programs(device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Persistent-grid bound for ``device``; ``programs_per_sm = 0``: unbounded (a program per
+    tile)."""
+    if programs_per_sm == 0:
+        return 2**31 - 1
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, PROGRAMS_PER_SM * sms)
+        return max(1, programs_per_sm * sms)
     return _INTERPRET_PROGRAMS
 
 
@@ -292,6 +334,7 @@ if _HAS_TRITON:
         SYLVESTER: tl.constexpr,
         STRIDED: tl.constexpr,
         SPLIT2: tl.constexpr,
+        SPLIT4: tl.constexpr,
         WIDE: tl.constexpr,
         DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr,
@@ -311,10 +354,13 @@ if _HAS_TRITON:
         rk = tl.arange(0, BN)
         # SPLIT2 (Sylvester, N = 2 * BN): H_N = H_2 ⊗ H_BN, so with x = [x0, x1] (halves of a
         # chunk) and z_i = x_i @ H_BN: y = [z0 + z1, z0 - z1]. One resident H_BN, two dots.
+        # SPLIT4 (Sylvester, N = 4 * BN): H_N = H_4 ⊗ H_BN, the same with a 4-point butterfly.
         if NB == 1:  # W stays in registers for the whole persistent loop
             w_full = _w_tile(w_ptr, rk, rk, N, LOG2N, SYLVESTER, DOT_F32)
         elif SPLIT2:
             w_full = _w_tile(w_ptr, rk, rk, BN, LOG2N - 1, True, DOT_F32)
+        elif SPLIT4:
+            w_full = _w_tile(w_ptr, rk, rk, BN, LOG2N - 2, True, DOT_F32)
         for t in range(pid, n_tiles, nprog):
             start = tl.cast(t, tl.int64) * (BLOCK_M * N)
             o_ptr = out_ptr + start
@@ -354,8 +400,28 @@ if _HAS_TRITON:
                 tl.store(o_ptr + o_row[:, None] + rk[None, :], y0, mask=mask)
                 y1 = _round_to((z0 - z1) * scale, out_ptr, EMULATE_RTNE)
                 tl.store(o_ptr + o_row[:, None] + (rk + BN)[None, :], y1, mask=mask)
+            elif SPLIT4:
+                zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+                mask = row_ok[:, None] & (rk < BN)[None, :]
+                x_at = x_row[:, None] + rk[None, :]
+                o_at = o_row[:, None] + rk[None, :]
+                z0 = _dot(_load_x(x_tile, x_at, mask, DOT_F32), w_full, zero, DOT_F32)
+                z1 = _dot(_load_x(x_tile, x_at + BN, mask, DOT_F32), w_full, zero, DOT_F32)
+                z2 = _dot(_load_x(x_tile, x_at + 2 * BN, mask, DOT_F32), w_full, zero, DOT_F32)
+                z3 = _dot(_load_x(x_tile, x_at + 3 * BN, mask, DOT_F32), w_full, zero, DOT_F32)
+                a = z0 + z1
+                b = z0 - z1
+                c = z2 + z3
+                e = z2 - z3
+                tl.store(o_ptr + o_at, _round_to((a + c) * scale, out_ptr, EMULATE_RTNE), mask=mask)
+                tl.store(o_ptr + o_at + BN, _round_to((b + e) * scale, out_ptr, EMULATE_RTNE),
+                         mask=mask)
+                tl.store(o_ptr + o_at + 2 * BN, _round_to((a - c) * scale, out_ptr, EMULATE_RTNE),
+                         mask=mask)
+                tl.store(o_ptr + o_at + 3 * BN, _round_to((b - e) * scale, out_ptr, EMULATE_RTNE),
+                         mask=mask)
             else:
-                # W wider than BN (explicit W > 128, or fp32 Sylvester 256): NB x NB sub-tile
+                # W wider than BN (explicit W > 128): NB x NB sub-tile
                 # products in runtime (not unrolled) loops, so they all reuse the same shared
                 # memory; W sub-tiles are reloaded or rebuilt, x sub-tiles re-read (L1/L2).
                 for nb in range(NB):
@@ -451,6 +517,51 @@ _FLAT = None  # layout marker: x is contiguous
 _WIDE_OFFSETS = 2**31
 
 
+class _RowsPlan(NamedTuple):
+    """Everything a row-kernel launch derives from x's shape/strides/dtypes (host cost: decode
+    calls are ~2 us of GPU work, so per-call Python matters; see launch.py)."""
+
+    grid: int
+    scalars: tuple  # the launch's int scalars (scale is appended per call)
+    meta: dict
+    key: tuple
+    int_key: tuple | None  # the launcher's key of the int scalars (None: no launcher)
+    num_warps: int
+
+
+def _rows_plan(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    out_dtype: torch.dtype,
+    n: int,
+    sylvester: bool,
+    dot_f32: bool,
+    layout: tuple[int, int, int, int, int] | None,
+) -> _RowsPlan:
+    numel = x.numel()
+    strided = layout is not None
+    n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
+    wide = False
+    if strided:  # int64 index math only when an offset into x can reach 2**31
+        d = x.shape[-1]
+        n0 = numel // (d * n1 * n2)
+        wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
+    n_rows = numel // n
+    cfg = rows_config(n, dot_f32, sylvester, n_rows <= SMALL_ROWS)
+    n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
+    grid = min(n_tiles, _max_programs(x.device, cfg.programs_per_sm))
+    scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2)
+    meta = dict(
+        N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
+        STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2, SPLIT4=sylvester and cfg.nb == 4,
+        WIDE=wide, DOT_F32=dot_f32,
+        EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
+    )  # fmt: skip
+    key = (n, sylvester, strided, wide, dot_f32, cfg, x.dtype, w.dtype, out_dtype)
+    int_key = None if _ROWS is None else _ROWS.int_key(scalars)
+    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps)
+
+
 def _launch_rows(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -460,31 +571,17 @@ def _launch_rows(
     sylvester: bool,
     dot_f32: bool,
     layout: tuple[int, int, int, int, int] | None,
+    plan: _RowsPlan | None = None,
 ) -> None:
     """Row kernel over x (flat when ``layout`` is None, else see :func:`_row_layout`)."""
-    numel = x.numel()
-    strided = layout is not None
-    n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
-    wide = False
-    if strided:  # int64 index math only when an offset into x can reach 2**31
-        d = x.shape[-1]
-        n0 = numel // (d * n1 * n2)
-        wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
-    cfg = rows_config(n, dot_f32, sylvester)
-    n_rows = numel // n
-    n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
-    grid = min(n_tiles, _max_programs(x.device))
-    scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2, scale)
-    meta = dict(
-        N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
-        STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2, WIDE=wide, DOT_F32=dot_f32,
-        EMULATE_RTNE=INTERPRET and out.dtype is torch.bfloat16,
-    )  # fmt: skip
+    if plan is None:
+        plan = _rows_plan(x, w, out.dtype, n, sylvester, dot_f32, layout)
     if _ROWS is None:  # interpreter, or no launcher: the plain triton call
-        _rows_kernel[(grid,)](x, w, out, *scalars, **meta, num_warps=cfg.num_warps)
+        _rows_kernel[(plan.grid,)](x, w, out, *plan.scalars, scale, **plan.meta,
+                                   num_warps=plan.num_warps)
         return
-    key = (n, sylvester, strided, wide, dot_f32, cfg, x.dtype, w.dtype, out.dtype)
-    _ROWS.launch(grid, key, x.get_device(), (x, w, out), scalars, meta, cfg.num_warps)
+    _ROWS.launch(plan.grid, plan.key, x.get_device(), (x, w, out), (*plan.scalars, scale),
+                 plan.meta, plan.num_warps, plan.int_key)
 
 
 def _launch_mid(buf: torch.Tensor, out: torch.Tensor, m: int, inner: int, scale: float) -> None:
@@ -545,6 +642,12 @@ def hadamard_triton(
     Returns:
         A new contiguous tensor with x's shape and dtype.
     """
+    if matrix is None:  # a layout seen before: its plan (validation included) is cached
+        plan = _ROW_PLANS.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
+        if plan is not None and x.get_device() == torch.cuda.current_device():
+            out = x.new_empty(x.shape)
+            _launch_rows(x, x, out, float(scale), block, True, False, None, plan)
+            return out
     if not _HAS_TRITON:
         raise RuntimeError("hadamard_triton needs triton, which is not importable")
     if not (x.is_cuda or INTERPRET):
@@ -587,6 +690,12 @@ def hadamard_triton(
     return out
 
 
+#: Row-kernel plans of Sylvester one-pass calls, by (shape, strides, dtype, device, block):
+#: bounded like the fused kernel's plan cache.
+_ROW_PLANS: dict[tuple, _RowsPlan] = {}
+_MAX_ROW_PLANS = 4096
+
+
 def _dispatch(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -596,11 +705,15 @@ def _dispatch(
     sylvester: bool,
     dot_f32: bool,
 ) -> None:
-    if x.is_contiguous():
-        _run(x, out, w, scale, block, sylvester, dot_f32, _FLAT)
-        return
-    layout = _row_layout(x)
-    if layout is None:
+    layout = _FLAT if x.is_contiguous() else _row_layout(x)
+    if layout is None and not x.is_contiguous():
         _run(x.contiguous(), out, w, scale, block, sylvester, dot_f32, _FLAT)
-    else:
-        _run(x, out, w, scale, block, sylvester, dot_f32, layout)
+        return
+    if sylvester and block <= MAX_ONE_PASS and _ROWS is not None:
+        plan = _rows_plan(x, w, out.dtype, block, sylvester, dot_f32, layout)
+        if len(_ROW_PLANS) >= _MAX_ROW_PLANS:
+            _ROW_PLANS.clear()
+        _ROW_PLANS[(x.shape, x.stride(), x.dtype, x.get_device(), block)] = plan
+        _launch_rows(x, w, out, scale, block, sylvester, dot_f32, layout, plan)
+        return
+    _run(x, out, w, scale, block, sylvester, dot_f32, layout)

@@ -84,6 +84,8 @@ if not IN_INTERPRETER:
     # spills. (rows kernel cases: n, x dtype, W dtype or None for Sylvester, strided, wide.)
     AOT_ROWS = [
         (16, "bf16", None, False, False),
+        (64, "bf16", None, False, False),
+        (64, "fp16", None, True, False),
         (128, "bf16", None, False, False),
         (128, "fp16", "fp16", False, False),
         (256, "bf16", None, True, False),
@@ -585,22 +587,23 @@ else:
         SPLIT2 / SPLIT4 forms with bn = n / 2, n / 4; grid bounded or one program per tile) is
         exact, in both size classes and through the strided (projection-view) layout."""
         small = rows * 6 <= tk.SMALL_ROWS  # x below has rows * 3 * 2 chunks of n
-        for pps in (0, 1):
-            monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (bn, 16, 4, pps))
+        # one program per tile (small), or the persistent loop: 4 interpreter programs (large)
+        pps = 0 if small else 1
+        monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (bn, 16, 4, pps))
+        tk.rows_config.cache_clear()
+        try:
+            cfg = tk.rows_config(n, False, True, small)
+            assert (cfg.bn, cfg.nb, cfg.programs_per_sm) == (bn, n // bn, pps)
+            x = rand(rows, 3, 2 * n, dtype=torch.float16, seed=n + rows) * 3
+            for view in (x, x.transpose(0, 1)):
+                layout = None if view.is_contiguous() else tk._row_layout(view)
+                plan = tk._rows_plan(view, view, view.dtype, n, True, False, layout)
+                assert (plan.meta["BN"], plan.meta["BLOCK_M"]) == (bn, 16)  # the entry is used
+                out = tk.hadamard_triton(view, n**-0.5, None, n)
+                assert_matches(out, view, n, None, n**-0.5)
+        finally:
+            monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
             tk.rows_config.cache_clear()
-            try:
-                cfg = tk.rows_config(n, False, True, small)
-                assert (cfg.bn, cfg.nb, cfg.programs_per_sm) == (bn, n // bn, pps)
-                x = rand(rows, 3, 2 * n, dtype=torch.float16, seed=n + rows) * 3
-                for view in (x, x.transpose(0, 1)):
-                    layout = None if view.is_contiguous() else tk._row_layout(view)
-                    plan = tk._rows_plan(view, view, view.dtype, n, True, False, layout)
-                    assert (plan.meta["BN"], plan.meta["BLOCK_M"]) == (bn, 16)  # the entry is used
-                    out = tk.hadamard_triton(view, n**-0.5, None, n)
-                    assert_matches(out, view, n, None, n**-0.5)
-            finally:
-                monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
-                tk.rows_config.cache_clear()
 
     def test_row_plan_cache(monkeypatch) -> None:
         """The per-layout plan cache (decode host cost): a repeated layout skips validation and
@@ -618,24 +621,41 @@ else:
         monkeypatch.setattr(tk, "_ROWS", Recording())
         monkeypatch.setattr(tk, "_ROW_PLANS", {})
         monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)  # CPU "device" here
+        built = []
+        make_plan = tk._rows_plan
+        monkeypatch.setattr(tk, "_rows_plan", lambda *a: built.append(make_plan(*a)) or built[-1])
         base = rand(3, 40, 2, 128, dtype=torch.float16, seed=5)
         views = [base, base.transpose(1, 2), base[:, :5].transpose(1, 2),
-                 rand(2, 1100, 128, dtype=torch.float16, seed=6)]  # 2200 rows: large class
-        for view in views:
+                 rand(2, 1100, 128, dtype=torch.float16, seed=6),  # 2200 rows: large class
+                 base.float()]  # another dtype, same shape and strides
+        for i, view in enumerate(views):
             for _ in range(2):
                 out = tk.hadamard_triton(view, 128**-0.5, None, 128)
                 assert_matches(out, view, 128, None, 128**-0.5)
+            assert len(built) == i + 1  # the repeat was launched from the cached plan
             assert launches[-1] == launches[-2]
         assert len(tk._ROW_PLANS) == len(views)
         plans = list(tk._ROW_PLANS.values())
-        assert [p.meta["STRIDED"] for p in plans] == [False, True, True, False]
+        assert plans == built
+        assert [p.meta["STRIDED"] for p in plans] == [False, True, True, False, False]
+        assert plans[-1].meta["DOT_F32"] and not plans[0].meta["DOT_F32"]
+        # another current device does not take the plan (the slow path re-plans under
+        # torch.cuda.device in real use; here only the lookup is checked)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(tk, "_dispatch", lambda *a: built.append("dispatched"))
+        tk.hadamard_triton(base, 128**-0.5, None, 128)
+        assert built[-1] == "dispatched"
         assert plans[0].key != plans[-1].key  # both flat: 240 rows (small) vs 2200 (large)
         # a matrix, or a block the plan was not made for, does not take a cached plan
+        monkeypatch.undo()  # the real _dispatch / current_device / _rows_plan again
+        monkeypatch.setattr(tk, "_ROWS", Recording())
+        monkeypatch.setattr(tk, "_ROW_PLANS", {})
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)
         tk.hadamard_triton(base, 1.0, None, 64)
-        assert len(tk._ROW_PLANS) == len(views) + 1
+        assert len(tk._ROW_PLANS) == 1
         w = torch.eye(128, dtype=torch.float16)
         out = tk.hadamard_triton(base, 1.0, w, 128)
-        assert torch.equal(out, base) and len(tk._ROW_PLANS) == len(views) + 1
+        assert torch.equal(out, base) and len(tk._ROW_PLANS) == 1
 
     def test_launch_configs() -> None:
         for n in [1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 160, 192, 256]:

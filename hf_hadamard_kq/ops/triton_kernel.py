@@ -17,10 +17,12 @@ Why it is built this way
   fp32 operands with ``input_precision="ieee"`` (tf32 would drop ~13 mantissa bits).
 * The Sylvester tile is generated in registers from the parity of ``i & j`` (no matrix load, no
   cache to keep per device). Generating or loading ``W`` costs ``n * n`` work per program, which
-  is not negligible next to a ``[BLOCK_M, n]`` tile, so the kernel is *persistent*: a grid of at
-  most ``PROGRAMS_PER_SM * #SMs`` programs each builds ``W`` once and loops over row tiles. To
-  compare against a loaded matrix, pass the Sylvester matrix as ``matrix`` (same dtype as ``x``):
-  that path loads ``W`` once per program instead of generating it.
+  is not negligible next to a ``[BLOCK_M, n]`` tile, so the kernel can be *persistent*: a grid
+  of at most ``programs_per_sm * #SMs`` programs each builds ``W`` once and loops over row
+  tiles. With the split forms below the matrix is small enough that one program per tile
+  (``programs_per_sm = 0``) measured as fast or faster at most sizes; each configuration says
+  which (:class:`RowsConfig`). To compare against a loaded matrix, pass the Sylvester matrix as
+  ``matrix`` (same dtype as ``x``): that path loads ``W`` once per program instead.
 * ``n < 16`` (``tl.dot`` needs every dimension >= 16) and non-power-of-two explicit matrices
   (80, 96, 112, 160, 192, ...) pad the tile to the next power of two >= 16 with masks: padded
   ``x`` columns load as zero, padded outputs are not stored. (Packing several small chunks into
@@ -146,9 +148,9 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-#: At most this many chunks (rows) is a decode-sized call (up to 64 tokens x 32 heads): its own
-#: tiling, 16-row tiles, one program each (latency-bound, not bandwidth-bound; prefill sizes of
-#: >= 4 MiB have >= 8192 rows even at d = 256).
+#: At most this many chunks (rows) is a decode-sized call (up to 64 tokens x 32 heads): 16-bit
+#: operands get their own tiling, 16-row tiles, one program each (latency-bound, not
+#: bandwidth-bound; prefill sizes of >= 4 MiB have >= 8192 rows even at d = 256).
 SMALL_ROWS: int = 2048
 
 #: Measured tilings for Sylvester blocks with 16-bit operands, ``(n, small) -> (bn, block_m,
@@ -156,7 +158,8 @@ SMALL_ROWS: int = 2048
 #: Measured on an H100 (session 4, benchmarks/results/tune_rows_h100*.json): at prefill sizes
 #: the split forms beat a resident H_128 (d = 128: 92-94% -> 96-98% of clone at >= 32 MiB,
 #: 72% -> 96% at 8 MiB; d = 256: 79-94% -> 92-98% with H_4 ⊗ H_64), and decode-sized calls
-#: want 16-row tiles (d = 128, one token: 3.1 -> 1.9 us in a CUDA graph).
+#: want 16-row tiles (d = 128, one token: 3.1 -> 1.9 us in a CUDA graph). Editing this at run
+#: time needs ``rows_config.cache_clear()`` and ``_ROW_PLANS.clear()`` (both cache its result).
 TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int]] = {
     (64, False): (64, 64, 4, 4),
     (64, True): (32, 16, 4, 0),
@@ -172,17 +175,19 @@ def rows_config(n: int, dot_f32: bool, sylvester: bool, small: bool = False) -> 
     """Pick the row-kernel tiling for block ``n`` (padded width ``np2 = max(16, next_pow2(n))``).
 
     ``small``: the call has at most :data:`SMALL_ROWS` chunks (decode). Sylvester blocks with
-    16-bit operands use the measured table :data:`TUNED_16BIT` where it has an entry; a ``bn``
-    of ``np2 / 2`` there selects the kernel's ``SPLIT2`` form (``H_n = H_2 ⊗ H_{n/2}``: a
-    quarter of the resident matrix, half the tensor-core work, one fp32 add/subtract).
+    16-bit operands use the measured table :data:`TUNED_16BIT` where it has an entry (n = 64,
+    128, 256 in both size classes); a ``bn`` of ``np2 / 2`` or ``np2 / 4`` there selects the
+    kernel's ``SPLIT2`` / ``SPLIT4`` form (``H_n = H_2 ⊗ H_{n/2}`` or ``H_4 ⊗ H_{n/4}``: a
+    quarter or a sixteenth of the resident matrix, 1/2 or 1/4 of the tensor-core work, an fp32
+    butterfly).
 
     Otherwise, starting points checked by compiling for sm_90 with triton 3.6 and 3.9 (no
     register spills, shared memory well under the 227 KiB limit):
 
     * 16-bit operands (tensor cores): ``W`` resident up to 128 x 128; ``np2 = 256`` has
-      ``nb = 2``: a resident ``H_128`` used twice (Sylvester, the kernel's ``SPLIT2``) or
-      128-wide sub-tiles (explicit ``W``); ``BLOCK_M = 8192 / np2`` rows in [32, 256]
-      (16 rows for small calls).
+      ``nb = 2``: a resident ``H_128`` used twice (Sylvester outside the table, the kernel's
+      ``SPLIT2``) or 128-wide sub-tiles (explicit ``W``); ``BLOCK_M = 8192 / np2`` rows in
+      [32, 256] (16 rows for small calls).
     * fp32 operands (ieee: FMA, no tensor cores): ``W`` resident up to 128 x 128 with
       ``BLOCK_M = 16`` at 128; 64-wide sub-tiles (``nb = 4``) for 256, since a resident fp32
       ``H_128`` used twice spills: Sylvester takes ``SPLIT4`` (one resident fp32 ``H_64``), an
@@ -643,7 +648,7 @@ def hadamard_triton(
         A new contiguous tensor with x's shape and dtype.
     """
     if matrix is None:  # a layout seen before: its plan (validation included) is cached
-        plan = _ROW_PLANS.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
+        plan = _ROW_PLANS.get((x.shape, x.stride(), x.dtype, x.is_cuda, x.get_device(), block))
         if plan is not None and x.get_device() == torch.cuda.current_device():
             out = x.new_empty(x.shape)
             _launch_rows(x, x, out, float(scale), block, True, False, None, plan)
@@ -690,8 +695,9 @@ def hadamard_triton(
     return out
 
 
-#: Row-kernel plans of Sylvester one-pass calls, by (shape, strides, dtype, device, block):
-#: bounded like the fused kernel's plan cache.
+#: Row-kernel plans of Sylvester one-pass calls, by (shape, strides, dtype, is_cuda, device
+#: index, block): bounded like the fused kernel's plan cache. Only inputs that passed
+#: validation are stored, so a hit needs none.
 _ROW_PLANS: dict[tuple, _RowsPlan] = {}
 _MAX_ROW_PLANS = 4096
 
@@ -713,7 +719,7 @@ def _dispatch(
         plan = _rows_plan(x, w, out.dtype, block, sylvester, dot_f32, layout)
         if len(_ROW_PLANS) >= _MAX_ROW_PLANS:
             _ROW_PLANS.clear()
-        _ROW_PLANS[(x.shape, x.stride(), x.dtype, x.get_device(), block)] = plan
+        _ROW_PLANS[(x.shape, x.stride(), x.dtype, x.is_cuda, x.get_device(), block)] = plan
         _launch_rows(x, w, out, scale, block, sylvester, dot_f32, layout, plan)
         return
     _run(x, out, w, scale, block, sylvester, dot_f32, layout)

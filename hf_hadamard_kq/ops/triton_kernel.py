@@ -567,6 +567,18 @@ def _rows_plan(
     return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps)
 
 
+def _launch_plan(plan: _RowsPlan, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+                 scale: float) -> None:
+    """One row-kernel launch as ``plan`` describes it (``_rows_plan`` of these tensors'
+    layout)."""
+    if _ROWS is None:  # interpreter, or no launcher: the plain triton call
+        _rows_kernel[(plan.grid,)](x, w, out, *plan.scalars, scale, **plan.meta,
+                                   num_warps=plan.num_warps)
+        return
+    _ROWS.launch(plan.grid, plan.key, x.get_device(), (x, w, out), (*plan.scalars, scale),
+                 plan.meta, plan.num_warps, plan.int_key)
+
+
 def _launch_rows(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -576,17 +588,9 @@ def _launch_rows(
     sylvester: bool,
     dot_f32: bool,
     layout: tuple[int, int, int, int, int] | None,
-    plan: _RowsPlan | None = None,
 ) -> None:
     """Row kernel over x (flat when ``layout`` is None, else see :func:`_row_layout`)."""
-    if plan is None:
-        plan = _rows_plan(x, w, out.dtype, n, sylvester, dot_f32, layout)
-    if _ROWS is None:  # interpreter, or no launcher: the plain triton call
-        _rows_kernel[(plan.grid,)](x, w, out, *plan.scalars, scale, **plan.meta,
-                                   num_warps=plan.num_warps)
-        return
-    _ROWS.launch(plan.grid, plan.key, x.get_device(), (x, w, out), (*plan.scalars, scale),
-                 plan.meta, plan.num_warps, plan.int_key)
+    _launch_plan(_rows_plan(x, w, out.dtype, n, sylvester, dot_f32, layout), x, w, out, scale)
 
 
 def _launch_mid(buf: torch.Tensor, out: torch.Tensor, m: int, inner: int, scale: float) -> None:
@@ -648,10 +652,11 @@ def hadamard_triton(
         A new contiguous tensor with x's shape and dtype.
     """
     if matrix is None:  # a layout seen before: its plan (validation included) is cached
-        plan = _ROW_PLANS.get((x.shape, x.stride(), x.dtype, x.is_cuda, x.get_device(), block))
-        if plan is not None and x.get_device() == torch.cuda.current_device():
+        device = x.get_device()
+        plan = _ROW_PLANS.get((x.shape, x.stride(), x.dtype, x.is_cuda, device, block))
+        if plan is not None and device == torch.cuda.current_device():
             out = x.new_empty(x.shape)
-            _launch_rows(x, x, out, float(scale), block, True, False, None, plan)
+            _launch_plan(plan, x, x, out, float(scale))
             return out
     if not _HAS_TRITON:
         raise RuntimeError("hadamard_triton needs triton, which is not importable")
@@ -711,8 +716,9 @@ def _dispatch(
     sylvester: bool,
     dot_f32: bool,
 ) -> None:
-    layout = _FLAT if x.is_contiguous() else _row_layout(x)
-    if layout is None and not x.is_contiguous():
+    contiguous = x.is_contiguous()
+    layout = _FLAT if contiguous else _row_layout(x)
+    if layout is None and not contiguous:  # no strided form: copy, never planned by layout
         _run(x.contiguous(), out, w, scale, block, sylvester, dot_f32, _FLAT)
         return
     if sylvester and block <= MAX_ONE_PASS and _ROWS is not None:
@@ -720,6 +726,6 @@ def _dispatch(
         if len(_ROW_PLANS) >= _MAX_ROW_PLANS:
             _ROW_PLANS.clear()
         _ROW_PLANS[(x.shape, x.stride(), x.dtype, x.is_cuda, x.get_device(), block)] = plan
-        _launch_rows(x, w, out, scale, block, sylvester, dot_f32, layout, plan)
+        _launch_plan(plan, x, w, out, scale)
         return
     _run(x, out, w, scale, block, sylvester, dot_f32, layout)

@@ -153,6 +153,28 @@ def bench_large_and_matrix(timer: Timer, rows: list[dict]) -> None:
         print(row, flush=True)
 
 
+def graph_us(fn, calls: int = 100) -> float:
+    """GPU time per call inside a CUDA graph of ``calls`` calls (replayed 10 times)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * calls)
+
+
 def _host_and_graph_us(fn) -> tuple[float, float]:
     """(host wall time per call over 2000 back-to-back eager calls with one sync, GPU time per
     call inside a CUDA graph of 100 calls)."""
@@ -165,24 +187,7 @@ def _host_and_graph_us(fn) -> tuple[float, float]:
         fn()
     torch.cuda.synchronize()
     host = (time.perf_counter() - t0) / n * 1e6
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(100):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return host, start.elapsed_time(end) * 1e3 / 1000
+    return host, graph_us(fn)
 
 
 def bench_decode(rows: list[dict]) -> None:

@@ -78,30 +78,6 @@ def run_config(x: torch.Tensor, n: int, cfg) -> torch.Tensor:
         tk._ROW_PLANS.clear()
 
 
-def graph_us(fn, calls: int = 100) -> float:
-    """GPU time per call inside a CUDA graph of ``calls`` calls (decode: launch-latency bound,
-    as bench_op.py measures it)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (10 * calls)
-
-
 def err_vs_floor(out: torch.Tensor, x: torch.Tensor, n: int) -> float:
     ref = (x.double().reshape(-1, n) @ sylvester(n, torch.float64, x.device)
            / math.sqrt(n)).reshape(x.shape)
@@ -133,7 +109,7 @@ def main(argv=None) -> None:
         shapes = [(t, 2, d) for d in args.d for t in (40, 1100)]
         args.programs_per_sm = [p for p in args.programs_per_sm if p in (0, 1)]
     else:
-        from bench_op import Timer
+        from bench_op import Timer, graph_us
 
         device, timer = "cuda", Timer(args.reps)
         shapes = [(t, h, d) for d in args.d for h in args.heads for t in args.tokens]

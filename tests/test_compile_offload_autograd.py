@@ -52,24 +52,43 @@ def test_decode_step_fullgraph_no_graph_breaks(name):
     assert len(ops) == 2 * tm.COMMON["num_hidden_layers"]
 
 
-def test_generate_with_compiled_forward():
-    """generate() with forward = torch.compile(fullgraph=True) (inductor, CPU) and a static
-    cache gives the plain model's tokens."""
-    torch._dynamo.reset()
+def assert_compiled_forward_generate_matches_plain():
+    """generate() of a rotated tiny Llama with forward = torch.compile(fullgraph=True)
+    (inductor, CPU) and a static cache gives the plain model's tokens. Returns the plain and
+    rotated (compiled-forward) models and the prompt, for further checks."""
     plain, ours = tm.base_model("llama"), tm.rotated("llama")
     ours.forward = torch.compile(ours.forward, fullgraph=True)
     ids, mask = tm.prompt(seq=7)
     kw = dict(max_new_tokens=6, cache_implementation="static", **GEN)
     want = plain.generate(ids, attention_mask=mask, **kw)
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), want)
+    return plain, ours, ids, mask
+
+
+def assert_logits_and_rotated_keys(plain, ours, run, c_plain, c_ours, ids, mask) -> None:
+    """``run`` (``ours`` itself, or a compiled form of it) gives the plain model's logits, and
+    ``c_ours`` holds the plain model's cached keys rotated in float64."""
+    from tests.oracles import rotate64
+
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask, **tm.with_cache(plain, c_plain)).logits
+        got = run(ids, attention_mask=mask, **tm.with_cache(ours, c_ours)).logits
+    assert tm.max_diff(got, want) < 1e-5
+    for k_ours, k_plain in zip(tm.cache_keys(c_ours), tm.cache_keys(c_plain)):
+        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+
+
+def test_generate_with_compiled_forward():
+    """generate() with forward = torch.compile(fullgraph=True) (inductor, CPU) and a static
+    cache gives the plain model's tokens."""
+    torch._dynamo.reset()
+    assert_compiled_forward_generate_matches_plain()
 
 
 def test_compile_with_a_graph_break_inside_attention():
     """torch.compile without fullgraph, with a graph break inside every attention module (here
     a user pre-hook): dynamo resumes mid-module and must guard on our per-call cache view
     (it reads its ``__dict__``). Same logits as the plain model, keys rotated once."""
-    from tests.oracles import rotate64
-
     plain = tm.base_model("llama")
     ours = tm.rotated("llama")
 
@@ -84,12 +103,7 @@ def test_compile_with_a_graph_break_inside_attention():
     from transformers import DynamicCache
 
     c_plain, c_ours = DynamicCache(config=plain.config), DynamicCache(config=ours.config)
-    with torch.no_grad():
-        want = plain(ids, attention_mask=mask, **tm.with_cache(plain, c_plain)).logits
-        got = compiled(ids, attention_mask=mask, **tm.with_cache(ours, c_ours)).logits
-    assert tm.max_diff(got, want) < 1e-5
-    for k_ours, k_plain in zip(tm.cache_keys(c_ours), tm.cache_keys(c_plain)):
-        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+    assert_logits_and_rotated_keys(plain, ours, compiled, c_plain, c_ours, ids, mask)
 
 
 def cuda_graph_generate_setup(name: str):

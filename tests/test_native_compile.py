@@ -17,7 +17,6 @@ import torch
 import hf_hadamard_kq
 from hf_hadamard_kq.ops import native
 from tests import tiny_models as tm
-from tests.oracles import rotate64
 from tests.reference import assert_single_rounding, ct_hadamard, reference_transform
 
 GEN = dict(do_sample=False, pad_token_id=0)
@@ -251,20 +250,15 @@ def test_native_compiled_generate_static_cache(native_mode):
     the plain model, and the static cache holds the plain model's keys rotated (float64)."""
     from transformers import StaticCache
 
-    plain, ours = tm.base_model("llama"), tm.rotated("llama")
-    ours.forward = torch.compile(ours.forward, fullgraph=True)
-    ids, mask = tm.prompt(seq=7)
-    kw = dict(max_new_tokens=6, cache_implementation="static", **GEN)
-    want = plain.generate(ids, attention_mask=mask, **kw)
-    assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), want)
+    from tests.test_compile_offload_autograd import (
+        assert_compiled_forward_generate_matches_plain,
+        assert_logits_and_rotated_keys,
+    )
+
+    plain, ours, ids, mask = assert_compiled_forward_generate_matches_plain()
     c_plain = StaticCache(config=plain.config, max_cache_len=16)
     c_ours = StaticCache(config=ours.config, max_cache_len=16)
-    with torch.no_grad():
-        lp = plain(ids, attention_mask=mask, **tm.with_cache(plain, c_plain)).logits
-        lo = ours(ids, attention_mask=mask, **tm.with_cache(ours, c_ours)).logits
-    assert tm.max_diff(lo, lp) < 1e-5
-    for k_ours, k_plain in zip(tm.cache_keys(c_ours), tm.cache_keys(c_plain)):
-        assert tm.max_diff(k_ours, rotate64(k_plain, tm.HEAD_DIM)) < 1e-5
+    assert_logits_and_rotated_keys(plain, ours, ours, c_plain, c_ours, ids, mask)
 
 
 def test_native_compiled_training_step_gradients(native_mode):

@@ -22,6 +22,7 @@ from torch import nn
 from . import fused as fused_mod
 from .cache import rotate
 from .plan import HadamardKQConfigError
+from .specs import SLOT_ATTR, SPECS
 
 #: Registered attention names -> the inner backend they delegate to. The names avoid the
 #: substrings "sdpa", "flash" and "flex_attention", which trigger transformers' dispatch checks.
@@ -64,28 +65,28 @@ def _make_attention(inner_name: str) -> Callable:
         attention_mask,
         **kwargs,
     ):
-        try:
-            plan = module.__dict__[PLAN_ATTR]
-        except KeyError:
+        slot = module.__dict__.get(SLOT_ATTR)
+        if slot is None:
             raise HadamardKQNotInstalledError(
                 f"attention implementation '{module.config._attn_implementation}' ran on "
                 f"{type(module).__name__} with no rotation plan installed. Load the model with "
                 "from_pretrained(..., attn_implementation='hadamard_kq') from an R3 checkpoint, "
                 "or call hf_hadamard_kq.apply_r3(model) first."
-            ) from None
+            )
         if PROBE is not None:
             PROBE.attention(module, inner_name, kwargs)
-        if plan is not None and plan.q is not None:
+        q = SPECS[slot].q
+        if q is not None:
             state = None if torch.compiler.is_compiling() else fused_mod.STATE
             if state is not None and state.done is module:
                 # rotated together with the key at RoPE time (fused.py), if this is that tensor
                 state.done = None
                 if query is not state.q_out:
                     fused_mod.mismatch(module, "query")
-                    query = rotate(query, plan.q, module)  # probe only (mismatch raises)
+                    query = rotate(query, q, module)  # probe only (mismatch raises)
                 state.q_out = None
             else:
-                query = rotate(query, plan.q, module)
+                query = rotate(query, q, module)
         if inner_name == "eager":
             inner = module.__dict__[EAGER_ATTR]
         else:

@@ -19,13 +19,14 @@ rotated here. Either way each key is rotated exactly once.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from . import fused as fused_mod
 from .ops.op import hadamard_apply
 from .plan import Rotation
+from .specs import SLOT_ATTR, SPECS, LayerSpec
 
 #: Names the attention modules use for the cache argument (transformers 5.24 renamed
 #: ``past_key_values`` to ``cache``; older releases use the old name; GPT-NeoX-style
@@ -129,51 +130,47 @@ class RotateOnlyCache:
         )
 
 
-def make_key_pre_hook(
-    rotation: Optional[Rotation],
-    kwarg_name: str,
-    arg_index: Optional[int],
-    kv_quantizer: Any = None,
-    fused: bool = False,
-):
-    """Build the forward pre-hook (``with_kwargs=True``) for one attention module.
+def _view_of(cache: Any, module: Any, spec: LayerSpec) -> Any:
+    """What the module gets in place of ``cache``: the view that rotates new keys (wrapping
+    our KV quantizer, if we attached one), or the quantizer alone for an unrotated layer."""
+    if spec.kv_quantizer is not None:
+        spec.kv_quantizer.add_past_key_values(cache)
+        cache = spec.kv_quantizer
+    if spec.k is None:
+        return cache
+    if cache is None:
+        return RotateOnlyCache(spec.k, module)
+    return RotatingCacheView(cache, spec.k, module)
 
-    ``kwarg_name``/``arg_index`` say where the module's forward takes the cache, found once at
-    install time from its signature, so the hook does no introspection per call.
 
-    ``kv_quantizer``: compressed-tensors' ``QuantizedKVCache`` of this module when *we* attached
-    KV-cache quantization (compressed-tensors cannot hook the ``cache`` kwarg of
+def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The forward pre-hook (``with_kwargs=True``) of every attention module whose keys we
+    rotate or whose KV cache we quantize: puts :func:`_view_of` in place of the cache.
+
+    One function for all modules, reading the module's :class:`~.specs.LayerSpec` by slot
+    (specs.py says why: fewer guards in compiled graphs).
+
+    ``spec.kv_quantizer``: compressed-tensors' ``QuantizedKVCache`` of this module when *we*
+    attached KV-cache quantization (compressed-tensors cannot hook the ``cache`` kwarg of
     transformers >= 5.24 itself; see ``loading._attach_kv_cache_quantization``). The hook then
     does what compressed-tensors' own hook does (the quantizer wraps the real cache) and puts
     the key rotation outside it, so keys are rotated before they are quantized:
     ``view.update -> rotate K -> QuantizedKVCache (fake-quantize K, V) -> real cache``. Where
     compressed-tensors' own hook is active (transformers <= 5.17) our hook runs after it and
-    wraps its quantizer the same way. ``rotation`` None: quantizer only (an unrotated layer).
+    wraps its quantizer the same way. ``spec.k`` None: quantizer only (an unrotated layer).
     """
-
-    def view_of(cache, module):
-        if kv_quantizer is not None:
-            kv_quantizer.add_past_key_values(cache)
-            cache = kv_quantizer
-        if rotation is None:
-            return cache
-        if cache is None:
-            return RotateOnlyCache(rotation, module)
-        return RotatingCacheView(cache, rotation, module)
-
-    def key_rotation_pre_hook(module, args, kwargs):
-        if fused and not torch.compiler.is_compiling():
-            state = fused_mod.STATE
-            state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
-            state.done = state.q_out = state.k_out = None
-        for name in CACHE_KWARGS:
-            if name in kwargs:
-                kwargs[name] = view_of(kwargs[name], module)
-                return args, kwargs
-        if arg_index is not None and len(args) > arg_index:
-            args = (*args[:arg_index], view_of(args[arg_index], module), *args[arg_index + 1 :])
+    spec = SPECS[module.__dict__[SLOT_ATTR]]
+    if not torch.compiler.is_compiling() and spec.fused:
+        state = fused_mod.STATE
+        state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
+        state.done = state.q_out = state.k_out = None
+    for name in CACHE_KWARGS:
+        if name in kwargs:
+            kwargs[name] = _view_of(kwargs[name], module, spec)
             return args, kwargs
-        kwargs[kwarg_name] = view_of(None, module)
+    index = spec.arg_index
+    if index is not None and len(args) > index:
+        args = (*args[:index], _view_of(args[index], module, spec), *args[index + 1 :])
         return args, kwargs
-
-    return key_rotation_pre_hook
+    kwargs[spec.kwarg_name] = _view_of(None, module, spec)
+    return args, kwargs

@@ -18,8 +18,10 @@ from torch import nn
 
 from . import cache as cache_mod
 from . import fused as fused_mod
+from . import specs as specs_mod
 from .attention import EAGER_ATTR, PLAN_ATTR, model_eager_function
 from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
+from .specs import SLOT_ATTR, LayerSpec
 
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
 MODEL_HOOKS_ATTR = "_hadamard_kq_hooks"
@@ -237,6 +239,10 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
             eager[name] = model_eager_function(module)
         except HadamardKQConfigError:
             eager[name] = None
+    patched: list[str] = []
+    slots: list[int] = []
+    # released by remove_plan, or when the model is garbage-collected without it
+    model.__dict__[MODEL_PATCHED_ATTR] = weakref.finalize(model, _release, patched, slots)
     hooks = []
     for name, module in modules.items():
         layer = plan.layers.get(name)
@@ -245,22 +251,23 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
         module.__dict__[PLAN_ATTR] = layer
         if eager[name] is not None:
             module.__dict__[EAGER_ATTR] = eager[name]
-    patched: list[str] = []
-    # released by remove_plan, or when the model is garbage-collected without it
-    model.__dict__[MODEL_PATCHED_ATTR] = weakref.finalize(model, _release_patches, patched)
-    for name, module in modules.items():
-        layer = plan.layers.get(name)
         quantizer = module.__dict__.get(KV_QUANTIZER_ATTR)
-        rotation = None if layer is None else layer.k
-        if rotation is None and quantizer is None:
-            continue
-        fused = _install_fused(module, name, layer, patched)
-        kwarg, index = _cache_param(module)
-        hook = cache_mod.make_key_pre_hook(rotation, kwarg, index, quantizer, fused)
-        # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache hook,
-        # where it works, has then already put its quantizer in place of the cache, and our
-        # view wraps it, so keys are rotated *before* they are quantized.
-        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        q = None if layer is None else layer.q
+        k = None if layer is None else layer.k
+        if k is None and quantizer is None:
+            spec = LayerSpec(q, None)
+        else:
+            fused = _install_fused(module, name, layer, patched)
+            kwarg, index = _cache_param(module)
+            spec = LayerSpec(q, k, kwarg, index, quantizer, fused)
+        slots.append(specs_mod.acquire(spec))
+        module.__dict__[SLOT_ATTR] = slots[-1]
+        if spec.kwarg_name is not None:
+            # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache
+            # hook, where it works, has then already put its quantizer in place of the
+            # cache, and our view wraps it, so keys are rotated *before* they are quantized.
+            hooks.append(module.register_forward_pre_hook(
+                cache_mod.key_rotation_pre_hook, with_kwargs=True))
     model.__dict__[MODEL_PLAN_ATTR] = plan
     model.__dict__[MODEL_HOOKS_ATTR] = hooks
     if probe and os.environ.get(SKIP_PROBE_ENV) != "1":
@@ -301,10 +308,11 @@ def _install_fused(module: nn.Module, name: str, layer: Optional[LayerPlan],
     return True
 
 
-def _release_patches(patched: list[str]) -> None:
+def _release(patched: list[str], slots: list[int]) -> None:
     for module_name in patched:
         fused_mod.unpatch_module(module_name)
     patched.clear()
+    specs_mod.release(slots)
 
 
 def remove_plan(model: nn.Module) -> None:
@@ -313,11 +321,12 @@ def remove_plan(model: nn.Module) -> None:
         hook.remove()
     release = model.__dict__.pop(MODEL_PATCHED_ATTR, None)
     if release is not None:
-        release()  # a weakref.finalize: runs _release_patches once
+        release()  # a weakref.finalize: runs _release once
     fused_mod.reset()
     model.__dict__.pop(MODEL_PLAN_ATTR, None)
     for module in model.modules():
         module.__dict__.pop(PLAN_ATTR, None)
+        module.__dict__.pop(SLOT_ATTR, None)
         module.__dict__.pop(EAGER_ATTR, None)
         module.__dict__.pop(fused_mod.FUSED_ATTR, None)
         for name in MATRIX_BUFFERS.values():

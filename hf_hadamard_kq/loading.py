@@ -179,7 +179,7 @@ def _attach_kv_cache_quantization(model, ct_config, names: list[str]) -> None:
     ``_apply_kv_cache_scheme`` does, with its own objects: the scheme on the module, its
     ``QuantizedKVCache`` as ``kv_cache``, and the scales from its ``initialize_attn_qparams``
     (so they load from the checkpoint). The kwarg-aware hook that routes the cache through the
-    quantizer is installed with the K rotation (``cache.make_key_pre_hook``). Once
+    quantizer is installed with the K rotation (``cache.key_rotation_pre_hook``). Once
     compressed-tensors handles ``cache`` itself, its ``kv_cache`` is found and nothing is done.
     """
     from compressed_tensors.modeling.kvcache import KV_CACHE_ATTR, QuantizedKVCache

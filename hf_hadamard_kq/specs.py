@@ -1,0 +1,86 @@
+"""What each attention module's hot path needs, kept in one interned table read by slot number.
+
+Why a table: torch.compile guards every Python value a traced function reads, once per place
+it was read from. When the key pre-hook and the attention function read their rotation from
+per-layer closures and per-layer plan objects, a compiled 32-layer decode step carried ~30
+guard nodes per layer (the hook's closure cells, the rotation's fields, the plan's type), and
+dynamo evaluates them all before every call: on an H100 host the compiled step's host time
+grew by ~0.35 ms, ~4 % of a Llama-3-8B decode step at batch 1 (BENCHMARKS.md, session 5).
+Here a module carries one int (its slot), and every layer with the same rotation shares one
+table entry, so dynamo guards one int per layer plus one entry per distinct rotation.
+
+Entries are reference-counted by the layers that use them and dropped by ``release`` (from
+``remove_plan``, or when the model is garbage-collected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .plan import Rotation
+
+#: Name, in an attention module's ``__dict__``, of its slot in :data:`SPECS`.
+SLOT_ATTR = "_hadamard_kq_slot"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerSpec:
+    """The rotations and cache plumbing of one attention module (shared by equal modules).
+
+    ``kwarg_name``/``arg_index``: where the module's forward takes the cache (found once at
+    install time). ``kv_quantizer``: compressed-tensors' ``QuantizedKVCache`` that *we*
+    attached to this module (see cache.key_rotation_pre_hook), else None. ``fused``: the module
+    was given the fused RoPE path at install (whether it still has it is read per call)."""
+
+    q: Optional[Rotation]
+    k: Optional[Rotation]
+    kwarg_name: Optional[str] = None
+    arg_index: Optional[int] = None
+    kv_quantizer: Any = None
+    fused: bool = False
+
+
+#: slot -> spec. Read by the hot path (cache.key_rotation_pre_hook, attention.py).
+SPECS: dict[int, LayerSpec] = {}
+_SLOTS: dict[tuple, int] = {}
+_REFS: dict[int, int] = {}
+_KEYS: dict[int, tuple] = {}
+_NEXT = [0]  # slots are never reused: a compiled graph's guard on a slot means one entry
+
+
+def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
+    """What the hot path reads of a rotation (cache.rotate): equal keys rotate identically.
+    A matrix that is not in a module buffer is read from the rotation itself, so it is
+    compared by identity."""
+    if rotation is None:
+        return None
+    own_matrix = id(rotation.matrix) if rotation.buffer is None and rotation.matrix is not None \
+        else None
+    return (rotation.scale, rotation.block, rotation.buffer, rotation.cast, own_matrix)
+
+
+def acquire(spec: LayerSpec) -> int:
+    """The slot of an entry equal to ``spec`` (added if new); one more reference to it."""
+    quantizer = None if spec.kv_quantizer is None else id(spec.kv_quantizer)
+    key = (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
+           quantizer, spec.fused)
+    slot = _SLOTS.get(key)
+    if slot is None:
+        slot = _NEXT[0]
+        _NEXT[0] += 1
+        SPECS[slot] = spec
+        _SLOTS[key] = slot
+        _KEYS[slot] = key
+        _REFS[slot] = 0
+    _REFS[slot] += 1
+    return slot
+
+
+def release(slots: list[int]) -> None:
+    """Drop one reference per slot in ``slots`` (and the entries nobody uses any more)."""
+    for slot in slots:
+        _REFS[slot] -= 1
+        if _REFS[slot] == 0:
+            del SPECS[slot], _REFS[slot], _SLOTS[_KEYS.pop(slot)]
+    slots.clear()

@@ -21,7 +21,7 @@ from . import fused as fused_mod
 from . import specs as specs_mod
 from .attention import EAGER_ATTR, PLAN_ATTR, model_eager_function
 from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
-from .specs import SLOT_ATTR, LayerSpec
+from .specs import LayerSpec
 
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
 MODEL_HOOKS_ATTR = "_hadamard_kq_hooks"
@@ -240,9 +240,8 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
         except HadamardKQConfigError:
             eager[name] = None
     patched: list[str] = []
-    slots: list[int] = []
     # released by remove_plan, or when the model is garbage-collected without it
-    model.__dict__[MODEL_PATCHED_ATTR] = weakref.finalize(model, _release, patched, slots)
+    model.__dict__[MODEL_PATCHED_ATTR] = weakref.finalize(model, _release_patches, patched)
     hooks = []
     for name, module in modules.items():
         layer = plan.layers.get(name)
@@ -260,8 +259,7 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
             fused = _install_fused(module, name, layer, patched)
             kwarg, index = _cache_param(module)
             spec = LayerSpec(q, k, kwarg, index, quantizer, fused)
-        slots.append(specs_mod.acquire(spec))
-        module.__dict__[SLOT_ATTR] = slots[-1]
+        specs_mod.attach(module, spec)
         if spec.kwarg_name is not None:
             # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache
             # hook, where it works, has then already put its quantizer in place of the
@@ -308,11 +306,10 @@ def _install_fused(module: nn.Module, name: str, layer: Optional[LayerPlan],
     return True
 
 
-def _release(patched: list[str], slots: list[int]) -> None:
+def _release_patches(patched: list[str]) -> None:
     for module_name in patched:
         fused_mod.unpatch_module(module_name)
     patched.clear()
-    specs_mod.release(slots)
 
 
 def remove_plan(model: nn.Module) -> None:
@@ -321,12 +318,12 @@ def remove_plan(model: nn.Module) -> None:
         hook.remove()
     release = model.__dict__.pop(MODEL_PATCHED_ATTR, None)
     if release is not None:
-        release()  # a weakref.finalize: runs _release once
+        release()  # a weakref.finalize: runs _release_patches once
     fused_mod.reset()
     model.__dict__.pop(MODEL_PLAN_ATTR, None)
     for module in model.modules():
         module.__dict__.pop(PLAN_ATTR, None)
-        module.__dict__.pop(SLOT_ATTR, None)
+        specs_mod.detach(module)
         module.__dict__.pop(EAGER_ATTR, None)
         module.__dict__.pop(fused_mod.FUSED_ATTR, None)
         for name in MATRIX_BUFFERS.values():

@@ -9,12 +9,13 @@ grew by ~0.35 ms, ~4 % of a Llama-3-8B decode step at batch 1 (BENCHMARKS.md, se
 Here a module carries one int (its slot), and every layer with the same rotation shares one
 table entry, so dynamo guards one int per layer plus one entry per distinct rotation.
 
-Entries are reference-counted by the layers that use them and dropped by ``release`` (from
-``remove_plan``, or when the model is garbage-collected).
+Entries are reference-counted by the modules that use them (see :class:`_Ticket`): dropped
+by ``detach`` (``remove_plan``) or when the modules are garbage-collected.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ from .plan import Rotation
 
 #: Name, in an attention module's ``__dict__``, of its slot in :data:`SPECS`.
 SLOT_ATTR = "_hadamard_kq_slot"
+_TICKET_ATTR = "_hadamard_kq_slot_ticket"
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +54,7 @@ _NEXT = [0]  # slots are never reused: a compiled graph's guard on a slot means 
 def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
     """What the hot path reads of a rotation (cache.rotate): equal keys rotate identically.
     A matrix that is not in a module buffer is read from the rotation itself, so it is
-    compared by identity."""
+    compared by identity (the entry keeps it alive, so the id stays unique)."""
     if rotation is None:
         return None
     own_matrix = id(rotation.matrix) if rotation.buffer is None and rotation.matrix is not None \
@@ -60,8 +62,7 @@ def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
     return (rotation.scale, rotation.block, rotation.buffer, rotation.cast, own_matrix)
 
 
-def acquire(spec: LayerSpec) -> int:
-    """The slot of an entry equal to ``spec`` (added if new); one more reference to it."""
+def _intern(spec: LayerSpec) -> int:
     quantizer = None if spec.kv_quantizer is None else id(spec.kv_quantizer)
     key = (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
            quantizer, spec.fused)
@@ -73,14 +74,53 @@ def acquire(spec: LayerSpec) -> int:
         _SLOTS[key] = slot
         _KEYS[slot] = key
         _REFS[slot] = 0
-    _REFS[slot] += 1
     return slot
 
 
-def release(slots: list[int]) -> None:
-    """Drop one reference per slot in ``slots`` (and the entries nobody uses any more)."""
-    for slot in slots:
-        _REFS[slot] -= 1
-        if _REFS[slot] == 0:
-            del SPECS[slot], _REFS[slot], _SLOTS[_KEYS.pop(slot)]
-    slots.clear()
+def _release(slot: int) -> None:
+    _REFS[slot] -= 1
+    if _REFS[slot] == 0:
+        del SPECS[slot], _REFS[slot], _SLOTS[_KEYS.pop(slot)]
+
+
+class _Ticket:
+    """A module's reference to its slot: the entry lives while any module holds a ticket.
+
+    Kept in the module's ``__dict__`` next to the slot, so it goes where the module goes: a
+    ``copy.deepcopy`` of an installed model copies the ticket (one more reference, same
+    entry) and keeps working after the original is removed or collected; a dropped module
+    releases its reference when the ticket is collected."""
+
+    __slots__ = ("__weakref__", "slot")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        _REFS[slot] += 1
+        weakref.finalize(self, _release, slot)
+
+    def __copy__(self) -> _Ticket:
+        return _Ticket(self.slot)
+
+    def __deepcopy__(self, memo: dict) -> _Ticket:
+        return _Ticket(self.slot)
+
+    def __reduce__(self):
+        raise TypeError(
+            "hf_hadamard_kq: a model with R3 installed cannot be pickled (its rotation lives "
+            "in hooks and a per-process table); save it with hf_hadamard_kq.save_r3_pretrained "
+            "and load it with attn_implementation='hadamard_kq'"
+        )
+
+
+def attach(module: Any, spec: LayerSpec) -> int:
+    """Give ``module`` the slot of an entry equal to ``spec`` (added if new)."""
+    slot = _intern(spec)
+    module.__dict__[_TICKET_ATTR] = _Ticket(slot)
+    module.__dict__[SLOT_ATTR] = slot
+    return slot
+
+
+def detach(module: Any) -> None:
+    """Remove ``module``'s slot (its entry goes when no module uses it any more)."""
+    module.__dict__.pop(SLOT_ATTR, None)
+    module.__dict__.pop(_TICKET_ATTR, None)

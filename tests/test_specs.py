@@ -3,6 +3,7 @@ per layer in a compiled decode step."""
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -17,45 +18,85 @@ def _attention_modules(model):
     return [m for m in model.modules() if specs.SLOT_ATTR in m.__dict__]
 
 
+def _slots(model) -> set[int]:
+    return {m.__dict__[specs.SLOT_ATTR] for m in _attention_modules(model)}
+
+
+def _settled() -> dict:
+    """SPECS once models dropped by earlier tests are collected (their entries go then)."""
+    gc.collect()
+    return dict(specs.SPECS)
+
+
+def _config(head_dim: int) -> dict:
+    """A rotation no other test uses (its own entry), from the default R3 config."""
+    return hf_hadamard_kq.default_r3_config(head_dim=head_dim)
+
+
 def test_uniform_layers_share_one_entry_and_remove_releases_it():
-    before = dict(specs.SPECS)
-    model = tm.rotated("llama")
+    before = _settled()
+    model = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))
     mods = _attention_modules(model)
     assert len(mods) == tm.COMMON["num_hidden_layers"]
-    slots = {m.__dict__[specs.SLOT_ATTR] for m in mods}
+    slots = _slots(model)
     assert len(slots) == 1
-    spec = specs.SPECS[slots.pop()]
-    assert spec.q.block == spec.k.block == tm.HEAD_DIM
-    assert spec.q.scale == spec.k.scale == tm.HEAD_DIM ** -0.5
+    slot = next(iter(slots))
+    assert slot not in before
+    spec = specs.SPECS[slot]
+    assert spec.q.block == spec.k.block == 4
+    assert spec.q.scale == spec.k.scale == 0.5
     assert spec.kwarg_name in ("cache", "past_key_values")
-    # a second model with the same rotation reuses the entry
-    other = tm.rotated("llama")
-    assert {m.__dict__[specs.SLOT_ATTR] for m in _attention_modules(other)} == {
-        mods[0].__dict__[specs.SLOT_ATTR]}
-    assert len(specs.SPECS) == len(before) + 1
+    other = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))  # the same rotation
+    assert _slots(other) == {slot}
+    assert set(specs.SPECS) - set(before) == {slot}
     hf_hadamard_kq.remove_r3(model)
     assert not _attention_modules(model)
-    assert len(specs.SPECS) == len(before) + 1  # still used by `other`
+    assert slot in specs.SPECS  # still used by `other`
     hf_hadamard_kq.remove_r3(other)
+    assert slot not in specs.SPECS
     assert specs.SPECS == before
 
 
 def test_garbage_collected_model_releases_its_entries():
-    before = dict(specs.SPECS)
-    model = tm.rotated("llama")
-    assert len(specs.SPECS) > len(before)
+    before = _settled()
+    model = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))
+    slot = next(iter(_slots(model)))
+    assert slot in specs.SPECS and slot not in before
+    del model
+    assert _settled() == before
+
+
+def test_deep_copy_keeps_working_after_the_original_is_removed():
+    """A deep copy holds its own reference to the entry (the modules' tickets are copied)."""
+    before = _settled()
+    model = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))
+    twin = copy.deepcopy(model)
+    ids, mask = tm.prompt()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    hf_hadamard_kq.remove_r3(model)
     del model
     gc.collect()
-    assert specs.SPECS == before
+    assert _slots(twin) and _slots(twin) <= set(specs.SPECS)
+    with torch.no_grad():
+        assert torch.equal(twin(ids, attention_mask=mask).logits, want)
+    del twin
+    assert _settled() == before
+
+
+def test_installed_model_refuses_pickling_with_a_clear_error():
+    import pickle
+
+    model = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))
+    with pytest.raises(TypeError, match="save_r3_pretrained"):
+        pickle.dumps(model)
 
 
 def test_different_rotations_get_different_entries():
-    a = tm.rotated("llama")
-    b = hf_hadamard_kq.apply_r3(tm.fresh("llama"), hf_hadamard_kq.default_r3_config(head_dim=8))
-    slot_a = {m.__dict__[specs.SLOT_ATTR] for m in _attention_modules(a)}
-    slot_b = {m.__dict__[specs.SLOT_ATTR] for m in _attention_modules(b)}
-    assert len(slot_a) == len(slot_b) == 1 and slot_a != slot_b
-    assert specs.SPECS[slot_b.pop()].q.block == 8
+    a = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))
+    b = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(8))
+    assert len(_slots(a)) == len(_slots(b)) == 1 and _slots(a) != _slots(b)
+    assert specs.SPECS[next(iter(_slots(b)))].q.block == 8
 
 
 def test_attention_on_a_model_without_a_plan_refuses_to_run():

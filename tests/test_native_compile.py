@@ -26,9 +26,10 @@ GEN = dict(do_sample=False, pad_token_id=0)
 def native_mode():
     """Compile with the native form; restore the default (and dynamo's caches) afterwards."""
     torch._dynamo.reset()
+    before = native.MODE
     hf_hadamard_kq.set_compile_rotation("native")
     yield
-    hf_hadamard_kq.set_compile_rotation("op")
+    hf_hadamard_kq.set_compile_rotation(before)
     torch._dynamo.reset()
 
 
@@ -282,22 +283,98 @@ def test_native_compiled_training_step_gradients(native_mode):
         assert tm.max_diff(pc.grad, pe.grad) <= 1e-4 * max(1.0, pe.grad.abs().max().item()), name
 
 
-@pytest.mark.parametrize("value,ok", [("native", True), ("op", True), ("bogus", False)])
+@pytest.mark.parametrize("value,ok", [("native", True), ("op", True), ("auto", True),
+                                      ("bogus", False)])
 def test_environment_variable(value, ok):
     env = dict(os.environ, **{native.COMPILE_ENV: value})
-    code = "import hf_hadamard_kq.ops.native as n; print(n.ENABLED)"
+    code = "import hf_hadamard_kq.ops.native as n; print(n.MODE)"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     if ok:
         assert res.returncode == 0, res.stderr
-        assert res.stdout.strip() == str(value == "native")
+        assert res.stdout.strip() == value
     else:
         assert res.returncode != 0
         assert "HF_HADAMARD_KQ_COMPILE='bogus'" in res.stderr and "'native'" in res.stderr
 
 
+def test_default_mode_is_auto():
+    env = {k: v for k, v in os.environ.items() if k != native.COMPILE_ENV}
+    code = "import hf_hadamard_kq.ops.native as n; print(n.MODE)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "auto"
+
+
+@pytest.fixture
+def auto_mode():
+    torch._dynamo.reset()
+    before = native.MODE
+    hf_hadamard_kq.set_compile_rotation("auto")
+    yield
+    hf_hadamard_kq.set_compile_rotation(before)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("shape,block,takes_op", [
+    ((1, 16), 16, False),
+    ((64, 16), 16, False),  # AUTO_MAX_CHUNKS: still native
+    ((65, 16), 16, True),
+    ((2, 8, 4, 64), 16, True),  # 256 chunks of a block-diagonal rotation
+    ((1, 4, 1, 128), 128, False),
+])
+def test_auto_mode_traces_small_tensors_natively(shape, block, takes_op, auto_mode):
+    """``auto`` picks the form by the number of ``block``-sized chunks (trace-time constant):
+    the native form up to AUTO_MAX_CHUNKS, the custom op above; both give the float64 result."""
+    from hf_hadamard_kq.ops.op import hadamard_apply
+
+    assert native.AUTO_MAX_CHUNKS == 64
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(block)).to(torch.bfloat16)
+    fn = torch.compile(lambda t: hadamard_apply(t, block ** -0.5, None, block), backend=backend,
+                       fullgraph=True, dynamic=False)
+    out = fn(x)
+    assert counts == [int(takes_op)]
+    assert_single_rounding(out, reference_transform(x, block=block, scale=block ** -0.5))
+
+
+def test_auto_mode_in_a_model_decode_native_prefill_op(auto_mode):
+    """A tiny Llama under the default mode: the compiled decode step (2 sequences x 4 query
+    heads, 2 x 2 key heads: 8 and 4 chunks) has no custom-op node, a compiled 40-token prefill
+    (320 and 160 chunks) has the op's two nodes per layer; both match the op form's logits."""
+    layers = tm.COMMON["num_hidden_layers"]
+    model = tm.rotated("llama")
+    graphs, ops, out_auto, _ = _graphs_of_decode_step(model)
+    assert len(graphs) == 1 and ops == []
+    hf_hadamard_kq.set_compile_rotation("op")
+    torch._dynamo.reset()
+    _, ops, out_op, _ = _graphs_of_decode_step(tm.rotated("llama"))
+    assert len(ops) == 2 * layers
+    assert tm.max_diff(out_auto.logits, out_op.logits) < 1e-5
+    hf_hadamard_kq.set_compile_rotation("auto")
+    torch._dynamo.reset()
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    ids, mask = tm.prompt(seq=40)
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask)
+        want = tm.rotated("llama")(ids, attention_mask=mask)
+    assert counts == [2 * layers]
+    assert tm.max_diff(got.logits, want.logits) < 1e-5
+
+
 def test_set_compile_rotation_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="'op' or 'native'"):
+    with pytest.raises(ValueError, match="'auto', 'op' or 'native'"):
         hf_hadamard_kq.set_compile_rotation("fast")
 
 

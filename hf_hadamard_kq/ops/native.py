@@ -1,16 +1,18 @@
-"""The rotation written in plain torch ops, for torch.compile to fuse (opt-in, experimental).
+"""The rotation written in plain torch ops, for torch.compile to fuse (small tensors by default).
 
-Why: under ``torch.compile`` the rotation is normally our custom op, one opaque node per
+Why: under ``torch.compile`` the rotation is otherwise our custom op, one opaque node per
 tensor. With a static cache and CUDA graphs the host cost is gone, so what is left is GPU
-time, and every opaque node is one more kernel (~2-4 us each on an H100, two per layer; see
-BENCHMARKS.md: static + compile ran at 0.94x sdpa before the fused eager path existed).
-Written as ``(x[..., :, None] * W).sum(-2)`` -- a broadcast multiply and a 128-term
+time, and every opaque node is one more kernel (~2-4 us each on an H100, two per layer).
+Written as ``(x[..., :, None] * W).sum(-2)`` -- a broadcast multiply and a ``block``-term
 reduction, with the Sylvester matrix built from ``arange`` bit arithmetic -- inductor can
 fuse the rotation into the kernel that already computes RoPE (its producer), so the compiled
 step gets no extra kernel: on CPU (inductor's C++ backend) a tiny Llama's compiled decode step
-calls as many kernels as the plain model's (tests/test_native_compile.py). Whether inductor's
-Triton kernels beat the custom op on a GPU has **not been measured yet**, so this stays off by
-default.
+calls as many kernels as the plain model's (tests/test_native_compile.py). Its cost grows
+with the tensor (``block`` multiply-adds per element), the op's does not at decode sizes, so
+the default ``auto`` mode uses this form only for tensors of at most
+:data:`AUTO_MAX_CHUNKS` chunks (decode at small batch). Measured on an H100 (BENCHMARKS.md,
+session 5; Llama-3-8B shapes, static cache, CUDA graphs): batch 1 0.991x sdpa with this form
+vs ~0.96x with the op; batch 32 0.993x with the op vs 0.935x with this form.
 
 Numerics: products and sum in fp32 (fp64 for fp64 inputs), one rounding to the input dtype,
 like the op. Inside a compiled graph inductor also skips the rounding of RoPE's output before
@@ -24,10 +26,11 @@ input and result (cache.rotate: inductor would fuse those roundings away), and D
 Memory: inductor fuses the broadcast product into the sum (checked on CPU), so nothing of
 size ``x.numel() * block`` is stored. A backend that does not fuse (``backend="eager"`` or
 ``"aot_eager"``, ``torch.export`` then run eagerly) materialises it: ``4 * x.numel() * block``
-bytes, e.g. 16 GiB for the query of an 8k-token prefill with 32 heads of 128 -- use the
-default form with those backends.
+bytes, e.g. 16 GiB for the query of an 8k-token prefill with 32 heads of 128 under
+``native`` -- under ``auto`` at most ``4 * 64 * block**2`` bytes (16 MiB at block 256); use
+``op`` with those backends.
 
-Enable with ``HF_HADAMARD_KQ_COMPILE=native`` in the environment (read at import) or
+Choose with ``HF_HADAMARD_KQ_COMPILE=auto|op|native`` in the environment (read at import) or
 :func:`set_compile_rotation` before compiling.
 """
 
@@ -38,37 +41,57 @@ from typing import Optional
 
 import torch
 
-#: Environment variable choosing the compiled form: ``op`` (default) or ``native``.
+#: Environment variable choosing the compiled form: ``auto`` (default), ``op`` or ``native``.
 COMPILE_ENV = "HF_HADAMARD_KQ_COMPILE"
 #: Largest block written as a dense broadcast-multiply-sum.
 NATIVE_MAX_BLOCK = 256
+#: ``auto``: tensors of at most this many ``block``-sized chunks take the native form. Why 64:
+#: in a CUDA-graphed Llama-3-8B decode step on an H100 (BENCHMARKS.md, session 5) the native
+#: form's fused reduction cost ~31-37 ns of GPU time per chunk (q and k of 32 layers: ~+40 us
+#: per step at batch 1, ~+1.5 ms at batch 32) and the op form a roughly constant ~2.3 us per
+#: tensor (its kernel plus the cache write inductor can no longer fuse): equal at 62-74 chunks.
+#: Measured at the two ends only (batch 1: 32 and 8 chunks; batch 32: 1024 and 256).
+AUTO_MAX_CHUNKS = 64
 
-_MODES = ("op", "native")
+_MODES = ("auto", "op", "native")
 
 
 def _mode_from_env() -> str:
-    mode = os.environ.get(COMPILE_ENV, "op")
+    mode = os.environ.get(COMPILE_ENV, "auto")
     if mode not in _MODES:
         raise ValueError(
-            f"{COMPILE_ENV}={mode!r} is not a valid value; use 'op' (default: the custom op "
-            "under torch.compile) or 'native' (plain torch ops that inductor can fuse)"
+            f"{COMPILE_ENV}={mode!r} is not a valid value; use 'auto' (default: plain torch "
+            "ops for small tensors, the custom op for large ones), 'op' (always the custom op "
+            "under torch.compile) or 'native' (always plain torch ops that inductor can fuse)"
         )
     return mode
 
 
-#: True when hadamard_apply uses :func:`native_hadamard` while torch.compile traces.
-ENABLED: bool = _mode_from_env() == "native"
+#: The form hadamard_apply gives the rotation while torch.compile traces (see use_native).
+MODE: str = _mode_from_env()
 
 
 def set_compile_rotation(mode: str) -> None:
-    """Choose how the rotation appears in graphs traced by torch.compile: ``"op"`` (our custom
-    op, the default) or ``"native"`` (plain torch ops that inductor fuses with their producer,
-    see this module's docstring). Dynamo guards the setting: a compiled function called after
-    a switch is traced again (one recompilation, counted against dynamo's recompile limit)."""
-    global ENABLED
+    """Choose how the rotation appears in graphs traced by torch.compile: ``"auto"`` (the
+    default: ``"native"`` for tensors of at most :data:`AUTO_MAX_CHUNKS` chunks, such as
+    decode steps at small batch, ``"op"`` for larger ones), ``"op"`` (our custom op, one
+    kernel per tensor) or ``"native"`` (plain torch ops that inductor fuses with their
+    producer, see this module's docstring). Dynamo guards the setting: a compiled function
+    called after a switch is traced again (one recompilation, counted against dynamo's
+    recompile limit)."""
+    global MODE
     if mode not in _MODES:
-        raise ValueError(f"mode must be 'op' or 'native', got {mode!r}")
-    ENABLED = mode == "native"
+        raise ValueError(f"mode must be 'auto', 'op' or 'native', got {mode!r}")
+    MODE = mode
+
+
+def use_native(x: torch.Tensor, block: int) -> bool:
+    """Whether a traced rotation of ``x`` (validated, ``block <= NATIVE_MAX_BLOCK``) takes the
+    native form under the current mode. Under ``auto`` the chunk count is a trace-time
+    constant with static shapes; with dynamic shapes dynamo guards on it."""
+    if MODE == "auto":
+        return x.numel() // block <= AUTO_MAX_CHUNKS
+    return MODE == "native"
 
 
 def sylvester_signs(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -168,8 +168,9 @@ def hadamard_apply(
     straight to the same implementation the op would run. Under ``torch.compile``, autograd,
     tensor subclasses (DTensor, FakeTensor) or dispatch modes, the op is used so that the
     compiler, autograd and subclass dispatch see one node (FakeTensor is a subclass, so
-    fake/meta tracing also takes the op) -- unless :func:`native.set_compile_rotation`
-    chose ``"native"``: then torch.compile traces plain torch ops it can fuse (native.py).
+    fake/meta tracing also takes the op) -- except where :func:`native.use_native` says the
+    tensor takes the native form (small tensors by default, see native.set_compile_rotation):
+    then torch.compile traces plain torch ops it can fuse (native.py).
     ``fusable=False`` keeps the op even then: for a caller whose roundings around the call
     matter (a scheme ``precision`` cast), which inductor would fuse away.
     """
@@ -186,11 +187,11 @@ def hadamard_apply(
         if x.device.type == "cpu":
             return torch_hadamard(x, scale, matrix, block)
     if (
-        native.ENABLED
-        and fusable
+        fusable
         and block <= native.NATIVE_MAX_BLOCK
         and type(x) is torch.Tensor  # not a DTensor: plain ops with a plain matrix
         and torch.compiler.is_compiling()
+        and native.use_native(x, block)
     ):
         return native.native_hadamard(x, scale, matrix, block)
     return torch.ops.hadamard_kq.hadamard_transform(x, scale, matrix, block)

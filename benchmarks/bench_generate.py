@@ -145,9 +145,11 @@ def main(argv=None) -> None:
                              "keeps R3 applied, instead of applying / removing R3 on one model "
                              "between runs: compiled graphs then never see a re-installed "
                              "rotation (twice the GPU memory; not with --tp)")
-    parser.add_argument("--compile-rotation", choices=["op", "native"], default="op",
-                        help="form of the rotation in compiled graphs (static mode): our custom "
-                             "op, or plain torch ops inductor can fuse (ops/native.py)")
+    parser.add_argument("--compile-rotation", choices=["auto", "op", "native"], default="auto",
+                        help="form of the rotation in compiled graphs (static mode): the "
+                             "package default 'auto' (plain torch ops for small tensors, the "
+                             "custom op for large ones), always our custom op, or always plain "
+                             "torch ops inductor can fuse (ops/native.py)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")

@@ -1,11 +1,12 @@
 """Host cost that torch.compile adds per call of a compiled decode step: plain vs rotated.
 
-Why: with CUDA graphs (static cache + ``mode="reduce-overhead"``) the GPU work of the compiled
-step is the same for plain sdpa and hadamard_kq (BENCHMARKS.md, session 4), so what remains is
-host time, and part of it is dynamo's per-call work: evaluating the guards of the compiled
-frame (our per-layer pre-hook, its closure and the layer's rotation plan add guards) and
-rebuilding the outputs. This script isolates that part: the compiled frame's backend returns
-the first call's outputs without running anything, so a call costs only dynamo's own work.
+Why: with CUDA graphs (static cache + ``mode="reduce-overhead"``) ``generate`` waits for each
+step, so host time inside the compiled call adds to every step (BENCHMARKS.md, session 5), and
+part of it is dynamo's per-call work: evaluating the guards of the compiled frame (our
+per-layer pre-hook and the layer's slot in hf_hadamard_kq/specs.py add guards; before session
+5, the hook's closure and the rotation plan's fields) and rebuilding the outputs. This script
+isolates that part: the compiled frame's backend returns the first call's outputs without
+running anything, so a call costs only dynamo's own work.
 
 Each label runs in its own process (a shared process would put both models' compiled entries
 on the same code object, and each call would first try the other's guards). CPU is enough (the
@@ -71,7 +72,7 @@ def measure(label: str, layers: int, form: str, calls: int, reps: int) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--compile-rotation", choices=["op", "native"], default="native")
+    p.add_argument("--compile-rotation", choices=["auto", "op", "native"], default="native")
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--rounds", type=int, default=2, help="alternating process pairs")

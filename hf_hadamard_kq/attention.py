@@ -32,7 +32,6 @@ IMPLEMENTATIONS: dict[str, str] = {
     "hadamard_kq_flex": "flex_attention",
 }
 
-PLAN_ATTR = "_hadamard_kq_plan"
 EAGER_ATTR = "_hadamard_kq_eager"
 
 #: Set by install.probe_pattern during its check forward; None otherwise.

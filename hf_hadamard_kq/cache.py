@@ -26,7 +26,7 @@ import torch
 from . import fused as fused_mod
 from .ops.op import hadamard_apply
 from .plan import Rotation
-from .specs import SLOT_ATTR, SPECS, LayerSpec
+from .specs import KV_QUANTIZER_ATTR, SLOT_ATTR, SPECS, LayerSpec
 
 #: Names the attention modules use for the cache argument (transformers 5.24 renamed
 #: ``past_key_values`` to ``cache``; older releases use the old name; GPT-NeoX-style
@@ -63,8 +63,10 @@ def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> tor
 def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
     """Apply one planned rotation (validation was done at load).
 
-    ``hadamard_apply`` is the custom op under torch.compile / autograd and a direct call of
-    the same implementation in plain eager inference (less host time per decode step).
+    ``hadamard_apply`` is the custom op under autograd and (for large tensors, or always
+    with ``set_compile_rotation("op")``) under torch.compile, plain torch ops for small
+    tensors under torch.compile (ops/native.py), and a direct call of the same
+    implementation in plain eager inference (less host time per decode step).
 
     A stored matrix is read from ``module``'s non-persistent buffer (it follows the module's
     device and dtype); ``rotation.matrix`` (CPU) is only a fallback for a rotation that was
@@ -133,9 +135,10 @@ class RotateOnlyCache:
 def _view_of(cache: Any, module: Any, spec: LayerSpec) -> Any:
     """What the module gets in place of ``cache``: the view that rotates new keys (wrapping
     our KV quantizer, if we attached one), or the quantizer alone for an unrotated layer."""
-    if spec.kv_quantizer is not None:
-        spec.kv_quantizer.add_past_key_values(cache)
-        cache = spec.kv_quantizer
+    if spec.kv_quant:
+        quantizer = module.__dict__[KV_QUANTIZER_ATTR]
+        quantizer.add_past_key_values(cache)
+        cache = quantizer
     if spec.k is None:
         return cache
     if cache is None:
@@ -150,9 +153,10 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
     One function for all modules, reading the module's :class:`~.specs.LayerSpec` by slot
     (specs.py says why: fewer guards in compiled graphs).
 
-    ``spec.kv_quantizer``: compressed-tensors' ``QuantizedKVCache`` of this module when *we*
-    attached KV-cache quantization (compressed-tensors cannot hook the ``cache`` kwarg of
-    transformers >= 5.24 itself; see ``loading._attach_kv_cache_quantization``). The hook then
+    ``spec.kv_quant``: *we* attached compressed-tensors' KV-cache quantization to this module
+    (its ``QuantizedKVCache`` is in the module's ``KV_QUANTIZER_ATTR``; compressed-tensors
+    cannot hook the ``cache`` kwarg of transformers >= 5.24 itself; see
+    ``loading._attach_kv_cache_quantization``). The hook then
     does what compressed-tensors' own hook does (the quantizer wraps the real cache) and puts
     the key rotation outside it, so keys are rotated before they are quantized:
     ``view.update -> rotate K -> QuantizedKVCache (fake-quantize K, V) -> real cache``. Where

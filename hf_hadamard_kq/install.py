@@ -19,18 +19,15 @@ from torch import nn
 from . import cache as cache_mod
 from . import fused as fused_mod
 from . import specs as specs_mod
-from .attention import EAGER_ATTR, PLAN_ATTR, model_eager_function
+from .attention import EAGER_ATTR, model_eager_function
 from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
-from .specs import LayerSpec
+from .specs import KV_QUANTIZER_ATTR, LayerSpec
 
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
 MODEL_HOOKS_ATTR = "_hadamard_kq_hooks"
 MODEL_PATCHED_ATTR = "_hadamard_kq_patched_modules"
 SKIP_PROBE_ENV = "HF_HADAMARD_KQ_SKIP_PROBE"
 
-#: Set (in the module's __dict__) by the load hook on attention modules whose KV-cache
-#: quantization *we* attached (compressed-tensors' ``QuantizedKVCache``; see loading.py).
-KV_QUANTIZER_ATTR = "_hadamard_kq_kv_quantizer"
 
 #: Non-persistent buffers holding stored matrices: q only, k only, or one shared by both.
 MATRIX_BUFFERS = {"q": "_hadamard_kq_q", "k": "_hadamard_kq_k", "qk": "_hadamard_kq_qk"}
@@ -201,7 +198,7 @@ def _attach_matrices(module: nn.Module, layer: LayerPlan) -> None:
             setattr(layer, slot, replace(rotation, buffer=None))
             continue
         name = MATRIX_BUFFERS["qk" if shared else slot]
-        if name not in module._buffers:
+        if not (shared and slot == "k"):  # (a shared matrix is registered once, for q)
             matrix = rotation.matrix
             buffer_dtype = rotation.cast or _buffer_dtype(matrix, dtype)
             module.register_buffer(
@@ -242,32 +239,15 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
     patched: list[str] = []
     # released by remove_plan, or when the model is garbage-collected without it
     model.__dict__[MODEL_PATCHED_ATTR] = weakref.finalize(model, _release_patches, patched)
-    hooks = []
-    for name, module in modules.items():
-        layer = plan.layers.get(name)
-        if layer is not None:
-            _attach_matrices(module, layer)
-        module.__dict__[PLAN_ATTR] = layer
-        if eager[name] is not None:
-            module.__dict__[EAGER_ATTR] = eager[name]
-        quantizer = module.__dict__.get(KV_QUANTIZER_ATTR)
-        q = None if layer is None else layer.q
-        k = None if layer is None else layer.k
-        if k is None and quantizer is None:
-            spec = LayerSpec(q, None)
-        else:
-            fused = _install_fused(module, name, layer, patched)
-            kwarg, index = _cache_param(module)
-            spec = LayerSpec(q, k, kwarg, index, quantizer, fused)
-        specs_mod.attach(module, spec)
-        if spec.kwarg_name is not None:
-            # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache
-            # hook, where it works, has then already put its quantizer in place of the
-            # cache, and our view wraps it, so keys are rotated *before* they are quantized.
-            hooks.append(module.register_forward_pre_hook(
-                cache_mod.key_rotation_pre_hook, with_kwargs=True))
+    hooks: list = []
+    model.__dict__[MODEL_HOOKS_ATTR] = hooks  # filled as we go: remove_plan finds them all
+    try:
+        for name, module in modules.items():
+            _install_module(module, name, plan.layers.get(name), eager[name], patched, hooks)
+    except BaseException:
+        remove_plan(model)  # nothing half-applied (a failure here is e.g. out of memory)
+        raise
     model.__dict__[MODEL_PLAN_ATTR] = plan
-    model.__dict__[MODEL_HOOKS_ATTR] = hooks
     if probe and os.environ.get(SKIP_PROBE_ENV) != "1":
         try:
             # a probe that withdraws layers from the fused path stops there; those layers
@@ -280,6 +260,31 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
         except Exception:
             remove_plan(model)
             raise
+
+
+def _install_module(module: nn.Module, name: str, layer: Optional[LayerPlan],
+                    eager: Optional[Any], patched: list[str], hooks: list) -> None:
+    """One attention module: its matrices, eager function, slot and key pre-hook."""
+    if layer is not None:
+        _attach_matrices(module, layer)
+    if eager is not None:
+        module.__dict__[EAGER_ATTR] = eager
+    kv_quant = KV_QUANTIZER_ATTR in module.__dict__
+    q = None if layer is None else layer.q
+    k = None if layer is None else layer.k
+    if k is None and not kv_quant:
+        spec = LayerSpec(q, None)
+    else:
+        fused = _install_fused(module, name, layer, patched)
+        kwarg, index = _cache_param(module)
+        spec = LayerSpec(q, k, kwarg, index, kv_quant, fused)
+    specs_mod.attach(module, spec)
+    if spec.kwarg_name is not None:
+        # Appended (runs after any earlier pre-hook): compressed-tensors' own KV-cache hook,
+        # where it works, has then already put its quantizer in place of the cache, and our
+        # view wraps it, so keys are rotated *before* they are quantized.
+        hooks.append(module.register_forward_pre_hook(
+            cache_mod.key_rotation_pre_hook, with_kwargs=True))
 
 
 def _install_fused(module: nn.Module, name: str, layer: Optional[LayerPlan],
@@ -322,7 +327,6 @@ def remove_plan(model: nn.Module) -> None:
     fused_mod.reset()
     model.__dict__.pop(MODEL_PLAN_ATTR, None)
     for module in model.modules():
-        module.__dict__.pop(PLAN_ATTR, None)
         specs_mod.detach(module)
         module.__dict__.pop(EAGER_ATTR, None)
         module.__dict__.pop(fused_mod.FUSED_ATTR, None)

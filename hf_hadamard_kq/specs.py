@@ -2,12 +2,14 @@
 
 Why a table: torch.compile guards every Python value a traced function reads, once per place
 it was read from. When the key pre-hook and the attention function read their rotation from
-per-layer closures and per-layer plan objects, a compiled 32-layer decode step carried ~30
-guard nodes per layer (the hook's closure cells, the rotation's fields, the plan's type), and
-dynamo evaluates them all before every call: on an H100 host the compiled step's host time
-grew by ~0.35 ms, ~4 % of a Llama-3-8B decode step at batch 1 (BENCHMARKS.md, session 5).
-Here a module carries one int (its slot), and every layer with the same rotation shares one
-table entry, so dynamo guards one int per layer plus one entry per distinct rotation.
+per-layer closures and per-layer plan objects, a compiled decode step carried 52 more lines
+of guards per layer than the plain model (the hook's closure cells, the rotation's fields, the
+plan's type), and dynamo evaluates them all before every call; ``generate`` waits for each
+step, so that host time adds to every token (BENCHMARKS.md, session 5: on an H100 host the
+compiled call took 0.3-0.6 ms longer than sdpa's, at 32 layers). Here a module carries one
+int (its slot), and every layer with the same rotation shares one table entry, so dynamo
+guards one int per layer plus one entry per distinct rotation (+15 lines per layer, most of
+them for the pre-hook's presence; tests/test_specs.py).
 
 Entries are reference-counted by the modules that use them (see :class:`_Ticket`): dropped
 by ``detach`` (``remove_plan``) or when the modules are garbage-collected.
@@ -15,6 +17,7 @@ by ``detach`` (``remove_plan``) or when the modules are garbage-collected.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,6 +27,9 @@ from .plan import Rotation
 #: Name, in an attention module's ``__dict__``, of its slot in :data:`SPECS`.
 SLOT_ATTR = "_hadamard_kq_slot"
 _TICKET_ATTR = "_hadamard_kq_slot_ticket"
+#: Set (in the module's __dict__) by the load hook on attention modules whose KV-cache
+#: quantization *we* attached (compressed-tensors' ``QuantizedKVCache``; see loading.py).
+KV_QUANTIZER_ATTR = "_hadamard_kq_kv_quantizer"
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,15 +37,16 @@ class LayerSpec:
     """The rotations and cache plumbing of one attention module (shared by equal modules).
 
     ``kwarg_name``/``arg_index``: where the module's forward takes the cache (found once at
-    install time). ``kv_quantizer``: compressed-tensors' ``QuantizedKVCache`` that *we*
-    attached to this module (see cache.key_rotation_pre_hook), else None. ``fused``: the module
-    was given the fused RoPE path at install (whether it still has it is read per call)."""
+    install time). ``kv_quant``: *we* attached compressed-tensors' ``QuantizedKVCache`` to
+    this module (read from the module's ``KV_QUANTIZER_ATTR`` per call, so a deep copy uses
+    its own; see cache.key_rotation_pre_hook). ``fused``: the module was given the fused RoPE
+    path at install (whether it still has it is read per call)."""
 
     q: Optional[Rotation]
     k: Optional[Rotation]
     kwarg_name: Optional[str] = None
     arg_index: Optional[int] = None
-    kv_quantizer: Any = None
+    kv_quant: bool = False
     fused: bool = False
 
 
@@ -49,6 +56,7 @@ _SLOTS: dict[tuple, int] = {}
 _REFS: dict[int, int] = {}
 _KEYS: dict[int, tuple] = {}
 _NEXT = [0]  # slots are never reused: a compiled graph's guard on a slot means one entry
+_LOCK = threading.RLock()
 
 
 def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
@@ -62,25 +70,33 @@ def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
     return (rotation.scale, rotation.block, rotation.buffer, rotation.cast, own_matrix)
 
 
-def _intern(spec: LayerSpec) -> int:
-    quantizer = None if spec.kv_quantizer is None else id(spec.kv_quantizer)
+def _acquire(spec: LayerSpec) -> int:
+    """The slot of an entry equal to ``spec`` (added if new), with one reference taken.
+
+    The reference is taken right after the lookup, with nothing in between that allocates
+    (so no garbage collection can run a ticket's finalizer and drop the entry first), and
+    under a reentrant lock (finalizers run on whichever thread collects)."""
     key = (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
-           quantizer, spec.fused)
-    slot = _SLOTS.get(key)
-    if slot is None:
+           spec.kv_quant, spec.fused)
+    with _LOCK:
+        slot = _SLOTS.get(key)
+        if slot is not None:
+            _REFS[slot] += 1
+            return slot
         slot = _NEXT[0]
         _NEXT[0] += 1
+        _REFS[slot] = 1
         SPECS[slot] = spec
         _SLOTS[key] = slot
         _KEYS[slot] = key
-        _REFS[slot] = 0
-    return slot
+        return slot
 
 
 def _release(slot: int) -> None:
-    _REFS[slot] -= 1
-    if _REFS[slot] == 0:
-        del SPECS[slot], _REFS[slot], _SLOTS[_KEYS.pop(slot)]
+    with _LOCK:
+        _REFS[slot] -= 1
+        if _REFS[slot] == 0:
+            del SPECS[slot], _REFS[slot], _SLOTS[_KEYS.pop(slot)]
 
 
 class _Ticket:
@@ -94,15 +110,15 @@ class _Ticket:
     __slots__ = ("__weakref__", "slot")
 
     def __init__(self, slot: int) -> None:
+        """Owns one reference to ``slot``, already taken by :func:`_acquire`."""
         self.slot = slot
-        _REFS[slot] += 1
         weakref.finalize(self, _release, slot)
 
     def __copy__(self) -> _Ticket:
-        return _Ticket(self.slot)
+        return _Ticket(_acquire(SPECS[self.slot]))
 
     def __deepcopy__(self, memo: dict) -> _Ticket:
-        return _Ticket(self.slot)
+        return _Ticket(_acquire(SPECS[self.slot]))
 
     def __reduce__(self):
         raise TypeError(
@@ -114,7 +130,7 @@ class _Ticket:
 
 def attach(module: Any, spec: LayerSpec) -> int:
     """Give ``module`` the slot of an entry equal to ``spec`` (added if new)."""
-    slot = _intern(spec)
+    slot = _acquire(spec)
     module.__dict__[_TICKET_ATTR] = _Ticket(slot)
     module.__dict__[SLOT_ATTR] = slot
     return slot

@@ -359,3 +359,54 @@ def test_apply_r3_on_plain_model_matches_ct():
         assert max_diff(a.keys, b.keys) < ATOL
     hf_hadamard_kq.remove_r3(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_failure_mid_install_leaves_nothing_and_a_retry_rotates_once(monkeypatch):
+    """A failure while installing (here the second module's matrices, as out of memory
+    would) removes everything installed so far: no pre-hook, slot or matrix buffer is left and
+    the model runs as the plain model. A retry with another seed then uses its own matrices
+    (not a leftover buffer) and passes the load probe (each key rotated once)."""
+    from hf_hadamard_kq import install, specs
+    from tests import tiny_models as tm
+
+    cfg = hf_hadamard_kq.default_r3_config(transform_type="random-hadamard",
+                                           head_dim=tm.HEAD_DIM)
+    model, plain = tm.fresh("llama"), tm.base_model("llama")
+    x, _ = tm.prompt(batch=1)
+    original = install._attach_matrices
+    calls = []
+
+    def failing(module, layer):
+        calls.append(layer.name)
+        if len(calls) == 2:
+            raise MemoryError("simulated")
+        return original(module, layer)
+
+    monkeypatch.setattr(install, "_attach_matrices", failing)
+    with pytest.raises(MemoryError):
+        hf_hadamard_kq.apply_r3(model, cfg, seed=1)
+    assert len(calls) == 2
+    for module in install.attention_modules(model).values():
+        assert not module._forward_pre_hooks
+        assert specs.SLOT_ATTR not in module.__dict__
+        assert not [n for n in module._buffers if n.startswith("_hadamard_kq")]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, plain(x).logits)
+    monkeypatch.setattr(install, "_attach_matrices", original)
+    hf_hadamard_kq.apply_r3(model, cfg, seed=2)
+    want = hf_hadamard_kq.apply_r3(tm.fresh("llama"), cfg, seed=2)
+    for mine, theirs in zip(install.attention_modules(model).values(),
+                            install.attention_modules(want).values()):
+        bufs = {n: b for n, b in mine._buffers.items() if n.startswith("_hadamard_kq")}
+        assert bufs and all(torch.equal(b, theirs._buffers[n]) for n, b in bufs.items())
+    cache_ours, cache_plain = DynamicCache(config=model.config), DynamicCache(config=plain.config)
+    with torch.no_grad():
+        model(x, **tm.with_cache(model, cache_ours))
+        plain(x, **tm.with_cache(plain, cache_plain))
+    for layer, (k_ours, k_plain) in enumerate(zip(tm.cache_keys(cache_ours),
+                                                  tm.cache_keys(cache_plain))):
+        module = list(install.attention_modules(model).values())[layer]
+        k_rot = specs.SPECS[module.__dict__[specs.SLOT_ATTR]].k
+        w = module._buffers[k_rot.buffer].double()
+        ref = (k_plain.double() @ w) * k_rot.scale  # one block: head_dim
+        assert max_diff(k_ours, ref) < 1e-4, layer

@@ -146,3 +146,35 @@ def test_compiled_step_guards_few_lines_per_layer():
         torch._dynamo.reset()
     extra_per_layer = (ours - plain) / 2
     assert 0 < extra_per_layer <= 20, (plain / 2, ours / 2)
+
+
+def test_collection_while_attaching_keeps_the_shared_entry(monkeypatch):
+    """A garbage collection in the middle of attaching (here: when each ticket is made) may
+    collect a dropped model that held the last reference to the same entry; the new module's
+    reference is taken before that, so the entry survives and the model runs."""
+    before = _settled()
+    dropped = hf_hadamard_kq.apply_r3(tm.fresh("llama"), _config(4))
+    slot = next(iter(_slots(dropped)))
+    cycle: list = [dropped]
+    cycle.append(cycle)  # reachable only through a cycle: freed by the collector, not at del
+    made = specs._Ticket.__init__
+
+    def collecting_init(self, slot_):
+        gc.collect()
+        made(self, slot_)
+
+    fresh = tm.fresh("llama")
+    monkeypatch.setattr(specs._Ticket, "__init__", collecting_init)
+    gc.disable()  # the only collection is the one in the middle of attaching
+    del dropped, cycle
+    try:
+        model = hf_hadamard_kq.apply_r3(fresh, _config(4))
+    finally:
+        gc.enable()
+        monkeypatch.undo()
+    assert _slots(model) == {slot} and slot in specs.SPECS
+    ids, mask = tm.prompt()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    hf_hadamard_kq.remove_r3(model)
+    assert _settled() == before

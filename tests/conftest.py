@@ -28,3 +28,18 @@ def r3_hd16() -> Path:
 @pytest.fixture(scope="session")
 def r3_hd64() -> Path:
     return FIXTURES / "llama_r3_hadamard_hd64"
+
+
+@pytest.fixture
+def compile_form(request):
+    """The rotation's form under torch.compile for one test (``indirect`` parametrization:
+    ``"auto"``, ``"op"`` or ``"native"``); restores the previous form and dynamo's caches."""
+    import hf_hadamard_kq
+    from hf_hadamard_kq.ops import native
+
+    before = native.MODE
+    torch._dynamo.reset()
+    hf_hadamard_kq.set_compile_rotation(request.param)
+    yield request.param
+    hf_hadamard_kq.set_compile_rotation(before)
+    torch._dynamo.reset()

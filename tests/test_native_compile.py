@@ -1,4 +1,5 @@
-"""The opt-in torch-native rotation under torch.compile (hf_hadamard_kq/ops/native.py).
+"""The torch-native rotation under torch.compile (hf_hadamard_kq/ops/native.py): forced
+(``native``) and chosen by size (``auto``, the default).
 
 Checked against compressed-tensors' Sylvester matrix and float64 matmuls (tests/reference.py),
 in eager and compiled (inductor, CPU) form, inside a model's compiled decode step and compiled
@@ -101,7 +102,7 @@ def _graphs_of_decode_step(model):
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
 def test_native_decode_step_traces_without_the_custom_op(name, native_mode):
     """fullgraph decode step: one graph, no custom-op node (the rotation is plain torch ops),
-    and the same logits as the default (custom-op) form; with the default, 2 op nodes/layer."""
+    and the same logits as the custom-op form; with the op form, 2 op nodes/layer."""
     model = tm.rotated(name)
     graphs, ops, out_native, _ = _graphs_of_decode_step(model)
     assert len(graphs) == 1 and ops == []
@@ -319,17 +320,22 @@ def auto_mode():
 
 @pytest.mark.parametrize("shape,block,takes_op", [
     ((1, 16), 16, False),
-    ((64, 16), 16, False),  # AUTO_MAX_CHUNKS: still native
-    ((65, 16), 16, True),
-    ((2, 8, 4, 64), 16, True),  # 256 chunks of a block-diagonal rotation
+    ((4096, 16), 16, False),  # 4096 * 16 * 16 = AUTO_MAX_WORK: still native
+    ((4097, 16), 16, True),
+    ((2, 8, 4, 64), 16, False),  # block-diagonal: 256 chunks of 16
+    ((64, 128), 128, False),  # 64 chunks of 128 (Llama-3-8B's q at batch 2)
+    ((65, 128), 128, True),
     ((1, 4, 1, 128), 128, False),
+    ((16, 256), 256, False),
+    ((17, 256), 256, True),
 ])
 def test_auto_mode_traces_small_tensors_natively(shape, block, takes_op, auto_mode):
-    """``auto`` picks the form by the number of ``block``-sized chunks (trace-time constant):
-    the native form up to AUTO_MAX_CHUNKS, the custom op above; both give the float64 result."""
+    """``auto`` picks the form by the rotation's multiply-adds, ``x.numel() * block`` (a
+    trace-time constant): the native form up to AUTO_MAX_WORK, the custom op above; both give
+    the float64 result."""
     from hf_hadamard_kq.ops.op import hadamard_apply
 
-    assert native.AUTO_MAX_CHUNKS == 64
+    assert native.AUTO_MAX_WORK == 64 * 128 * 128
     counts = []
 
     def backend(gm, example_inputs):
@@ -344,33 +350,48 @@ def test_auto_mode_traces_small_tensors_natively(shape, block, takes_op, auto_mo
     assert_single_rounding(out, reference_transform(x, block=block, scale=block ** -0.5))
 
 
-def test_auto_mode_in_a_model_decode_native_prefill_op(auto_mode):
-    """A tiny Llama under the default mode: the compiled decode step (2 sequences x 4 query
-    heads, 2 x 2 key heads: 8 and 4 chunks) has no custom-op node, a compiled 40-token prefill
-    (320 and 160 chunks) has the op's two nodes per layer; both match the op form's logits."""
+def test_auto_mode_in_a_model_decode_native_prefill_op(auto_mode, monkeypatch):
+    """A tiny Llama under ``auto``, with the budget scaled to its size (8192 multiply-adds):
+    the compiled decode step (q: 2 x 4 heads x 16 x block 16 = 2048) has no custom-op node, a
+    compiled 40-token prefill (81920) has the op's two nodes per layer. Each gives the plain
+    model's logits and -- what logits cannot show -- the plain model's keys rotated (float64)
+    in the static cache, including what the compiled call wrote."""
+    from transformers import StaticCache
+
+    from tests.test_compile_offload_autograd import (
+        _decode_step_inputs,
+        assert_logits_and_rotated_keys,
+    )
+
+    monkeypatch.setattr(native, "AUTO_MAX_WORK", 8192)
     layers = tm.COMMON["num_hidden_layers"]
-    model = tm.rotated("llama")
-    graphs, ops, out_auto, _ = _graphs_of_decode_step(model)
-    assert len(graphs) == 1 and ops == []
-    hf_hadamard_kq.set_compile_rotation("op")
-    torch._dynamo.reset()
-    _, ops, out_op, _ = _graphs_of_decode_step(tm.rotated("llama"))
-    assert len(ops) == 2 * layers
-    assert tm.max_diff(out_auto.logits, out_op.logits) < 1e-5
-    hf_hadamard_kq.set_compile_rotation("auto")
-    torch._dynamo.reset()
     counts = []
 
     def backend(gm, example_inputs):
         counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
         return gm.forward
 
-    ids, mask = tm.prompt(seq=40)
+    plain, ours = tm.base_model("llama"), tm.rotated("llama")
+    p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
+    name_ = "cache" if "cache" in p_in else "past_key_values"
+    before = [k.clone() for k in tm.cache_keys(o_in[name_])]
     with torch.no_grad():
-        got = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask)
-        want = tm.rotated("llama")(ids, attention_mask=mask)
+        want = plain(**p_in).logits
+        got = torch.compile(ours, backend=backend, fullgraph=True)(**o_in).logits
+    assert counts == [0]
+    assert tm.max_diff(got, want) < 1e-5
+    for k_ours, k_before in zip(tm.cache_keys(o_in[name_]), before):
+        assert not torch.equal(k_ours, k_before)
+    tm.assert_keys_rotated(o_in[name_], p_in[name_])
+
+    torch._dynamo.reset()
+    counts.clear()
+    ids, mask = tm.prompt(seq=40)
+    c_plain = StaticCache(config=plain.config, max_cache_len=48)
+    c_ours = StaticCache(config=ours.config, max_cache_len=48)
+    compiled = torch.compile(ours, backend=backend, fullgraph=True)
+    assert_logits_and_rotated_keys(plain, ours, compiled, c_plain, c_ours, ids, mask)
     assert counts == [2 * layers]
-    assert tm.max_diff(got.logits, want.logits) < 1e-5
 
 
 def test_set_compile_rotation_rejects_unknown_mode():

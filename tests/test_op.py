@@ -138,7 +138,10 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradgradcheck(lambda t: hadamard_transform(t, block=8), (x,))
 
 
-def test_torch_compile_fullgraph_cpu():
+@pytest.mark.parametrize("compile_form", ["op", "auto"], indirect=True)
+def test_torch_compile_fullgraph_cpu(compile_form):
+    """Under inductor in both forms these small tensors can take (``auto`` traces them as
+    plain torch ops, ``op`` as the custom op): q.k^T unchanged, no graph break."""
     def f(q, k):
         return hadamard_transform(q) @ hadamard_transform(k).transpose(-1, -2)
 
@@ -147,6 +150,8 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(compiled(q, k), q @ k.transpose(-1, -2), rtol=1e-4, atol=1e-4)
     explain = torch._dynamo.explain(f)(q, k)
     assert explain.graph_break_count == 0
+    ops = [n for g in explain.graphs for n in g.graph.nodes if "hadamard_kq" in str(n.target)]
+    assert len(ops) == (2 if compile_form == "op" else 0)
 
 
 @pytest.mark.parametrize(

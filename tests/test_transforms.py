@@ -382,8 +382,10 @@ def test_narrow_precision_rounds_like_compressed_tensors(tmp_path):
     assert max_diff(got, want) < ATOL
 
 
-def test_explicit_matrix_compiles_fullgraph():
-    """The buffer read on the hot path compiles: no graph break, same logits."""
+@pytest.mark.parametrize("compile_form", ["op", "auto"], indirect=True)
+def test_explicit_matrix_compiles_fullgraph(compile_form):
+    """The buffer read on the hot path compiles in both forms (``auto`` traces these small
+    tensors as plain torch ops): no graph break, same logits."""
     model = load_r3(FIXTURES / "llama_r3_randomize_hd16")
     x = ids()
     with torch.no_grad():

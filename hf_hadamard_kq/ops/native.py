@@ -9,8 +9,8 @@ fuse the rotation into the kernel that already computes RoPE (its producer), so 
 step gets no extra kernel: on CPU (inductor's C++ backend) a tiny Llama's compiled decode step
 calls as many kernels as the plain model's (tests/test_native_compile.py). Its cost grows
 with the tensor (``block`` multiply-adds per element), the op's does not at decode sizes, so
-the default ``auto`` mode uses this form only for tensors of at most
-:data:`AUTO_MAX_CHUNKS` chunks (decode at small batch). Measured on an H100 (BENCHMARKS.md,
+the default ``auto`` mode uses this form only for tensors whose rotation is at most
+:data:`AUTO_MAX_WORK` multiply-adds (decode at small batch). Measured on an H100 (BENCHMARKS.md,
 session 5; Llama-3-8B shapes, static cache, CUDA graphs): batch 1 0.991x sdpa with this form
 vs ~0.96x with the op; batch 32 0.993x with the op vs 0.935x with this form.
 
@@ -27,8 +27,8 @@ Memory: inductor fuses the broadcast product into the sum (checked on CPU), so n
 size ``x.numel() * block`` is stored. A backend that does not fuse (``backend="eager"`` or
 ``"aot_eager"``, ``torch.export`` then run eagerly) materialises it: ``4 * x.numel() * block``
 bytes, e.g. 16 GiB for the query of an 8k-token prefill with 32 heads of 128 under
-``native`` -- under ``auto`` at most ``4 * 64 * block**2`` bytes (16 MiB at block 256); use
-``op`` with those backends.
+``native`` -- under ``auto`` at most ``AUTO_MAX_WORK`` elements (4 MiB in fp32, 8 MiB in
+fp64); prefer ``auto`` or ``op`` with those backends.
 
 Choose with ``HF_HADAMARD_KQ_COMPILE=auto|op|native`` in the environment (read at import) or
 :func:`set_compile_rotation` before compiling.
@@ -45,13 +45,16 @@ import torch
 COMPILE_ENV = "HF_HADAMARD_KQ_COMPILE"
 #: Largest block written as a dense broadcast-multiply-sum.
 NATIVE_MAX_BLOCK = 256
-#: ``auto``: tensors of at most this many ``block``-sized chunks take the native form. Why 64:
-#: in a CUDA-graphed Llama-3-8B decode step on an H100 (BENCHMARKS.md, session 5) the native
-#: form's fused reduction cost ~31-37 ns of GPU time per chunk (q and k of 32 layers: ~+40 us
-#: per step at batch 1, ~+1.5 ms at batch 32) and the op form a roughly constant ~2.3 us per
-#: tensor (its kernel plus the cache write inductor can no longer fuse): equal at 62-74 chunks.
-#: Measured at the two ends only (batch 1: 32 and 8 chunks; batch 32: 1024 and 256).
-AUTO_MAX_CHUNKS = 64
+#: ``auto``: a tensor takes the native form when its rotation is at most this many
+#: multiply-adds (``x.numel() * block``: the native form does ``block`` per element; the op's
+#: cost is about constant at these sizes). Why 64 chunks of 128: in a CUDA-graphed Llama-3-8B
+#: decode step on an H100 (BENCHMARKS.md, session 5) the native form's fused reduction cost
+#: ~31-37 ns of GPU time per 128-chunk (q and k of 32 layers: ~+40 us per step at batch 1,
+#: ~+1.5 ms at batch 32) and the op form a roughly constant ~2.3 us per tensor (its kernel
+#: plus the cache write inductor can no longer fuse): equal at 62-74 chunks. Measured at
+#: block 128 and the two ends only (batch 1: 32 and 8 chunks; batch 32: 1024 and 256); other
+#: blocks are scaled by ``block**2`` per chunk, not measured.
+AUTO_MAX_WORK = 64 * 128 * 128
 
 _MODES = ("auto", "op", "native")
 
@@ -73,12 +76,12 @@ MODE: str = _mode_from_env()
 
 def set_compile_rotation(mode: str) -> None:
     """Choose how the rotation appears in graphs traced by torch.compile: ``"auto"`` (the
-    default: ``"native"`` for tensors of at most :data:`AUTO_MAX_CHUNKS` chunks, such as
-    decode steps at small batch, ``"op"`` for larger ones), ``"op"`` (our custom op, one
-    kernel per tensor) or ``"native"`` (plain torch ops that inductor fuses with their
-    producer, see this module's docstring). Dynamo guards the setting: a compiled function
-    called after a switch is traced again (one recompilation, counted against dynamo's
-    recompile limit)."""
+    default: ``"native"`` for tensors whose rotation is at most :data:`AUTO_MAX_WORK`
+    multiply-adds, such as decode steps at small batch, ``"op"`` for larger ones), ``"op"``
+    (our custom op, one kernel per tensor) or ``"native"`` (plain torch ops that inductor
+    fuses with their producer, see this module's docstring). Dynamo guards the setting: a
+    compiled function called after a switch is traced again (one recompilation, counted
+    against dynamo's recompile limit)."""
     global MODE
     if mode not in _MODES:
         raise ValueError(f"mode must be 'auto', 'op' or 'native', got {mode!r}")
@@ -87,10 +90,10 @@ def set_compile_rotation(mode: str) -> None:
 
 def use_native(x: torch.Tensor, block: int) -> bool:
     """Whether a traced rotation of ``x`` (validated, ``block <= NATIVE_MAX_BLOCK``) takes the
-    native form under the current mode. Under ``auto`` the chunk count is a trace-time
-    constant with static shapes; with dynamic shapes dynamo guards on it."""
+    native form under the current mode. Under ``auto`` the size is a trace-time constant with
+    static shapes; with dynamic shapes dynamo guards on it."""
     if MODE == "auto":
-        return x.numel() // block <= AUTO_MAX_CHUNKS
+        return x.numel() * block <= AUTO_MAX_WORK
     return MODE == "native"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -30,16 +31,26 @@ def r3_hd64() -> Path:
     return FIXTURES / "llama_r3_hadamard_hd64"
 
 
-@pytest.fixture
-def compile_form(request):
-    """The rotation's form under torch.compile for one test (``indirect`` parametrization:
-    ``"auto"``, ``"op"`` or ``"native"``); restores the previous form and dynamo's caches."""
+
+@contextlib.contextmanager
+def compile_rotation(form: str):
+    """The rotation's form under torch.compile (``"auto"``, ``"op"`` or ``"native"``) inside
+    the block; the previous form and fresh dynamo caches afterwards."""
     import hf_hadamard_kq
     from hf_hadamard_kq.ops import native
 
     before = native.MODE
     torch._dynamo.reset()
-    hf_hadamard_kq.set_compile_rotation(request.param)
-    yield request.param
-    hf_hadamard_kq.set_compile_rotation(before)
-    torch._dynamo.reset()
+    hf_hadamard_kq.set_compile_rotation(form)
+    try:
+        yield form
+    finally:
+        hf_hadamard_kq.set_compile_rotation(before)
+        torch._dynamo.reset()
+
+
+@pytest.fixture
+def compile_form(request):
+    """:func:`compile_rotation` for one test (``indirect`` parametrization)."""
+    with compile_rotation(request.param) as form:
+        yield form

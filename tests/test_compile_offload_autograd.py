@@ -33,33 +33,25 @@ def _decode_step_inputs(model, cache_len=16):
                 cache_position=torch.tensor([7]), **tm.with_cache(model, cache))
 
 
-@pytest.mark.parametrize("form", ["op", "auto"])
+@pytest.mark.parametrize("compile_form", ["op", "auto"], indirect=True)
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
-def test_decode_step_fullgraph_no_graph_breaks(name, form):
+def test_decode_step_fullgraph_no_graph_breaks(name, compile_form):
     """torch._dynamo.explain on one static-cache decode step: one graph, zero breaks (our
     pre-hook, cache view and the rotation all trace), as for the plain model. With the op
     form the rotations are our custom op (2 per layer: q and k); with the default ``auto``
     form these small decode tensors are traced as plain torch ops (no custom-op node)."""
-    from hf_hadamard_kq.ops import native
-
-    before = native.MODE
-    hf_hadamard_kq.set_compile_rotation(form)
     results = {}
-    try:
-        for label, model in (("plain", tm.base_model(name)), ("ours", tm.rotated(name))):
-            torch._dynamo.reset()
-            with torch.no_grad():
-                results[label] = torch._dynamo.explain(model)(**_decode_step_inputs(model))
-    finally:
-        hf_hadamard_kq.set_compile_rotation(before)
+    for label, model in (("plain", tm.base_model(name)), ("ours", tm.rotated(name))):
         torch._dynamo.reset()
+        with torch.no_grad():
+            results[label] = torch._dynamo.explain(model)(**_decode_step_inputs(model))
     plain, ours = results["plain"], results["ours"]
     assert plain.graph_break_count == 0
     assert ours.graph_break_count == 0, [str(r.reason) for r in ours.break_reasons]
     assert ours.graph_count == plain.graph_count == 1
     ops = [n for g in ours.graphs for n in g.graph.nodes
            if n.op == "call_function" and "hadamard_kq" in str(n.target)]
-    assert len(ops) == (2 * tm.COMMON["num_hidden_layers"] if form == "op" else 0)
+    assert len(ops) == (2 * tm.COMMON["num_hidden_layers"] if compile_form == "op" else 0)
 
 
 def assert_compiled_forward_generate_matches_plain():

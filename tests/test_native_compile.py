@@ -18,6 +18,7 @@ import torch
 import hf_hadamard_kq
 from hf_hadamard_kq.ops import native
 from tests import tiny_models as tm
+from tests.conftest import compile_rotation
 from tests.reference import assert_single_rounding, ct_hadamard, reference_transform
 
 GEN = dict(do_sample=False, pad_token_id=0)
@@ -25,13 +26,21 @@ GEN = dict(do_sample=False, pad_token_id=0)
 
 @pytest.fixture
 def native_mode():
-    """Compile with the native form; restore the default (and dynamo's caches) afterwards."""
-    torch._dynamo.reset()
-    before = native.MODE
-    hf_hadamard_kq.set_compile_rotation("native")
-    yield
-    hf_hadamard_kq.set_compile_rotation(before)
-    torch._dynamo.reset()
+    """Compile with the native form; restore the previous form (and dynamo's caches)."""
+    with compile_rotation("native"):
+        yield
+
+
+def _counting_backend() -> tuple[list[int], object]:
+    """A dynamo backend that runs each traced graph as is and records its number of
+    custom-op (``hadamard_kq``) nodes in the returned list."""
+    counts: list[int] = []
+
+    def backend(gm, example_inputs):
+        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    return counts, backend
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16, 64, 128, 256, 1024])
@@ -143,12 +152,7 @@ def test_routing_under_compile(native_mode):
     from hf_hadamard_kq.ops import hadamard_apply
 
     def op_nodes(fn, x):
-        found = []
-
-        def backend(gm, example_inputs):
-            found.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
-            return gm.forward
-
+        found, backend = _counting_backend()
         torch._dynamo.reset()
         torch.compile(fn, backend=backend, fullgraph=True)(x)
         return found
@@ -233,11 +237,7 @@ def test_switching_form_recompiles(native_mode):
     model = tm.rotated("llama")
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
-    counts = []
-
-    def backend(gm, example_inputs):
-        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
-        return gm.forward
+    counts, backend = _counting_backend()
 
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
@@ -310,12 +310,8 @@ def test_default_mode_is_auto():
 
 @pytest.fixture
 def auto_mode():
-    torch._dynamo.reset()
-    before = native.MODE
-    hf_hadamard_kq.set_compile_rotation("auto")
-    yield
-    hf_hadamard_kq.set_compile_rotation(before)
-    torch._dynamo.reset()
+    with compile_rotation("auto"):
+        yield
 
 
 @pytest.mark.parametrize("shape,block,takes_op", [
@@ -336,11 +332,7 @@ def test_auto_mode_traces_small_tensors_natively(shape, block, takes_op, auto_mo
     from hf_hadamard_kq.ops.op import hadamard_apply
 
     assert native.AUTO_MAX_WORK == 64 * 128 * 128
-    counts = []
-
-    def backend(gm, example_inputs):
-        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
-        return gm.forward
+    counts, backend = _counting_backend()
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(block)).to(torch.bfloat16)
     fn = torch.compile(lambda t: hadamard_apply(t, block ** -0.5, None, block), backend=backend,
@@ -365,11 +357,7 @@ def test_auto_mode_in_a_model_decode_native_prefill_op(auto_mode, monkeypatch):
 
     monkeypatch.setattr(native, "AUTO_MAX_WORK", 8192)
     layers = tm.COMMON["num_hidden_layers"]
-    counts = []
-
-    def backend(gm, example_inputs):
-        counts.append(sum("hadamard_kq" in str(n.target) for n in gm.graph.nodes))
-        return gm.forward
+    counts, backend = _counting_backend()
 
     plain, ours = tm.base_model("llama"), tm.rotated("llama")
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)

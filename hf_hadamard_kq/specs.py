@@ -17,6 +17,7 @@ by ``detach`` (``remove_plan``) or when the modules are garbage-collected.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -54,8 +55,7 @@ class LayerSpec:
 SPECS: dict[int, LayerSpec] = {}
 _SLOTS: dict[tuple, int] = {}
 _REFS: dict[int, int] = {}
-_KEYS: dict[int, tuple] = {}
-_NEXT = [0]  # slots are never reused: a compiled graph's guard on a slot means one entry
+_NEXT = itertools.count()  # slots are never reused: a guard on a slot means one entry
 _LOCK = threading.RLock()
 
 
@@ -70,25 +70,27 @@ def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
     return (rotation.scale, rotation.block, rotation.buffer, rotation.cast, own_matrix)
 
 
+def _spec_key(spec: LayerSpec) -> tuple:
+    return (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
+            spec.kv_quant, spec.fused)
+
+
 def _acquire(spec: LayerSpec) -> int:
     """The slot of an entry equal to ``spec`` (added if new), with one reference taken.
 
     The reference is taken right after the lookup, with nothing in between that allocates
     (so no garbage collection can run a ticket's finalizer and drop the entry first), and
     under a reentrant lock (finalizers run on whichever thread collects)."""
-    key = (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
-           spec.kv_quant, spec.fused)
+    key = _spec_key(spec)
     with _LOCK:
         slot = _SLOTS.get(key)
         if slot is not None:
             _REFS[slot] += 1
             return slot
-        slot = _NEXT[0]
-        _NEXT[0] += 1
+        slot = next(_NEXT)
         _REFS[slot] = 1
         SPECS[slot] = spec
         _SLOTS[key] = slot
-        _KEYS[slot] = key
         return slot
 
 
@@ -96,7 +98,7 @@ def _release(slot: int) -> None:
     with _LOCK:
         _REFS[slot] -= 1
         if _REFS[slot] == 0:
-            del SPECS[slot], _REFS[slot], _SLOTS[_KEYS.pop(slot)]
+            del _REFS[slot], _SLOTS[_spec_key(SPECS.pop(slot))]
 
 
 class _Ticket:
@@ -118,7 +120,7 @@ class _Ticket:
         return _Ticket(_acquire(SPECS[self.slot]))
 
     def __deepcopy__(self, memo: dict) -> _Ticket:
-        return _Ticket(_acquire(SPECS[self.slot]))
+        return self.__copy__()
 
     def __reduce__(self):
         raise TypeError(
@@ -128,12 +130,11 @@ class _Ticket:
         )
 
 
-def attach(module: Any, spec: LayerSpec) -> int:
+def attach(module: Any, spec: LayerSpec) -> None:
     """Give ``module`` the slot of an entry equal to ``spec`` (added if new)."""
     slot = _acquire(spec)
     module.__dict__[_TICKET_ATTR] = _Ticket(slot)
     module.__dict__[SLOT_ATTR] = slot
-    return slot
 
 
 def detach(module: Any) -> None:

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[0, 1, 2, 4, 8])
-    p.add_argument("--decode-tokens", type=int, nargs="+", default=[1, 16, 64],
+    p.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 16, 64],
                    help="decode sweep: (1, 32, T, d) query views, CUDA-graph time; [] to skip")
     p.add_argument("--min-mib", type=float, default=4.0)
     p.add_argument("--reps", type=int, default=25)

@@ -183,10 +183,11 @@ if not IN_INTERPRETER:
         ty = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
         results = []
         seen = set()
-        for (n, xdt, wdt, strided, wide), small in itertools.product(AOT_ROWS, (False, True)):
+        classes = ((False, False), (True, False), (False, True))  # large, small, medium
+        for (n, xdt, wdt, strided, wide), (small, medium) in itertools.product(AOT_ROWS, classes):
             sylvester = wdt is None
             dot_f32 = xdt == "fp32" or wdt == "fp32"
-            cfg = tk.rows_config(n, dot_f32, sylvester, small)
+            cfg = tk.rows_config(n, dot_f32, sylvester, small, medium)
             if (n, xdt, wdt, strided, wide, cfg) in seen:
                 continue
             seen.add((n, xdt, wdt, strided, wide, cfg))
@@ -605,6 +606,30 @@ else:
             monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
             tk.rows_config.cache_clear()
 
+    def test_medium_size_class(monkeypatch) -> None:
+        """Calls whose chunk count is in MEDIUM_ROWS take TUNED_16BIT_MEDIUM's tiling (d = 256:
+        32-row tiles, persistent grid), exactly; blocks without a medium entry, and calls
+        outside the band, keep the large class's tiling. The band is narrowed here so that the
+        interpreter runs it on small tensors."""
+        monkeypatch.setattr(tk, "MEDIUM_ROWS", (200, 300))
+        monkeypatch.setattr(tk, "_ROW_PLANS", {})
+        tk.rows_config.cache_clear()
+        try:
+            assert tk.rows_config(256, False, True, False, True) == tk.RowsConfig(
+                *(64, 4, 32, 4, 8, 4))
+            assert tk.rows_config(128, False, True, False, True) == tk.rows_config(128, False, True)
+            assert tk.rows_config(256, True, True, False, True) == tk.rows_config(256, True, True)
+            for rows, block_m in ((240, 32), (180, 16), (320, 16)):  # in / below / above band
+                x = rand(rows // 2, 2, 256, dtype=torch.float16, seed=rows) * 3
+                for view in (x, x.transpose(0, 1)):
+                    layout = None if view.is_contiguous() else tk._row_layout(view)
+                    plan = tk._rows_plan(view, view, view.dtype, 256, True, False, layout)
+                    assert plan.meta["BLOCK_M"] == block_m, rows
+                    out = tk.hadamard_triton(view, 256**-0.5, None, 256)
+                    assert_matches(out, view, 256, None, 256**-0.5)
+        finally:
+            tk.rows_config.cache_clear()
+
     def test_row_plan_cache(monkeypatch) -> None:
         """The per-layout plan cache (decode host cost): a repeated layout skips validation and
         planning but launches exactly what the first call did; another layout (strides,
@@ -661,8 +686,8 @@ else:
         for n in [1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 160, 192, 256]:
             for dot_f32 in (False, True):
                 for sylvester in (False, True):
-                    for small in (False, True):
-                        cfg = tk.rows_config(n, dot_f32, sylvester, small)
+                    for small, medium in ((False, False), (True, False), (False, True)):
+                        cfg = tk.rows_config(n, dot_f32, sylvester, small, medium)
                         np2 = cfg.bn * cfg.nb
                         assert np2 >= 16 and np2 >= n and cfg.bn >= 16
                         assert cfg.bn <= 128 and np2 == max(16, 1 << (n - 1).bit_length())

@@ -158,23 +158,41 @@ SMALL_ROWS: int = 2048
 #: Measured on an H100 (session 4, benchmarks/results/tune_rows_h100*.json): at prefill sizes
 #: the split forms beat a resident H_128 (d = 128: 92-94% -> 96-98% of clone at >= 32 MiB,
 #: 72% -> 96% at 8 MiB; d = 256: 79-94% -> 92-98% with H_4 ⊗ H_64), and decode-sized calls
-#: want 16-row tiles (d = 128, one token: 3.1 -> 1.9 us in a CUDA graph). Editing this at run
+#: want 16-row tiles (d = 128, one token: 3.1 -> 1.9 us in a CUDA graph); session 6
+#: (tune_rows_h100_session6_decode.json): 2 warps for d = 128 decode, 1.785 / 1.995 / 2.135 us
+#: at T = 1 / 16 / 64 vs 1.803 / 2.045 / 2.187 with 4 (an H_8 ⊗ H_16 form, bn = 16, measured
+#: 2.0-2.4 us there and was not kept). Editing this (or :data:`TUNED_16BIT_MEDIUM`) at run
 #: time needs ``rows_config.cache_clear()`` and ``_ROW_PLANS.clear()`` (both cache its result).
 TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int]] = {
     (64, False): (64, 64, 4, 4),
     (64, True): (32, 16, 4, 0),
     (128, False): (64, 64, 4, 0),
-    (128, True): (32, 16, 4, 0),
+    (128, True): (32, 16, 2, 0),
     (256, False): (64, 16, 4, 0),
     (256, True): (64, 16, 4, 0),
 }
 
+#: Chunk counts (inclusive) of the *medium* size class: prefill calls in this range use
+#: :data:`TUNED_16BIT_MEDIUM` where it has an entry, else the large class of TUNED_16BIT.
+MEDIUM_ROWS: tuple[int, int] = (16384, 65536)
+#: ``n -> (bn, block_m, num_warps, programs_per_sm)`` for the medium class. Measured on H100s
+#: (sessions 4 and 6, tune_rows_h100_split4.json and tune_rows_h100_session6_*.json): for
+#: d = 256, 32-row tiles on a persistent grid of 4 programs per SM reach 94.6-100.2% of clone
+#: at 16384-65536 chunks (16-32 MiB; 93.7-96.9% with the large-class tiling) but lose outside
+#: that range (90.7% at 8192 chunks, 94.5% at 131072), hence the band. Other blocks measured
+#: no consistent gain there.
+TUNED_16BIT_MEDIUM: dict[int, tuple[int, int, int, int]] = {256: (64, 32, 4, 4)}
+
 
 @functools.cache
-def rows_config(n: int, dot_f32: bool, sylvester: bool, small: bool = False) -> RowsConfig:
+def rows_config(
+    n: int, dot_f32: bool, sylvester: bool, small: bool = False, medium: bool = False
+) -> RowsConfig:
     """Pick the row-kernel tiling for block ``n`` (padded width ``np2 = max(16, next_pow2(n))``).
 
-    ``small``: the call has at most :data:`SMALL_ROWS` chunks (decode). Sylvester blocks with
+    ``small``: the call has at most :data:`SMALL_ROWS` chunks (decode); ``medium``: its chunk
+    count is in :data:`MEDIUM_ROWS` (then :data:`TUNED_16BIT_MEDIUM` is consulted first, for
+    Sylvester blocks with 16-bit operands). Sylvester blocks with
     16-bit operands use the measured table :data:`TUNED_16BIT` where it has an entry (n = 64,
     128, 256 in both size classes); a ``bn`` of ``np2 / 2`` or ``np2 / 4`` there selects the
     kernel's ``SPLIT2`` / ``SPLIT4`` form (``H_n = H_2 ⊗ H_{n/2}`` or ``H_4 ⊗ H_{n/4}``: a
@@ -195,7 +213,9 @@ def rows_config(n: int, dot_f32: bool, sylvester: bool, small: bool = False) -> 
     """
     np2 = max(16, _next_pow2(n))
     log2n = (n.bit_length() - 1) if sylvester else 0
-    tuned = TUNED_16BIT.get((n, small)) if sylvester and not dot_f32 else None
+    tuned = None
+    if sylvester and not dot_f32:
+        tuned = (medium and TUNED_16BIT_MEDIUM.get(n)) or TUNED_16BIT.get((n, small))
     if tuned is not None:
         bn, block_m, num_warps, pps = tuned
         return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n, pps)
@@ -552,7 +572,8 @@ def _rows_plan(
         n0 = numel // (d * n1 * n2)
         wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
     n_rows = numel // n
-    cfg = rows_config(n, dot_f32, sylvester, n_rows <= SMALL_ROWS)
+    medium = MEDIUM_ROWS[0] <= n_rows <= MEDIUM_ROWS[1]
+    cfg = rows_config(n, dot_f32, sylvester, n_rows <= SMALL_ROWS, medium)
     n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
     grid = min(n_tiles, _max_programs(x.device, cfg.programs_per_sm))
     scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2)

@@ -115,6 +115,40 @@ def timed_generate(model, prompt, new_tokens: int, mode: str) -> float:
     return prompt.shape[0] * new_tokens / seconds
 
 
+class CudagraphEvents:
+    """Counts cudagraph-tree recordings, eager warm-up runs and replays (static mode): a
+    recording after the warm-up means a compiled step's graph was captured again, which would
+    make that label's timed run slower for a reason unrelated to its kernels."""
+
+    NAMES = (("record_function", "record"), ("run_eager", "eager"), ("execute_node", "execute"))
+
+    def __init__(self) -> None:
+        self.counts = {key: 0 for _, key in self.NAMES}
+        try:
+            from torch._inductor import cudagraph_trees
+        except ImportError:  # pragma: no cover - torch builds without inductor
+            return
+        manager = cudagraph_trees.CUDAGraphTreeManager
+        for method, key in self.NAMES:
+            orig = getattr(manager, method, None)
+            if orig is not None:
+                setattr(manager, method, self._counting(orig, key))
+
+    def _counting(self, orig, key: str):
+        def wrapper(*args, **kwargs):
+            self.counts[key] += 1
+            return orig(*args, **kwargs)
+
+        return wrapper
+
+    def take(self) -> dict:
+        """The counts since the last call, then reset."""
+        out = dict(self.counts)
+        for key in self.counts:
+            self.counts[key] = 0
+        return out
+
+
 def timed_prefill(model, prompt) -> float:
     sync()
     barrier()
@@ -150,6 +184,15 @@ def main(argv=None) -> None:
                              "package default 'auto' (plain torch ops for small tensors, the "
                              "custom op for large ones), always our custom op, or always plain "
                              "torch ops inductor can fuse (ops/native.py)")
+    parser.add_argument("--control", action="store_true",
+                        help="with --two-models: leave the second copy unrotated too (an A/A "
+                             "run: both labels are plain sdpa), to measure what the method "
+                             "itself does to the ratio")
+    parser.add_argument("--first", choices=["sdpa", "hadamard_kq"], default="sdpa",
+                        help="which label warms up (and, in static mode, compiles) first; the "
+                             "timed runs alternate either way. Static mode with --two-models "
+                             "keeps two compiled models in one process: swapping this shows "
+                             "whether being compiled second costs a label anything")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")
@@ -166,11 +209,13 @@ def main(argv=None) -> None:
                tp=args.tp, torch=torch.__version__, transformers=transformers.__version__,
                layers=args.layers, tiny=args.tiny, prompt=args.prompt,
                new_tokens=args.new_tokens, compile_rotation=args.compile_rotation,
-               two_models=args.two_models)
+               two_models=args.two_models, first=args.first, control=args.control)
     if rank == 0:
         print(env, flush=True)
     if args.two_models and args.tp > 1:
         raise SystemExit("--two-models is for single-device runs")
+    if args.control and not args.two_models:
+        raise SystemExit("--control needs --two-models")
     model = load_tp_model(args, device) if args.tp > 1 else build_model(
         args.layers, args.device, args.tiny)
     rotated = None
@@ -179,7 +224,8 @@ def main(argv=None) -> None:
         for a, b in zip(model.state_dict().values(), rotated.state_dict().values()):
             if not torch.equal(a, b):
                 raise SystemExit("--two-models: the two copies differ; cannot compare them")
-        hf_hadamard_kq.apply_r3(rotated)
+        if not args.control:
+            hf_hadamard_kq.apply_r3(rotated)
 
     def pick(label: str):
         """The model to run for ``label`` (a second copy, or the one model toggled)."""
@@ -189,6 +235,8 @@ def main(argv=None) -> None:
         return model
 
     vocab = model.config.vocab_size
+    labels = ("sdpa", "hadamard_kq") if args.first == "sdpa" else ("hadamard_kq", "sdpa")
+    graphs = CudagraphEvents() if "static" in args.modes and args.device == "cuda" else None
     results = []
     for mode in args.modes:
         for batch in args.batch:
@@ -198,19 +246,24 @@ def main(argv=None) -> None:
             samples = {"sdpa": [], "hadamard_kq": []}
             prefill = {"sdpa": [], "hadamard_kq": []}
             row = dict(mode=mode, batch=batch)
+            events = {"sdpa": [], "hadamard_kq": []}
             try:
                 # warm-up (and compile, in static mode) at full length: with 8 new tokens the
                 # first timed run of each label was still ~2x slower (TP, 32 layers)
-                for label in ("sdpa", "hadamard_kq"):
+                for label in labels:
                     m = pick(label)
                     timed_generate(m, prompt, args.new_tokens, mode)
                     timed_prefill(m, prompt)
                 for rep in range(args.reps):
                     # alternate which goes first, so a drift within a pair cancels out
-                    order = ("sdpa", "hadamard_kq") if rep % 2 == 0 else ("hadamard_kq", "sdpa")
+                    order = labels if rep % 2 == 0 else labels[::-1]
                     for label in order:
                         m = pick(label)
+                        if graphs is not None:
+                            graphs.take()
                         samples[label].append(timed_generate(m, prompt, args.new_tokens, mode))
+                        if graphs is not None and mode == "static":
+                            events[label].append(graphs.take())
                         prefill[label].append(timed_prefill(m, prompt))
             except Exception as e:  # e.g. a mode this transformers cannot run under TP
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -218,7 +271,9 @@ def main(argv=None) -> None:
                 if rank == 0:
                     print(row, flush=True)
                 continue
-            if mode != "static":  # compiled graphs take the general path (fused.py)
+            if args.control:
+                row["control"] = "A/A: both labels ran plain sdpa"
+            elif mode != "static":  # compiled graphs take the general path (fused.py)
                 row["fused_layers"] = sum(r.get("path") == FUSED_PATH
                                           for r in hf_hadamard_kq.rotation_table(
                                               pick("hadamard_kq")))
@@ -226,6 +281,8 @@ def main(argv=None) -> None:
                 row[f"{label}_samples"] = [round(v, 2) for v in samples[label]]
                 row[f"{label}_tok_s"] = round(statistics.median(samples[label]), 2)
                 row[f"{label}_prefill_ms"] = round(statistics.median(prefill[label]), 2)
+            if mode == "static" and graphs is not None:
+                row["cudagraph_events"] = events
             row["ratio_tok_s"] = round(row["hadamard_kq_tok_s"] / row["sdpa_tok_s"], 4)
             # each hadamard_kq run against the sdpa run of the same rep (robust to drift)
             row["ratio_tok_s_paired_median"] = round(statistics.median(

@@ -188,21 +188,25 @@ if not IN_INTERPRETER:
             sylvester = wdt is None
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             cfg = tk.rows_config(n, dot_f32, sylvester, small, medium)
-            if (n, xdt, wdt, strided, wide, cfg) in seen:
-                continue
-            seen.add((n, xdt, wdt, strided, wide, cfg))
-            sig = {"x_ptr": ty[xdt], "w_ptr": ty[wdt or xdt], "out_ptr": ty[xdt], "scale": "fp32"}
-            if wide:
-                sig.update(s0="i64", s1="i64", s2="i64")
-            const = dict(
-                N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
-                SYLVESTER=sylvester, STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2,
-                SPLIT4=sylvester and cfg.nb == 4,
-                WIDE=wide, DOT_F32=dot_f32,
-                EMULATE_RTNE=False,
-            )  # fmt: skip
-            k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps)
-            results.append((f"rows n={n} {xdt} W={wdt} strided={strided} {cfg}", k))
+            resident = cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
+            for loads_first in (False, True) if resident else (False,):
+                if (n, xdt, wdt, strided, wide, cfg, loads_first) in seen:
+                    continue
+                seen.add((n, xdt, wdt, strided, wide, cfg, loads_first))
+                sig = {"x_ptr": ty[xdt], "w_ptr": ty[wdt or xdt], "out_ptr": ty[xdt],
+                       "scale": "fp32"}
+                if wide:
+                    sig.update(s0="i64", s1="i64", s2="i64")
+                const = dict(
+                    N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
+                    SYLVESTER=sylvester, STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2,
+                    SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
+                    WIDE=wide, DOT_F32=dot_f32,
+                    EMULATE_RTNE=False,
+                )  # fmt: skip
+                k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps)
+                results.append((f"rows n={n} {xdt} W={wdt} strided={strided} {cfg} "
+                                f"loads_first={loads_first}", k))
         for m, odt in AOT_MID:
             cfg = tk.mid_config(m, 256)
             sig = {"buf_ptr": "*fp32", "out_ptr": ty[odt], "scale": "fp32"}
@@ -600,6 +604,9 @@ else:
                 layout = None if view.is_contiguous() else tk._row_layout(view)
                 plan = tk._rows_plan(view, view, view.dtype, n, True, False, layout)
                 assert (plan.meta["BN"], plan.meta["BLOCK_M"]) == (bn, 16)  # the entry is used
+                # one tile per program (small: a program per tile): W is built after the loads;
+                # the persistent loop (4 interpreter programs, more tiles) builds it once before
+                assert plan.meta["LOADS_FIRST"] == small
                 out = tk.hadamard_triton(view, n**-0.5, None, n)
                 assert_matches(out, view, n, None, n**-0.5)
         finally:

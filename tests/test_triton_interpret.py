@@ -188,7 +188,7 @@ if not IN_INTERPRETER:
             sylvester = wdt is None
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             cfg = tk.rows_config(n, dot_f32, sylvester, small, medium)
-            resident = cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
+            resident = tk.has_resident_w(cfg, sylvester)
             for loads_first in (False, True) if resident else (False,):
                 if (n, xdt, wdt, strided, wide, cfg, loads_first) in seen:
                     continue

@@ -196,9 +196,9 @@ def rows_config(
 
     ``small``: the call has at most :data:`SMALL_ROWS` chunks (decode); ``medium``: its chunk
     count is in :data:`MEDIUM_ROWS` (then :data:`TUNED_16BIT_MEDIUM` is consulted first, for
-    Sylvester blocks with 16-bit operands). Sylvester blocks with
-    16-bit operands use the measured table :data:`TUNED_16BIT` where it has an entry (n = 64,
-    128, 256 in both size classes); a ``bn`` of ``np2 / 2`` or ``np2 / 4`` there selects the
+    Sylvester blocks with 16-bit operands). Sylvester blocks with 16-bit operands use the
+    measured table :data:`TUNED_16BIT` where it has an entry (n = 64, 128, 256 in both size
+    classes); a ``bn`` of ``np2 / 2`` or ``np2 / 4`` there selects the
     kernel's ``SPLIT2`` / ``SPLIT4`` form (``H_n = H_2 ⊗ H_{n/2}`` or ``H_4 ⊗ H_{n/4}``: a
     quarter or a sixteenth of the resident matrix, 1/2 or 1/4 of the tensor-core work, an fp32
     butterfly).
@@ -242,6 +242,13 @@ def mid_config(m: int, inner: int) -> MidConfig:
     """
     block_i = max(16, min(_next_pow2(inner), 1024 // m, 128))
     return MidConfig(block_i, 8 if m >= 128 else 4)
+
+
+def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
+    """Whether the row kernel keeps one ``[bn, bn]`` matrix in registers for a tiling: ``W``
+    itself (``nb == 1``) or the factor of a split Sylvester form (``nb`` 2 or 4); otherwise
+    (explicit ``W`` wider than 128) it reloads sub-tiles."""
+    return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
 
 
 @functools.cache
@@ -356,6 +363,18 @@ if _HAS_TRITON:
         return w
 
     @triton.jit
+    def _tile_w(w_full, w_ptr, rk, N: tl.constexpr, BN: tl.constexpr, LOG2N: tl.constexpr,
+                SYLVESTER: tl.constexpr, NB: tl.constexpr, SPLIT2: tl.constexpr,
+                DOT_F32: tl.constexpr, LOADS_FIRST: tl.constexpr):
+        """The resident matrix for the current tile: built here, after the tile's loads were
+        issued (``LOADS_FIRST``), or ``w_full``, built once before the persistent loop."""
+        if LOADS_FIRST:
+            w = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
+        else:
+            w = w_full
+        return w
+
+    @triton.jit
     def _rows_kernel(
         x_ptr,
         w_ptr,
@@ -402,6 +421,7 @@ if _HAS_TRITON:
         # SPLIT2 (Sylvester, N = 2 * BN): H_N = H_2 ⊗ H_BN, so with x = [x0, x1] (halves of a
         # chunk) and z_i = x_i @ H_BN: y = [z0 + z1, z0 - z1]. One resident H_BN, two dots.
         # SPLIT4 (Sylvester, N = 4 * BN): H_N = H_4 ⊗ H_BN, the same with a 4-point butterfly.
+        w_full = 0  # placeholder: built per tile (LOADS_FIRST), or no resident W (NB > 1)
         if not LOADS_FIRST:
             if NB == 1 or SPLIT2 or SPLIT4:  # W stays in registers for the persistent loop
                 w_full = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
@@ -430,10 +450,8 @@ if _HAS_TRITON:
             if NB == 1:
                 mask = row_ok[:, None] & (rk < N)[None, :]
                 xk = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
-                if LOADS_FIRST:
-                    w_use = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
-                else:
-                    w_use = w_full
+                w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
+                                LOADS_FIRST)
                 acc = _dot(xk, w_use, tl.zeros((BLOCK_M, BN), dtype=tl.float32), DOT_F32)
                 y = _round_to(acc * scale, out_ptr, EMULATE_RTNE)
                 tl.store(o_ptr + o_row[:, None] + rk[None, :], y, mask=mask)
@@ -442,10 +460,8 @@ if _HAS_TRITON:
                 mask = row_ok[:, None] & (rk < BN)[None, :]
                 x0 = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
                 x1 = _load_x(x_tile, x_row[:, None] + (rk + BN)[None, :], mask, DOT_F32)
-                if LOADS_FIRST:
-                    w_use = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
-                else:
-                    w_use = w_full
+                w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
+                                LOADS_FIRST)
                 z0 = _dot(x0, w_use, zero, DOT_F32)
                 z1 = _dot(x1, w_use, zero, DOT_F32)
                 y0 = _round_to((z0 + z1) * scale, out_ptr, EMULATE_RTNE)
@@ -461,10 +477,8 @@ if _HAS_TRITON:
                 x1 = _load_x(x_tile, x_at + BN, mask, DOT_F32)
                 x2 = _load_x(x_tile, x_at + 2 * BN, mask, DOT_F32)
                 x3 = _load_x(x_tile, x_at + 3 * BN, mask, DOT_F32)
-                if LOADS_FIRST:
-                    w_use = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
-                else:
-                    w_use = w_full
+                w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
+                                LOADS_FIRST)
                 z0 = _dot(x0, w_use, zero, DOT_F32)
                 z1 = _dot(x1, w_use, zero, DOT_F32)
                 z2 = _dot(x2, w_use, zero, DOT_F32)
@@ -611,12 +625,11 @@ def _rows_plan(
     cfg = rows_config(n, dot_f32, sylvester, n_rows <= SMALL_ROWS, medium)
     n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
     grid = min(n_tiles, _max_programs(x.device, cfg.programs_per_sm))
-    resident = cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
     scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2)
     meta = dict(
         N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
         STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2, SPLIT4=sylvester and cfg.nb == 4,
-        LOADS_FIRST=resident and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
+        LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
     )  # fmt: skip
     key = (n, sylvester, strided, wide, dot_f32, cfg, x.dtype, w.dtype, out_dtype)

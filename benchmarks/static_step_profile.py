@@ -40,8 +40,9 @@ STEPS, FIRST = 8, 20  # profiled compiled calls FIRST .. FIRST + STEPS - 1 of a 
 SMALL_GAP_US = 30.0
 
 
-def wrap_calls(model, on_call):
-    """Replace the model's compiled step by a wrapper calling ``on_call(index, run)``."""
+def generate_with(model, prompt, on_call) -> None:
+    """One static-cache ``generate`` whose compiled steps go through ``on_call(index, run)``
+    (``run()`` performs the step; index counts from 1); the model's step is restored after."""
     inner = model._compiled_call
     count = [0]
 
@@ -50,7 +51,10 @@ def wrap_calls(model, on_call):
         return on_call(count[0], lambda: inner(*args, **kwargs))
 
     model._compiled_call = call
-    return lambda: setattr(model, "_compiled_call", inner)
+    try:
+        timed_generate(model, prompt, NEW, "static")
+    finally:
+        model._compiled_call = inner
 
 
 def host_times(model, prompt) -> list[float]:
@@ -63,11 +67,7 @@ def host_times(model, prompt) -> list[float]:
         times.append((time.perf_counter() - start) * 1e6)
         return out
 
-    restore = wrap_calls(model, on_call)
-    try:
-        timed_generate(model, prompt, NEW, "static")
-    finally:
-        restore()
+    generate_with(model, prompt, on_call)
     return times
 
 
@@ -85,11 +85,7 @@ def gpu_profile(model, prompt) -> dict:
             prof.stop()
         return out
 
-    restore = wrap_calls(model, on_call)
-    try:
-        timed_generate(model, prompt, NEW, "static")
-    finally:
-        restore()
+    generate_with(model, prompt, on_call)
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     small = large = 0.0

@@ -101,7 +101,8 @@ if not IN_INTERPRETER:
     AOT_QK = [
         (128, "bf16", None, True, 16),
         (128, "bf16", None, True, 64),
-        (256, "bf16", None, True, 32),
+        (256, "bf16", None, True, 16),
+        (256, "bf16", None, True, 64),
         (64, "fp16", None, False, 128),
         (128, "bf16", "bf16", True, 64),
         (128, "bf16", "fp32", True, 64),
@@ -109,7 +110,10 @@ if not IN_INTERPRETER:
     ]
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
-    def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int):
+    def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int,
+                     aligned_ptrs: bool = False):
+        """``aligned_ptrs``: pointer arguments specialised as 16-byte aligned, as triton does
+        at run time for aligned tensors."""
         compiler = pytest.importorskip("triton.compiler")
         backend = pytest.importorskip("triton.backends.compiler")
         import triton
@@ -119,7 +123,9 @@ if not IN_INTERPRETER:
             name: ("constexpr" if params[name].is_constexpr else sig.get(name, "i32"))
             for name in fn.arg_names  # type: ignore[attr-defined]
         }
-        src = compiler.ASTSource(fn, full, const)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if aligned_ptrs and full[name].startswith("*")}
+        src = compiler.ASTSource(fn, full, const, attrs=attrs)
         target = backend.GPUTarget("cuda", 90, 32)
         return triton.compile(src, target=target, options={"num_warps": warps})
 
@@ -219,12 +225,27 @@ if not IN_INTERPRETER:
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             sig = {f"{n}_ptr": ty[xdt] for n in ("q", "k", "qo", "ko", "c", "s")}
             sig.update(w_ptr=ty[wdt or xdt], scale="fp32")
-            const = dict(
-                D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m,
-                ROPE=rope, SYLVESTER=wdt is None, DOT_F32=dot_f32, EMULATE_RTNE=False,
-            )  # fmt: skip
-            k = _aot_compile(qk_kernel._qk_kernel, sig, const, 4)
-            results.append((f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m}", k))
+            unit = 16 // (4 if xdt == "fp32" else 2)
+            tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20)
+            warps = tuned[1] if tuned[0] == block_m else 4
+            # the tuned launch (W built after the loads, 16-byte rows), and for the first case
+            # also W before the loop with unaligned rows
+            variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt) == (128, "bf16")
+                                                and block_m == 16 else [])
+            for loads_first, align, nw in variants:
+                const = dict(
+                    D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m,
+                    ROPE=rope, SYLVESTER=wdt is None, DOT_F32=dot_f32, EMULATE_RTNE=False,
+                    LOADS_FIRST=loads_first, ALIGN=align,
+                )  # fmt: skip
+                k = _aot_compile(qk_kernel._qk_kernel, sig, const, nw, aligned_ptrs=True)
+                name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
+                        f"loads_first={loads_first} align={align} warps={nw}")
+                results.append((name, k))
+                # ALIGN is what lets the compiler use 16-byte accesses (the strides are not
+                # specialised): without it every element is a separate 2- or 4-byte access
+                vector = "ld.global.v4" in k.asm["ptx"] and "st.global.v4" in k.asm["ptx"]
+                assert vector == (align > 1), (name, vector)
         for name, k in results:
             assert k.metadata.shared <= SMEM_LIMIT_SM90, (name, k.metadata.shared)
             spill = _local_bytes(k.asm["cubin"])
@@ -721,8 +742,11 @@ else:
         elif layout == "contiguous":
             q = torch.randn(b, 4, s, d, generator=g).to(dtype)
             k = torch.randn(b, 2, s, d, generator=g).to(dtype)
-        else:  # "sliced": heads of a fused qkv projection, rows longer than d
+        elif layout == "sliced":  # heads of a fused qkv projection, rows longer than d
             qkv = torch.randn(b, s, 8, d, generator=g).to(dtype)
+            q, k = qkv[:, :, :4].transpose(1, 2), qkv[:, :, 4:6].transpose(1, 2)
+        else:  # "padded": heads d + 2 apart, so rows are not 16-byte aligned (ALIGN = 1)
+            qkv = torch.randn(b, s, 8, d + 2, generator=g).to(dtype)[..., :d]
             q, k = qkv[:, :, :4].transpose(1, 2), qkv[:, :, 4:6].transpose(1, 2)
         angle = torch.randn(1 if b == 1 else b, s, d // 2, generator=g) * 3
         cos = torch.cat([angle.cos(), angle.sin() * 0.5 + 0.3], -1).to(dtype)  # halves differ
@@ -734,7 +758,7 @@ else:
         h = ct_sylvester(d)[torch.randperm(d, generator=g)]
         return h * (torch.randint(0, 2, (d, 1), generator=g) * 2 - 1)
 
-    @pytest.mark.parametrize("layout", ["transposed", "contiguous", "sliced"])
+    @pytest.mark.parametrize("layout", ["transposed", "contiguous", "sliced", "padded"])
     @pytest.mark.parametrize("d", [32, 64, 128, 256])
     @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
     def test_qk_rope_sylvester(dtype: torch.dtype, d: int, layout: str) -> None:
@@ -743,11 +767,13 @@ else:
         for b, s in ((1, 1), (2, 5), (3, 40)):
             q, k, cos, sin = qk_inputs(dtype, d, b, s, layout, seed=d + s)
             assert qk_kernel.qk_supported(q, k, None, cos, sin)
+            plan = qk_kernel._make_plan(q, k, q, k, cos, 1.0, q)
+            assert plan.meta["ALIGN"] == (1 if layout == "padded" else 16 // q.element_size())
             qo, ko = qk_kernel.rotate_qk(q, k, d**-0.5, None, cos, sin)
             for x, out in ((q, qo), (k, ko)):
                 # reference: torch's RoPE in x.dtype (what the model computes), then float64 H
                 assert_matches(out, torch_rope(x, cos, sin), d, None, d**-0.5)
-                if layout != "sliced":
+                if layout in ("transposed", "contiguous"):
                     assert out.stride() == x.stride()  # the input's memory layout is kept
 
     @pytest.mark.parametrize("d", [32, 64, 128])

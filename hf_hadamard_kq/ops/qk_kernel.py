@@ -34,6 +34,7 @@ import torch
 
 from .triton_kernel import (
     INTERPRET,
+    SMALL_ROWS,
     _cached_launcher,
     _dot,
     _max_programs,
@@ -60,11 +61,29 @@ if triton is not None:
             return _round_to(v, ref_ptr, EMULATE_RTNE).to(tl.float32)
 
     @triton.jit
+    def _qk_w(x_ptr, w_ptr, rk, D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr,
+              SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr):
+        """The four ``HALF``-square quarters of ``W`` (Sylvester: one generated ``H_HALF``,
+        typed like ``x_ptr``'s elements)."""
+        if SYLVESTER:
+            w00 = _w_tile(x_ptr, rk, rk, HALF, LOG2HALF, True, DOT_F32)
+            w01 = w00
+            w10 = w00
+            w11 = w00
+        else:
+            w00 = _w_tile(w_ptr, rk, rk, D, 0, False, DOT_F32)
+            w01 = _w_tile(w_ptr, rk, rk + HALF, D, 0, False, DOT_F32)
+            w10 = _w_tile(w_ptr, rk + HALF, rk, D, 0, False, DOT_F32)
+            w11 = _w_tile(w_ptr, rk + HALF, rk + HALF, D, 0, False, DOT_F32)
+        return w00, w01, w10, w11
+
+    @triton.jit
     def _qk_tile(
-        x_ptr, o_ptr, c_ptr, s_ptr, w00, w01, w10, w11, t, n_rows, H, S,
+        x_ptr, o_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t, n_rows, H, S,
         xb, xh, xs, ob, oh, os_, cb, cs, scale,
-        HALF: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
-        SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+        D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+        ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
+        EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
     ):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, HALF)
@@ -74,11 +93,19 @@ if triton is not None:
         s = bs % S
         b = bs // S
         mask = ok[:, None] & (rk < HALF)[None, :]
-        x_at = x_ptr + (b * xb + h * xh + s * xs)[:, None] + rk[None, :]
+        x_row = b * xb + h * xh + s * xs
+        o_row = b * ob + h * oh + s * os_
+        if ALIGN > 1:  # row starts are 16-byte aligned: lets the compiler vectorise
+            x_row = tl.multiple_of(x_row, ALIGN)
+            o_row = tl.multiple_of(o_row, ALIGN)
+        x_at = x_ptr + x_row[:, None] + rk[None, :]
         x0 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
         x1 = tl.load(x_at + HALF, mask=mask, other=0.0).to(tl.float32)
         if ROPE:
-            c_off = (b * cb + s * cs)[:, None] + rk[None, :]
+            c_row = b * cb + s * cs
+            if ALIGN > 1:
+                c_row = tl.multiple_of(c_row, ALIGN)
+            c_off = c_row[:, None] + rk[None, :]
             c0 = tl.load(c_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
             c1 = tl.load(c_ptr + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
             s0 = tl.load(s_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
@@ -95,6 +122,8 @@ if triton is not None:
         if not DOT_F32:
             r0 = r0.to(x_ptr.dtype.element_ty)
             r1 = r1.to(x_ptr.dtype.element_ty)
+        if LOADS_FIRST:  # built after the loads were issued: generation overlaps their latency
+            w00, w01, w10, w11 = _qk_w(x_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32)
         zero = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
         if SYLVESTER:
             z0 = _dot(r0, w00, zero, DOT_F32)
@@ -104,7 +133,7 @@ if triton is not None:
         else:
             y0 = _dot(r1, w10, _dot(r0, w00, zero, DOT_F32), DOT_F32) * scale
             y1 = _dot(r1, w11, _dot(r0, w01, zero, DOT_F32), DOT_F32) * scale
-        o_at = o_ptr + (b * ob + h * oh + s * os_)[:, None] + rk[None, :]
+        o_at = o_ptr + o_row[:, None] + rk[None, :]
         tl.store(o_at, _round_to(y0, o_ptr, EMULATE_RTNE), mask=mask)
         tl.store(o_at + HALF, _round_to(y1, o_ptr, EMULATE_RTNE), mask=mask)
 
@@ -120,34 +149,34 @@ if triton is not None:
         qb, qh, qs, kb, kh, ks, qob, qoh, qos, kob, koh, kos, cb, cs, scale,
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
-        EMULATE_RTNE: tl.constexpr,
+        EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
     ):
-        """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid)."""
+        """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid).
+        ``LOADS_FIRST`` (one tile per program): ``W`` is built per tile after its loads,
+        else once before the loop."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         rk = tl.arange(0, HALF)
-        if SYLVESTER:
-            w00 = _w_tile(q_ptr, rk, rk, HALF, LOG2HALF, True, DOT_F32)
-            w01 = w00
-            w10 = w00
-            w11 = w00
-        else:
-            w00 = _w_tile(w_ptr, rk, rk, D, 0, False, DOT_F32)
-            w01 = _w_tile(w_ptr, rk, rk + HALF, D, 0, False, DOT_F32)
-            w10 = _w_tile(w_ptr, rk + HALF, rk, D, 0, False, DOT_F32)
-            w11 = _w_tile(w_ptr, rk + HALF, rk + HALF, D, 0, False, DOT_F32)
+        w00 = 0  # placeholders: built per tile (LOADS_FIRST)
+        w01 = 0
+        w10 = 0
+        w11 = 0
+        if not LOADS_FIRST:
+            w00, w01, w10, w11 = _qk_w(q_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32)
         for t in range(pid, n_tiles, nprog):
             if t < tq:
                 _qk_tile(
-                    q_ptr, qo_ptr, c_ptr, s_ptr, w00, w01, w10, w11, t, nq, Hq, S,
+                    q_ptr, qo_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t, nq, Hq, S,
                     qb, qh, qs, qob, qoh, qos, cb, cs, scale,
-                    HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
+                    D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
+                    LOADS_FIRST, ALIGN,
                 )
             else:
                 _qk_tile(
-                    k_ptr, ko_ptr, c_ptr, s_ptr, w00, w01, w10, w11, t - tq, nk, Hk, S,
+                    k_ptr, ko_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t - tq, nk, Hk, S,
                     kb, kh, ks, kob, koh, kos, cb, cs, scale,
-                    HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
+                    D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
+                    LOADS_FIRST, ALIGN,
                 )
 
     # ints are not specialised (do_not_specialize, all < 2**31): only pointer alignment is
@@ -164,10 +193,12 @@ def qk_supported(
     matrix: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
+    any_device: bool = False,
 ) -> bool:
     """Whether :func:`rotate_qk` takes these tensors (else the caller uses the general op).
 
-    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter),
+    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter,
+    or with ``any_device``: the shapes the custom op ``rope_rotate_qk`` takes everywhere),
     same dtype, unit last stride, ``D`` a power of two in [32, 256] (explicit ``matrix``:
     <= 128, square ``D``), every offset < 2**31. ``cos``/``sin`` (None: no RoPE): ``(B or 1,
     S, D)``, q's dtype and device, identical strides, unit last stride. ``matrix``: contiguous.
@@ -179,7 +210,7 @@ def qk_supported(
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return False
-    if not (q.is_cuda or INTERPRET) or k.device != q.device:
+    if not (q.is_cuda or INTERPRET or any_device) or k.device != q.device:
         return False
     if matrix is None:
         if d > MAX_SYLVESTER_D:
@@ -211,12 +242,48 @@ def qk_supported(
     return True
 
 
+#: At most this many rows (heads x tokens) in the larger of q and k is a decode-sized call.
+DECODE_ROWS = SMALL_ROWS
+
+#: ``(decode, d) -> (BLOCK_M, num_warps)``, measured with benchmarks/tune_qk.py on an H100
+#: (session 7, benchmarks/results/tune_qk_h100_session7*.json; bf16, RoPE, 32 q + 8 kv heads,
+#: GPU time in a CUDA graph). Decode, d = 128: 3.18-3.36 us at 1-64 tokens and batch 1-32 with
+#: 2 warps (3.20-3.93 with 4); d = 64 and 256 keep 4. Prefill (512 and 4096 tokens): 64-row
+#: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Editing this at
+#: run time needs ``qk_config.cache_clear()`` and ``_PLANS.clear()``.
+TUNED_QK: dict[tuple[bool, int], tuple[int, int]] = {
+    (True, 64): (16, 4),
+    (True, 128): (16, 2),
+    (True, 256): (16, 4),
+    (False, 64): (64, 4),
+    (False, 128): (64, 4),
+    (False, 256): (64, 4),
+}
+
+
 @functools.cache
-def _block_m(d: int, rows: int) -> int:
-    """Rows per tile: 16 for decode-sized inputs; prefill tiles of 8192 / D rows (64 at 128)."""
-    if rows <= 256:
-        return 16
-    return max(16, min(128, 8192 // d))
+def qk_config(d: int, rows: int) -> tuple[int, int]:
+    """``(BLOCK_M, num_warps)`` for head dim ``d`` and ``rows`` rows in the larger tensor:
+    :data:`TUNED_QK` where it has an entry; otherwise 16-row tiles with 4 warps for
+    decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill."""
+    decode = rows <= DECODE_ROWS
+    tuned = TUNED_QK.get((decode, d))
+    if tuned is not None:
+        return tuned
+    if decode:
+        return 16, 4
+    return max(16, min(128, 8192 // d)), 4
+
+
+def _align(element_size: int, strides: list[int]) -> int:
+    """``16 / element_size`` when every stride that is used (of dims longer than 1) is a
+    multiple of 16 bytes, else 1: the kernel's ``ALIGN`` hint that row starts are 16-byte
+    aligned *relative to the base pointers*. The
+    ints are not specialised (``do_not_specialize``), so without it the compiler cannot
+    vectorise the loads and stores; the pointers' own alignment is keyed by the launcher
+    (``launch.CachedLauncher``) and specialised by triton."""
+    unit = 16 // element_size
+    return unit if all(st % unit == 0 for st in strides) else 1
 
 
 class _Plan(NamedTuple):
@@ -235,9 +302,10 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
     b, hq, s, d = q.shape
     hk = k.shape[1]
     nq, nk = b * hq * s, b * hk * s
-    block_m = _block_m(d, max(nq, nk))
+    block_m, num_warps = qk_config(d, max(nq, nk))
     tq = -(-nq // block_m)
     n_tiles = tq + -(-nk // block_m)
+    grid = min(n_tiles, _max_programs(q.device))
     sylvester = w is q
     dtype = q.dtype
     dot_f32 = dtype is torch.float32 or w.dtype is not dtype or (
@@ -251,14 +319,18 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         "D": d, "HALF": d // 2, "LOG2HALF": (d // 2).bit_length() - 1, "BLOCK_M": block_m,
         "ROPE": cos is not None, "SYLVESTER": sylvester, "DOT_F32": dot_f32,
         "EMULATE_RTNE": INTERPRET and dtype is torch.bfloat16,
+        "LOADS_FIRST": n_tiles <= grid,
+        "ALIGN": _align(q.element_size(), [
+            st for t in (q, k, qo, ko) for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1
+        ] + [cb, cs if s > 1 else 0]),
     }
     scalars = (
         nq, nk, tq, n_tiles, hq, hk, s,
         qst[0], qst[1], qst[2], kst[0], kst[1], kst[2],
         qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
     )
-    key = (tuple(meta.values()), dtype, w.dtype)
-    return _Plan(min(n_tiles, _max_programs(q.device)), scalars, meta, key, 4)
+    key = (tuple(meta.values()), dtype, w.dtype, num_warps)
+    return _Plan(grid, scalars, meta, key, num_warps)
 
 
 def _layout(q, k, matrix, cos, sin, scale) -> tuple:

@@ -2,9 +2,8 @@
 be set from measurements.
 
 The kernel rotates a layer's query and key (with RoPE folded in) in one launch: in eager
-decode it replaces transformers' RoPE, and under torch.compile it is the one kernel that
-replaces the RoPE kernel inductor would otherwise generate, so its GPU time at decode sizes
-is what a compiled decode step pays for the rotation (issue 6, targets 2 and 3).
+decode and prefill it replaces transformers' RoPE (fused.py), so its GPU time is what a fused
+layer pays for RoPE and both rotations (issue 6, targets 2 and 3).
 
 For Llama-3-8B heads (32 q, 8 kv) and each ``d`` in ``--d``, shapes (batch, tokens):
 decode ``(1, 1)``, ``(1, 16)``, ``(1, 64)``, ``(8, 1)``, ``(32, 1)`` and prefill ``(1, 512)``,

@@ -76,8 +76,8 @@ def _make_attention(inner_name: str) -> Callable:
             PROBE.attention(module, inner_name, kwargs)
         q = SPECS[slot].q
         if q is not None:
-            state = fused_mod.STATE
-            if state.done is module:
+            state = None if torch.compiler.is_compiling() else fused_mod.STATE
+            if state is not None and state.done is module:
                 # rotated together with the key at RoPE time (fused.py), if this is that tensor
                 state.done = None
                 if query is not state.q_out:

@@ -45,15 +45,16 @@ def _record(owner, event: str = "k_rotated") -> None:
 def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> torch.Tensor:
     """The key to store: ``key_states`` itself when fused.py already rotated exactly this
     tensor at RoPE time for ``owner`` in this call, else its rotation."""
-    state = fused_mod.STATE
-    state.armed = None  # this layer's RoPE (if any) is over
-    if state.done is owner:
-        if key_states is state.k_out:
-            state.k_out = None
-            if PROBE is not None:
-                _record(owner, "k_fused")
-            return key_states
-        fused_mod.mismatch(owner, "key")
+    if not torch.compiler.is_compiling():
+        state = fused_mod.STATE
+        state.armed = None  # this layer's RoPE (if any) is over
+        if state.done is owner:
+            if key_states is state.k_out:
+                state.k_out = None
+                if PROBE is not None:
+                    _record(owner, "k_fused")
+                return key_states
+            fused_mod.mismatch(owner, "key")
     if PROBE is not None:
         _record(owner)
     return rotate(key_states, rotation, owner)
@@ -163,7 +164,7 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
     wraps its quantizer the same way. ``spec.k`` None: quantizer only (an unrotated layer).
     """
     spec = SPECS[module.__dict__[SLOT_ATTR]]
-    if spec.fused:
+    if not torch.compiler.is_compiling() and spec.fused:
         state = fused_mod.STATE
         state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
         state.done = state.q_out = state.k_out = None

@@ -22,15 +22,7 @@ calls the original unchanged unless an installed layer is mid-forward). Per call
 
 Anything else falls back to the general path in the same call: no armed module (the layer
 never called the wrapper, e.g. NoPE layers), extra arguments (mrope), a head dim other than
-the rotation block (partial rotary), autograd, tensor subclasses (DTensor).
-
-Under torch.compile the same bookkeeping is traced (dynamo follows the thread-local state and
-the identity checks), and the wrapper puts one custom-op node, ``rope_rotate_qk``
-(ops/qk_op.py), in the graph where the eager path would launch the kernel: with CUDA graphs
-only GPU time is left, and that node is one kernel doing what the RoPE kernel inductor would
-generate does, plus both rotations. Where it does not apply (see :func:`_traced_pair`: the
-``native`` form, a non-standard RoPE, other devices, tensors the kernel does not take) the
-traced layer takes the general path, as before.
+the rotation block (partial rotary), torch.compile, autograd, tensor subclasses (DTensor).
 If a tensor was *replaced* between RoPE and the cache / attention (the identity check fails),
 rotation already happened and cannot be redone: the install probe finds such layers and turns
 the fused path off for them; at run time it is an error, never a silent wrong rotation. (The
@@ -52,9 +44,7 @@ from typing import Any, Optional
 
 import torch
 
-from .ops import native, qk_op
 from .ops.op import hadamard_apply
-from .specs import SLOT_ATTR, SPECS
 
 #: Module ``__dict__`` key of an attention module's fused rotation: a :class:`FusedRotation`,
 #: or absent (general path only).
@@ -185,76 +175,34 @@ def _rotate_each(q, k, fused: FusedRotation, matrix):
             hadamard_apply(k, fused.scale, matrix, fused.block))
 
 
-#: Devices on which a traced (torch.compile) fused layer puts :mod:`.ops.qk_op`'s custom op in
-#: the graph. Elsewhere (CPU) the traced layer takes the general path, whose plain torch
-#: ops inductor's CPU backend fuses; tests add "cpu" to run the traced fused path there.
-TRACED_DEVICES: frozenset[str] = frozenset({"cuda"})
-
-
-def _traced_pair(q, k, cos, sin, standard: bool, module):
-    """Under torch.compile: ``rope_rotate_qk`` (RoPE and both rotations, one node) for these
-    tensors, or None when the layer must take the general path instead: the form was set to
-    ``native`` (plain torch ops throughout), the RoPE is not the standard one, the device is
-    not in :data:`TRACED_DEVICES`, or the op does not take the tensors.
-
-    The rotation is read from the layer's spec (its ``q`` rotation equals its ``k`` rotation
-    on a fused layer, install.py), which the attention function reads anyway: dynamo guards
-    it once."""
-    if not standard or native.MODE == "native" or q.device.type not in TRACED_DEVICES:
-        return None
-    from .ops import qk_kernel
-
-    rotation = SPECS[module.__dict__[SLOT_ATTR]].q
-    matrix = None if rotation.buffer is None else module._buffers[rotation.buffer]
-    if (q.shape[-1] != rotation.block
-            or not qk_kernel.qk_supported(q, k, matrix, cos, sin, any_device=True)):
-        return None
-    return qk_op.rope_rotate_qk(q, k, cos, sin, rotation.scale, matrix)
-
-
 def _make_wrapper(original: Callable, standard: bool) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return original(q, k, cos, sin, *args, **kwargs)
         state = STATE
         module = state.armed
         if module is None:
             return original(q, k, cos, sin, *args, **kwargs)
         state.armed = None
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            # no caller check here (dynamo cannot trace sys._getframe): a layer keeps its
-            # fused marker only if the eager load probe saw its own forward make this call
-            # (install.probe_pattern), and under compile its pre-hook armed it in this trace
-            if (
-                args
-                or kwargs
-                or type(q) is not torch.Tensor
-                or type(k) is not torch.Tensor
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            ):
-                return original(q, k, cos, sin, *args, **kwargs)
-            pair = _traced_pair(q, k, cos, sin, standard, module)
-            if pair is None:  # the general path rotates them (state.done stays None)
-                return original(q, k, cos, sin)
-        else:
-            fused = module.__dict__.get(FUSED_ATTR)
-            if (
-                fused is None
-                or sys._getframe(1).f_locals.get("self") is not module
-                or args
-                or kwargs
-                or type(q) is not torch.Tensor
-                or type(k) is not torch.Tensor
-                or q.shape[-1] != fused.block
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            ):
-                return original(q, k, cos, sin, *args, **kwargs)
-            pair = _rotate_pair(q, k, cos, sin, original, standard, fused, module)
+        fused = module.__dict__.get(FUSED_ATTR)
+        if (
+            fused is None
+            or sys._getframe(1).f_locals.get("self") is not module
+            or args
+            or kwargs
+            or type(q) is not torch.Tensor
+            or type(k) is not torch.Tensor
+            or q.shape[-1] != fused.block
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+        ):
+            return original(q, k, cos, sin, *args, **kwargs)
+        pair = _rotate_pair(q, k, cos, sin, original, standard, fused, module)
         if pair is None:  # original() gave something unexpected: rerun it, general path
             return original(q, k, cos, sin)
         state.done = module
         state.q_out, state.k_out = pair
         probe = PROBE
-        if probe is not None and not compiling:  # keyed by id: other threads' models unnamed
+        if probe is not None:  # keyed by id: other threads' models stay unnamed (ignored)
             probe.events.append(("rope", probe.names.get(id(module))))
         return pair
 

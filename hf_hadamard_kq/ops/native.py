@@ -30,10 +30,6 @@ bytes, e.g. 16 GiB for the query of an 8k-token prefill with 32 heads of 128 und
 ``native`` -- under ``auto`` at most ``AUTO_MAX_WORK`` elements (4 MiB in fp32, 8 MiB in
 fp64); prefer ``auto`` or ``op`` with those backends.
 
-Layers on the fused path (fused.py) are traced differently: with ``auto`` and ``op`` their
-RoPE call becomes one ``rope_rotate_qk`` node (ops/qk_op.py: RoPE and both rotations in one
-kernel) on CUDA; only ``native`` keeps plain torch ops for them too.
-
 Choose with ``HF_HADAMARD_KQ_COMPILE=auto|op|native`` in the environment (read at import) or
 :func:`set_compile_rotation` before compiling.
 """
@@ -83,9 +79,7 @@ def set_compile_rotation(mode: str) -> None:
     default: ``"native"`` for tensors whose rotation is at most :data:`AUTO_MAX_WORK`
     multiply-adds, such as decode steps at small batch, ``"op"`` for larger ones), ``"op"``
     (our custom op, one kernel per tensor) or ``"native"`` (plain torch ops that inductor
-    fuses with their producer, see this module's docstring). Layers on the fused path trace
-    their RoPE call as one ``rope_rotate_qk`` node on CUDA under ``"auto"`` and ``"op"``
-    (fused.py), and as plain torch ops under ``"native"``. Dynamo guards the setting: a
+    fuses with their producer, see this module's docstring). Dynamo guards the setting: a
     compiled function called after a switch is traced again (one recompilation, counted
     against dynamo's recompile limit)."""
     global MODE

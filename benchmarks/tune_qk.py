@@ -42,8 +42,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tune_rows
+
 from hf_hadamard_kq.ops import qk_kernel
-from hf_hadamard_kq.ops.matrices import sylvester
 
 SHAPES = [(1, 1), (1, 16), (1, 64), (8, 1), (32, 1), (1, 512), (1, 4096)]
 #: error bound: RoPE rounded to fp32 then bf16, then the product rounded once
@@ -69,11 +70,8 @@ def rope_ref(x, cos, sin):
 
 
 def err_vs_floor(out, x, cos, sin) -> float:
-    d = x.shape[-1]
-    ref = (rope_ref(x, cos, sin).double() @ sylvester(d, torch.float64, x.device)) / math.sqrt(d)
-    err = (out.double() - ref).abs().max().item()
-    floor = (ref.to(out.dtype).double() - ref).abs().max().item()
-    return err / floor if floor > 0 else float("nan")
+    """tune_rows' measure against the Sylvester product of the once-rounded RoPE."""
+    return tune_rows.err_vs_floor(out, rope_ref(x, cos, sin), x.shape[-1])
 
 
 def run_config(q, k, cos, sin, cfg):

@@ -37,10 +37,11 @@ def attention_layers(model):
     return [m for m in model.modules() if isinstance(m, modeling_llama.LlamaAttention)]
 
 
-def llama_forward_changing(change_key, change_query):
+def llama_forward_changing(change_key, change_query, break_at=None):
     """A LlamaAttention.forward that replaces the key and/or query (same values, new tensor)
     between RoPE and the cache / attention function: what an architecture that post-processes
-    RoPE output would do. ``change_key`` may be a function ``(layer_idx, has_cache) -> bool``."""
+    RoPE output would do. ``change_key`` may be a function ``(layer_idx, has_cache) -> bool``.
+    ``break_at`` ("before_rope", "after_rope", "after_update"): a dynamo graph break there."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
@@ -54,13 +55,19 @@ def llama_forward_changing(change_key, change_query):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
+        if break_at == "before_rope":
+            torch._dynamo.graph_break()
         q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        if break_at == "after_rope":
+            torch._dynamo.graph_break()
         if key_changes:
             k = k * 1.0
         if change_query:
             q = q * 1.0
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if break_at == "after_update":
+            torch._dynamo.graph_break()
         attend = modeling_llama.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
@@ -295,33 +302,6 @@ def test_mismatch_of_a_model_not_being_probed_raises(r3_hd16):
 # layers take the general path, whatever the graph breaks and the thread's state.
 
 
-def _llama_forward_with_break(where):
-    """LlamaAttention.forward with a dynamo graph break at ``where``."""
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                past_key_values=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        if where == "before_rope":
-            torch._dynamo.graph_break()
-        q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
-        if where == "after_rope":
-            torch._dynamo.graph_break()
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        if where == "after_update":
-            torch._dynamo.graph_break()
-        attend = modeling_llama.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
-        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
-
-    return forward
-
-
 @pytest.mark.parametrize("where", ["before_rope", "after_rope", "after_update"])
 def test_compiled_step_with_graph_breaks_rotates_once(r3_hd64, monkeypatch, where):
     """A compiled decode step whose attention forward graph-breaks between the pre-hook, RoPE,
@@ -334,7 +314,7 @@ def test_compiled_step_with_graph_breaks_rotates_once(r3_hd64, monkeypatch, wher
     plain = load_unrotated(r3_hd64)
     assert any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(ours))
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
-                        _llama_forward_with_break(where))
+                        llama_forward_changing(False, False, break_at=where))
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
     torch._dynamo.reset()
     try:

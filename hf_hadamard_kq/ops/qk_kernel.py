@@ -276,10 +276,10 @@ def qk_config(d: int, rows: int) -> tuple[int, int]:
 def _align(element_size: int, strides: list[int]) -> int:
     """``16 / element_size`` when every stride that is used (of dims longer than 1) is a
     multiple of 16 bytes, else 1: the kernel's ``ALIGN`` hint that row starts are 16-byte
-    aligned *relative to the base pointers*. The
-    ints are not specialised (``do_not_specialize``), so without it the compiler cannot
-    vectorise the loads and stores; the pointers' own alignment is keyed by the launcher
-    (``launch.CachedLauncher``) and specialised by triton."""
+    aligned *relative to the base pointers*. The ints are not specialised
+    (``do_not_specialize``), so without it the compiler cannot vectorise the loads and stores;
+    the pointers' own alignment is keyed by the launcher (``launch.CachedLauncher``) and
+    specialised by triton."""
     unit = 16 // element_size
     return unit if all(st % unit == 0 for st in strides) else 1
 

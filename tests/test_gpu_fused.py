@@ -119,6 +119,51 @@ def test_rows_launcher_int_specialisation():
         assert_single_rounding(y, x, None, 128**-0.5)
 
 
+def test_eager_fast_path(monkeypatch):
+    """``hadamard_apply``'s per-layout closure (``triton_kernel.FAST``): repeated calls of a
+    layout run through it and match the float64 reference; a misaligned tensor of the same
+    layout, and a call with a triton launch hook installed, fall back to the normal path
+    (the hook sees the launch) and are still right."""
+    import triton
+
+    from hf_hadamard_kq.ops import op as op_mod
+    from tests.reference import assert_single_rounding as assert_near
+    from tests.reference import reference_transform
+
+    triton_kernel.clear_plans()
+    op_mod._load_triton()
+    assert op_mod._FAST is triton_kernel.FAST
+    cases = [(torch.randn(1, t, 32, 128, device=DEV).bfloat16().transpose(1, 2), 128)
+             for t in (1, 16, 64)]
+    cases += [(torch.randn(3, 8, 64, device=DEV).half(), 64),
+              (torch.randn(2, 5, 256, device=DEV).bfloat16(), 256),
+              (torch.randn(4, 128, device=DEV), 128),  # fp32 operands
+              (torch.randn(6, 8, 128, device=DEV).half()[:, :, :64], 64)]
+    for x, d in cases:
+        key = (x.shape, x.stride(), x.dtype, x.get_device(), d)
+        first = op_mod.hadamard_apply(x, d**-0.5, None, d)
+        closure = triton_kernel.FAST[key]
+        hits = []
+        monkeypatch.setitem(triton_kernel.FAST, key,
+                            lambda t, s, c=closure, h=hits: h.append(1) or c(t, s))
+        for y in (first, op_mod.hadamard_apply(x, d**-0.5, None, d)):
+            assert_near(y, reference_transform(x, d))  # fp32: relative bound
+        assert hits == [1]
+    x = cases[0][0]  # decode layout, 16-byte aligned
+    buf = torch.randn(1 * 32 * 128 + 1, device=DEV).bfloat16()
+    mis = buf[1:].view(1, 1, 32, 128).transpose(1, 2)
+    assert (mis.shape, mis.stride()) == (x.shape, x.stride()) and mis.data_ptr() % 16
+    assert_single_rounding(op_mod.hadamard_apply(mis, 128**-0.5, None, 128), mis, None,
+                           128**-0.5)
+    seen = []
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook",
+                        lambda *args: seen.append(args))
+    y = op_mod.hadamard_apply(x, 128**-0.5, None, 128)
+    monkeypatch.undo()
+    assert seen, "with a launch hook installed the launch must go through triton"
+    assert_single_rounding(y, x, None, 128**-0.5)
+
+
 @pytest.mark.parametrize("fixture,block", [("llama_r3_hadamard_hd64", 64)])
 def test_model_fused_path_matches_general_and_reference(fixture, block, monkeypatch):
     path = FIXTURES / fixture

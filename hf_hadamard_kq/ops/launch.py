@@ -54,7 +54,9 @@ def _hook_set(hook: Any) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _hooks_active() -> bool:
+def hooks_active() -> bool:
+    """A launch hook (profilers such as proton) is installed: launches must go through
+    triton so that the hook sees them."""
     return _RUNTIME is not None and (
         _hook_set(getattr(_RUNTIME, "launch_enter_hook", None))
         or _hook_set(getattr(_RUNTIME, "launch_exit_hook", None))
@@ -101,6 +103,7 @@ def _direct(kernel: Any):
         launch(grid, 1, 1, stream, function, coop, pdl, None, None, packed, None, None, None,
                *args)
 
+    direct.parts = (launch, function, coop, pdl, packed)  # for bound_launch
     return direct
 
 
@@ -114,6 +117,9 @@ class CachedLauncher:
     and the dtypes (the caller builds it cheaply); this class adds the device and the pointer
     alignment.
     """
+
+    #: For closures built from :meth:`direct_parts` (and replaceable in tests).
+    hooks_active = staticmethod(hooks_active)
 
     def __init__(self, fn: Any, specialized_ints: bool = True) -> None:
         self.fn = fn
@@ -150,7 +156,7 @@ class CachedLauncher:
         else:
             full_key = (key, device, align)
         entry = None if _PLAIN else self.cache.get(full_key)
-        if entry is None or _hooks_active():
+        if entry is None or hooks_active():
             kernel = self.fn[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps)
             if (entry is None and not _PLAIN and hasattr(kernel, "run")
                     and hasattr(kernel, "packed_metadata")):
@@ -164,3 +170,36 @@ class CachedLauncher:
             grid, 1, 1, self._stream(device), kernel.function, kernel.packed_metadata, None,
             None, None, *ptrs, *scalars, *meta_values,
         )
+
+    def direct_parts(
+        self,
+        key: tuple,
+        device: int,
+        meta: dict[str, Any],
+        int_key: tuple,
+    ) -> tuple | bool | None:
+        """``(launch, function, coop, pdl, packed, meta_values)`` of a specialisation that
+        :meth:`launch` has cached for all-aligned pointers, for a caller that binds its own
+        launch closure; None when there is no such entry yet, False when it has no direct
+        form (this triton's launcher is not the known one); then keep calling :meth:`launch`.
+        The closure calls ``launch(grid, 1, 1, stream, function, coop, pdl, None, None,
+        packed, None, None, None, *ptrs, *scalars, *meta_values)``.
+
+        Why: the eager single-tensor rotation's host cost is mostly Python between the call
+        and the C launcher (key building, argument tuples, the entry lookup); a caller that
+        caches everything per tensor layout needs only the pointers per call. Such a caller
+        must check per call what its cache cannot know: that the pointers are 16-byte
+        aligned, that ``device`` is the current device and that no launch hook is installed
+        (:func:`hooks_active`); otherwise it calls :meth:`launch`. ``int_key`` is
+        :meth:`int_key` of the launch's scalars (launchers with ``specialized_ints``).
+        """
+        full_key = (key, device, True, int_key) if self.specialized_ints else (key, device, True)
+        entry = None if _PLAIN else self.cache.get(full_key)
+        if entry is None:
+            return None
+        if entry[0] is None:
+            return False
+        meta_values = entry[2]
+        if meta_values != tuple(meta.values()):  # same key, other constexprs: a caller bug
+            raise RuntimeError("direct_parts: meta does not match the cached specialisation")
+        return (*entry[0].parts, meta_values)

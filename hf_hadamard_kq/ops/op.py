@@ -82,16 +82,19 @@ def _hadamard_op(
 
 _triton_impl = None
 _warned_no_triton = False
+#: triton_kernel.FAST once the kernel module is loaded (the eager fast path's closures).
+_FAST: dict = {}
 
 
 def _load_triton():
     """Import the Triton kernel on first CUDA call only: CPU users never import triton."""
-    global _triton_impl, _warned_no_triton
+    global _triton_impl, _warned_no_triton, _FAST
     if _triton_impl is None:
         from . import triton_kernel
 
         if triton_kernel.triton_available():
             _triton_impl = triton_kernel.hadamard_triton
+            _FAST = triton_kernel.FAST
         else:
             _triton_impl = False
             if not _warned_no_triton:
@@ -165,12 +168,15 @@ def hadamard_apply(
     In plain eager inference the custom-op dispatcher costs more host time than the kernel
     launch itself (measured on an H100 host: ~80 us per decode call through ``torch.ops``
     vs ~43 us calling the Triton launcher directly), so plain tensors without autograd go
-    straight to the same implementation the op would run. Under ``torch.compile``, autograd,
-    tensor subclasses (DTensor, FakeTensor) or dispatch modes, the op is used so that the
-    compiler, autograd and subclass dispatch see one node (FakeTensor is a subclass, so
-    fake/meta tracing also takes the op) -- except where :func:`native.use_native` says the
-    tensor takes the native form (small tensors by default, see native.set_compile_rotation):
-    then torch.compile traces plain torch ops it can fuse (native.py).
+    straight to the same implementation the op would run; for a Sylvester rotation of a CUDA
+    layout seen before, to a closure cached for that layout (``triton_kernel.FAST``: per call
+    only the checks that depend on the call, the allocation and the launch). Under
+    ``torch.compile``, autograd, tensor subclasses (DTensor, FakeTensor) or dispatch modes,
+    the op is used so that the compiler, autograd and subclass dispatch see one node
+    (FakeTensor is a subclass, so fake/meta tracing also takes the op) -- except where
+    :func:`native.use_native` says the tensor takes the native form (small tensors by
+    default, see native.set_compile_rotation): then torch.compile traces plain torch ops it
+    can fuse (native.py).
     ``fusable=False`` keeps the op even then: for a caller whose roundings around the call
     matter (a scheme ``precision`` cast), which inductor would fuse away.
     """
@@ -182,6 +188,12 @@ def hadamard_apply(
             and (x.requires_grad or (matrix is not None and matrix.requires_grad))
         )
     ):
+        if matrix is None and x.is_cuda:  # a layout seen before (triton_kernel.FAST)
+            fast = _FAST.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
+            if fast is not None:
+                out = fast(x, scale)
+                if out is not None:
+                    return out
         if x.device.type == "cuda":
             return _hadamard_cuda(x, scale, matrix, block)
         if x.device.type == "cpu":

@@ -166,7 +166,7 @@ SMALL_ROWS: int = 2048
 #: (tune_rows_h100_session6_decode.json): 2 warps for d = 128 decode, 1.785 / 1.995 / 2.135 us
 #: at T = 1 / 16 / 64 vs 1.803 / 2.045 / 2.187 with 4 (an H_8 ⊗ H_16 form, bn = 16, measured
 #: 2.0-2.4 us there and was not kept). Editing this (or :data:`TUNED_16BIT_MEDIUM`) at run
-#: time needs ``rows_config.cache_clear()`` and ``_ROW_PLANS.clear()`` (both cache its result).
+#: time needs ``rows_config.cache_clear()`` and :func:`clear_plans` (both cache its result).
 TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int]] = {
     (64, False): (64, 64, 4, 4),
     (64, True): (32, 16, 4, 0),
@@ -632,7 +632,8 @@ def _rows_plan(
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
     )  # fmt: skip
-    key = (n, sylvester, strided, wide, dot_f32, cfg, x.dtype, w.dtype, out_dtype)
+    # every constexpr and the warps (the launcher reuses a compiled kernel by this key)
+    key = (*meta.values(), cfg.num_warps, x.dtype, w.dtype, out_dtype)
     int_key = None if _ROWS is None else _ROWS.int_key(scalars)
     return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps)
 
@@ -725,8 +726,10 @@ def hadamard_triton(
         device = x.get_device()
         plan = _ROW_PLANS.get((x.shape, x.stride(), x.dtype, x.is_cuda, device, block))
         if plan is not None and device == torch.cuda.current_device():
-            out = x.new_empty(x.shape)
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
             _launch_plan(plan, x, x, out, float(scale))
+            if x.is_cuda and (x.shape, x.stride(), x.dtype, device, block) not in FAST:
+                _remember_fast(x, plan, block)
             return out
     if not _HAS_TRITON:
         raise RuntimeError("hadamard_triton needs triton, which is not importable")
@@ -759,7 +762,7 @@ def hadamard_triton(
     if INTERPRET and dtype is torch.bfloat16:
         dot_f32 = True  # interpreter bug: tl.dot on bf16 operands is wrong (module docstring)
 
-    out = x.new_empty(x.shape)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
     if x.is_cuda and x.device.index != torch.cuda.current_device():
@@ -775,6 +778,73 @@ def hadamard_triton(
 #: validation are stored, so a hit needs none.
 _ROW_PLANS: dict[tuple, _RowsPlan] = {}
 _MAX_ROW_PLANS = 4096
+
+#: The eager fast path of Sylvester one-pass rotations on CUDA, by (shape, strides, dtype,
+#: device index, block): ``f(x, scale) -> out`` (or None when it cannot launch this call;
+#: then the caller takes the normal path). ops/op.py's ``hadamard_apply`` looks here first.
+#: Why: a decode-sized rotation is ~2 us of GPU work and its host cost is the step's cost;
+#: this closure does per call only what depends on the call (device, hook and alignment
+#: checks, the allocation, the launch). Cleared with :data:`_ROW_PLANS` (see
+#: :func:`clear_plans`).
+FAST: dict[tuple, object] = {}
+#: The current CUDA device index, without torch.cuda.current_device()'s Python (absent from
+#: CPU builds of torch, where no fast-path closure is ever made outside tests).
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+
+
+def clear_plans() -> None:
+    """Forget every cached row-kernel plan and fast-path closure (after editing the tilings:
+    also call ``rows_config.cache_clear()``)."""
+    _ROW_PLANS.clear()
+    FAST.clear()
+
+
+def _remember_fast(x: torch.Tensor, plan: _RowsPlan, block: int) -> None:
+    """Store the fast-path closure of ``x``'s layout once its all-aligned launch is cached
+    (nothing yet if it is not: a later call retries; None if it has no direct form)."""
+    if _ROWS is None or plan.int_key is None:
+        return
+    device = x.get_device()
+    parts = _ROWS.direct_parts(plan.key, device, plan.meta, plan.int_key)
+    if parts is None:
+        return
+    if len(FAST) >= _MAX_ROW_PLANS:
+        FAST.clear()
+    FAST[(x.shape, x.stride(), x.dtype, device, block)] = (
+        _fast_closure(plan, device, parts) if parts else None)
+
+
+def _fast_closure(plan: _RowsPlan, device: int, parts: tuple):
+    """``f(x, scale)``: ``plan``'s launch for a tensor of the layout it was made for, with
+    the arguments :meth:`~.launch.CachedLauncher.launch` would pass (the row kernel's
+    signature: x, W (x itself for Sylvester), out, the plan's ints, scale, constexprs).
+    Returns None, launching nothing, when the call is not the cached specialisation's
+    (another current device, a launch hook installed, a pointer not 16-byte aligned)."""
+    launch, function, coop, pdl, packed, meta_values = parts
+    grid, scalars = plan.grid, plan.scalars
+    stream_of = _ROWS._stream
+    current_device, hooks_active = _current_device, _ROWS.hooks_active
+    empty_like, contiguous = torch.empty_like, torch.contiguous_format
+    # (scale, the arguments after the pointers) for the last scale seen (a layer's scale is
+    # fixed); replaced as one tuple, so a thread never pairs one scale with another's args
+    last: list = [(None, ())]
+
+    def fast(x: torch.Tensor, scale: float):
+        if current_device() != device or hooks_active():
+            return None
+        # (measured on an H100 host: 1.9 us vs 3.1 for x.new_empty(x.shape))
+        out = empty_like(x, memory_format=contiguous)
+        xp, op = x.data_ptr(), out.data_ptr()
+        if (xp | op) & 15:
+            return None
+        memo = last[0]
+        if memo[0] != scale:
+            memo = last[0] = (scale, (*scalars, float(scale), *meta_values))
+        launch(grid, 1, 1, stream_of(device), function, coop, pdl, None, None, packed, None,
+               None, None, xp, xp, op, *memo[1])
+        return out
+
+    return fast
 
 
 def _dispatch(
@@ -794,8 +864,10 @@ def _dispatch(
     if sylvester and block <= MAX_ONE_PASS and _ROWS is not None:
         plan = _rows_plan(x, w, out.dtype, block, sylvester, dot_f32, layout)
         if len(_ROW_PLANS) >= _MAX_ROW_PLANS:
-            _ROW_PLANS.clear()
+            clear_plans()
         _ROW_PLANS[(x.shape, x.stride(), x.dtype, x.is_cuda, x.get_device(), block)] = plan
         _launch_plan(plan, x, w, out, scale)
+        if x.is_cuda:
+            _remember_fast(x, plan, block)
         return
     _run(x, out, w, scale, block, sylvester, dot_f32, layout)

@@ -1,0 +1,176 @@
+"""The eager fast path of single-tensor rotations (``triton_kernel.FAST``, used first by
+``op.hadamard_apply``) on CPU: its closure must hand triton's C launcher exactly the arguments
+that ``CachedLauncher``'s own direct launch passes for the same plan, and launch nothing when
+the call is not the cached specialisation's. A fake compiled kernel records both (no GPU
+here); tests/test_gpu_fused.py runs the real kernel through the fast path on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+tk = pytest.importorskip("hf_hadamard_kq.ops.triton_kernel")
+from hf_hadamard_kq.ops import launch as launch_mod  # noqa: E402
+from hf_hadamard_kq.ops import op as op_mod  # noqa: E402
+
+#: Position of the first kernel argument in a C launcher call: grid (3), stream, function,
+#: coop, pdl, two scratch buffers, packed metadata, hook args, enter and exit hooks.
+FIRST_ARG = 13
+
+
+class _Run:
+    """triton 3.5-3.6's ``CudaLauncher`` form, as ``launch._direct`` recognises it."""
+
+    global_scratch_size = 0
+    profile_scratch_size = 0
+    launch_cooperative_grid = False
+    launch_pdl = False
+
+    def __init__(self, calls: list) -> None:
+        self.launch = lambda *args: calls.append(args)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, args):
+        raise AssertionError("the direct launch must call the C function, not __call__")
+
+
+class _Kernel:
+    def __init__(self, calls: list) -> None:
+        self.run = _Run(calls)
+        self.function = "function-handle"
+        self.packed_metadata = "packed-metadata"
+
+
+class _JitFunction:
+    """Stands in for the @triton.jit function: records the first (compiling) launch."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        def compile_and_launch(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return _Kernel(self.calls)
+
+        return compile_and_launch
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls: list = []
+    launcher = launch_mod.CachedLauncher(_JitFunction(calls))
+    launcher._stream = lambda device: 1234
+    device = [-1]  # CPU tensors report device index -1
+    monkeypatch.setattr(tk, "_ROWS", launcher)
+    monkeypatch.setattr(tk, "FAST", {})
+    monkeypatch.setattr(tk, "_current_device", lambda: device[0])
+    return calls, device
+
+
+def _decode_query(tokens: int, offset: int = 0) -> torch.Tensor:
+    """The query of a decode step as the projection's transposed view (strided rows)."""
+    buf = torch.randn(tokens * 32 * 128 + offset).to(torch.bfloat16)
+    return buf[offset:].view(1, tokens, 32, 128).transpose(1, 2)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64, 300])
+def test_fast_closure_passes_the_direct_launch_arguments(recorded, tokens):
+    calls, _ = recorded
+    x = _decode_query(tokens)
+    plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
+    out = torch.empty(x.shape, dtype=x.dtype)
+    scale = 128**-0.5
+    tk._launch_plan(plan, x, x, out, scale)  # compiles (fake) and caches the launch
+    tk._launch_plan(plan, x, x, out, scale)  # the cached direct launch
+    assert calls[0][0] == "jit" and len(calls) == 2
+    direct = calls[1]
+    tk._remember_fast(x, plan, 128)
+    fast = tk.FAST[(x.shape, x.stride(), x.dtype, -1, 128)]
+    y = fast(x, scale)
+    assert len(calls) == 3
+    got = calls[2]
+    out_at = FIRST_ARG + 2  # x, W (= x for Sylvester), out
+    assert got[:out_at] == direct[:out_at]
+    assert direct[FIRST_ARG] == x.data_ptr() and direct[out_at] == out.data_ptr()
+    assert got[out_at] == y.data_ptr() and got[out_at + 1 :] == direct[out_at + 1 :]
+    assert got[0] == plan.grid and got[3] == 1234
+    scale_at = out_at + 1 + len(plan.scalars)
+    assert type(got[scale_at]) is float
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    for s in (0.5, 2, scale):  # the closure keeps the last scale's arguments: a new one counts
+        fast(x, s)
+        assert calls[-1][scale_at] == s and type(calls[-1][scale_at]) is float
+        assert calls[-1][scale_at + 1 :] == direct[scale_at + 1 :]
+
+
+def test_fast_closure_refuses_other_calls(recorded, monkeypatch):
+    """Misaligned pointers (same shape and strides, so the same FAST key), another current
+    device, or an installed launch hook: the closure launches nothing and returns None (the
+    caller then takes the normal path, which handles each case)."""
+    calls, device = recorded
+    x = _decode_query(1)
+    plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
+    tk._launch_plan(plan, x, x, torch.empty(x.shape, dtype=x.dtype), 1.0)
+    tk._remember_fast(x, plan, 128)
+    fast = tk.FAST[(x.shape, x.stride(), x.dtype, -1, 128)]
+    n = len(calls)
+    misaligned = _decode_query(1, offset=1)
+    assert (misaligned.shape, misaligned.stride()) == (x.shape, x.stride())
+    assert misaligned.data_ptr() % 16 and fast(misaligned, 1.0) is None
+    device[0] = 0
+    assert fast(x, 1.0) is None
+    device[0] = -1
+
+    class Runtime:
+        launch_enter_hook = staticmethod(lambda *a: None)
+        launch_exit_hook = None
+
+    monkeypatch.setattr(launch_mod, "_RUNTIME", Runtime)
+    assert fast(x, 1.0) is None
+    assert len(calls) == n  # nothing was launched
+    monkeypatch.setattr(launch_mod, "_RUNTIME", None)
+    assert fast(x, 1.0) is not None and len(calls) == n + 1
+
+
+@pytest.mark.usefixtures("recorded")
+def test_no_fast_entry_before_the_aligned_launch_is_cached():
+    """Only a cached all-aligned launch yields a closure; until then nothing is stored, so a
+    later call retries (the first call of a layout may have had misaligned pointers)."""
+    x = _decode_query(1, offset=1)
+    plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
+    tk._launch_plan(plan, x, x, torch.empty(x.shape, dtype=x.dtype), 1.0)
+    tk._remember_fast(x, plan, 128)
+    assert tk.FAST == {}
+
+
+def test_hadamard_apply_uses_fast_entries_only_for_cuda_tensors(monkeypatch):
+    """A FAST entry is keyed by device *index*; a tensor of another device type with the same
+    index and layout must not reach the CUDA closure."""
+    x = torch.randn(2, 32, 128)
+
+    def cuda_only(*args):
+        raise AssertionError("a CPU tensor reached the CUDA fast path")
+
+    key = (x.shape, x.stride(), x.dtype, x.get_device(), 128)
+    monkeypatch.setattr(op_mod, "_FAST", {key: cuda_only})
+    y = op_mod.hadamard_apply(x, 128**-0.5, None, 128)
+    assert torch.allclose(y, op_mod.torch_hadamard(x, 128**-0.5, None, 128))
+
+
+def test_row_plan_keys_name_every_constexpr():
+    """The launcher reuses the kernel compiled for a key: two plans with one key must launch
+    the same specialisation (constexprs and warps). ``LOADS_FIRST`` depends on the grid, not
+    only on the tiling (it was missing from the key: a later call reused the first call's
+    value -- the same result, the other build order)."""
+    seen: dict = {}
+    loads_first = set()
+    for rows in (1, 16, 300, 2049, 9000, 40000):
+        for d in (64, 128, 256):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                x = torch.empty(rows, d, dtype=dtype)
+                plan = tk._rows_plan(x, x, dtype, d, True, dtype is torch.float32, None)
+                spec = (tuple(plan.meta.items()), plan.num_warps)
+                assert seen.setdefault(plan.key, spec) == spec, (rows, d, dtype)
+                loads_first.add((d, dtype, plan.meta["LOADS_FIRST"]))
+    both = {(d, t) for d, t, v in loads_first if (d, t, not v) in loads_first}
+    assert both, "no tiling had both LOADS_FIRST values: the check above proves nothing"

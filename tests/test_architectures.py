@@ -171,3 +171,41 @@ def test_readme_architecture_table_is_current():
 
     assert section(README.read_text()) == render(), (
         "README's architecture table is stale: run `python -m tests.gen_arch_table`")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_traced_fused_path(name, monkeypatch):
+    """Under torch.compile (dynamo, graph breaks allowed) with the traced fused path enabled on
+    the CPU (``TRACED_DEVICES`` widened; the custom op's torch implementation): every fused
+    layer passed the load probe's keyword-argument check, prefill and decode logits equal the
+    unrotated model's and the cache holds keys rotated exactly once. Layers whose RoPE is not
+    the standard rotate-half (the op's) take the general path inside the same graph; Llama's
+    must have taken the op (``MIN_D`` lowered to the tiny models' head dim 16: the op's torch
+    implementation takes any size)."""
+    from hf_hadamard_kq import fused as fused_mod
+    from hf_hadamard_kq.ops import qk_kernel
+    from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
+
+    monkeypatch.setattr(fused_mod, "TRACED_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(qk_kernel, "MIN_D", 16)  # the tiny models' head dim (torch op here)
+    used = []
+    inner = fused_mod._traced_pair
+    monkeypatch.setattr(fused_mod, "_traced_pair",
+                        lambda *a: used.append(inner(*a) is not None) or inner(*a))
+    plain = tm.base_model(name)
+    ours = tm.rotated(name)
+    modules = attention_modules(ours).values()
+    fused = [fused_mod.FUSED_ATTR in m.__dict__ for m in modules]
+    assert [SPECS[m.__dict__[SLOT_ATTR]].traced for m in modules] == fused
+    ids, mask = tm.prompt()
+    want, c_plain = tm.prefill_and_decode(plain, ids, mask)
+    torch._dynamo.reset()
+    try:
+        got, c_ours = tm.prefill_and_decode(torch.compile(ours, backend="eager"), ids, mask)
+    finally:
+        torch._dynamo.reset()
+    assert_same_logits(got, want)
+    tm.assert_keys_rotated(c_ours, c_plain)
+    assert bool(used) == any(fused)
+    if name == "llama":
+        assert all(used)  # the standard RoPE: the op ran (at trace time) for every call

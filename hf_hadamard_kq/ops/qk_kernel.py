@@ -47,6 +47,8 @@ from .triton_kernel import (
 #: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
 MAX_EXPLICIT_D = 128
+#: Smallest head dim the kernel takes (and the traced op, whose CUDA kernel it is).
+MIN_D = 32
 _INT32 = 2**31
 
 if triton is not None:
@@ -206,7 +208,7 @@ def qk_supported(
     if q.dim() != 4 or k.dim() != 4 or q.dtype is not k.dtype or q.dtype not in _SUPPORTED:
         return False
     b, _, s, d = q.shape
-    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d or d < 32 or d & (d - 1):
+    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d or d < MIN_D or d & (d - 1):
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return False

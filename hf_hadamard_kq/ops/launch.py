@@ -56,11 +56,16 @@ def _hook_set(hook: Any) -> bool:
 
 def hooks_active() -> bool:
     """A launch hook (profilers such as proton) is installed: launches must go through
-    triton so that the hook sees them."""
-    return _RUNTIME is not None and (
-        _hook_set(getattr(_RUNTIME, "launch_enter_hook", None))
-        or _hook_set(getattr(_RUNTIME, "launch_exit_hook", None))
-    )
+    triton so that the hook sees them. (Checked per launch: the usual answer, no hook at
+    all, costs two attribute reads.)"""
+    runtime = _RUNTIME
+    if runtime is None:
+        return False
+    enter = getattr(runtime, "launch_enter_hook", None)
+    leave = getattr(runtime, "launch_exit_hook", None)
+    if enter is None and leave is None:
+        return False
+    return _hook_set(enter) or _hook_set(leave)
 
 
 def int_spec(v: int) -> int:

@@ -273,7 +273,7 @@ def main(argv=None) -> None:
                 continue
             if args.control:
                 row["control"] = "A/A: both labels ran plain sdpa"
-            elif mode != "static":  # (compiled layers: fused.py, "Under torch.compile")
+            elif mode != "static":  # compiled graphs take the general path (fused.py)
                 row["fused_layers"] = sum(r.get("path") == FUSED_PATH
                                           for r in hf_hadamard_kq.rotation_table(
                                               pick("hadamard_kq")))

@@ -10,9 +10,11 @@ The compile form is global and dynamo guards it, so it is set before each label'
 compiled model keeps the graph of its own form (no recompilation: ``generate`` would
 otherwise re-record its CUDA graphs, which the tok/s of the later runs would show).
 
-Labels: ``sdpa`` (plain), ``fused`` (the default ``auto``: a fused layer's RoPE call traces to
-one ``rope_rotate_qk`` node), ``native`` (plain torch ops, the general path; batch 1's form
-before session 7) and ``op`` (the fused op where it applies, else the single-tensor op).
+Labels: ``sdpa`` (plain), ``fused`` (the default form, ``auto``), ``native`` (plain torch ops)
+and ``op`` (the single-tensor custom op). In sessions 7 and 8 a traced fused path put one
+``rope_rotate_qk`` node per fused layer under ``auto`` (the ``fused`` label of their results);
+both were reverted (BENCHMARKS.md), so on the current code ``fused`` is the general path's
+``auto`` form.
 Per label: tok/s per rep, then (static_step_profile.py's helpers) the median host time inside
 the compiled call and the GPU kernel time per decode step from a profile of 8 steps.
 

@@ -72,23 +72,12 @@ def _make_attention(inner_name: str) -> Callable:
                 "from_pretrained(..., attn_implementation='hadamard_kq') from an R3 checkpoint, "
                 "or call hf_hadamard_kq.apply_r3(model) first."
             )
-        call = kwargs.pop(fused_mod.CALL_KW, None)  # the call's cache view (fused.py)
         if PROBE is not None:
-            PROBE.attention(module, inner_name, kwargs, call)
+            PROBE.attention(module, inner_name, kwargs)
         q = SPECS[slot].q
         if q is not None:
-            recorded = None if call is None else call._hkq_q
-            if torch.compiler.is_compiling():
-                state = None
-                if call is not None:
-                    fused_mod.TRACED_ARM.value = None  # the layer's RoPE call (if any) is over
-            else:
-                state = fused_mod.STATE
-            if recorded is not None:  # rotated at RoPE time by a traced fused call
-                if query is not recorded:
-                    fused_mod.mismatch(module, "query")
-                    query = rotate(query, q, module)  # probe only (mismatch raises)
-            elif state is not None and state.done is module:
+            state = None if torch.compiler.is_compiling() else fused_mod.STATE
+            if state is not None and state.done is module:
                 # rotated together with the key at RoPE time (fused.py), if this is that tensor
                 state.done = None
                 if query is not state.q_out:

@@ -36,28 +36,16 @@ CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 #: Set by install.probe_pattern during its check forward; None otherwise (one global read
 #: per update on the hot path).
 PROBE = None
-#: During the probe: whether to pass fused layers the call's view as ``fused.CALL_KW`` (off
-#: for a model whose forward rejects the extra keyword argument; see install.probe_pattern).
-CHANNEL_PROBE = True
 
 
 def _record(owner, event: str = "k_rotated") -> None:
     PROBE.events.append((event, PROBE.names.get(id(owner))))
 
 
-def _rotate_key(call: Any, key_states: torch.Tensor) -> torch.Tensor:
+def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> torch.Tensor:
     """The key to store: ``key_states`` itself when fused.py already rotated exactly this
-    tensor at RoPE time in this call (recorded on ``call``, the call's view, by a traced
-    call; in the thread's state by an eager one), else its rotation."""
-    rotation, owner = call._hkq_rotation, call._hkq_owner
-    recorded = call._hkq_k
-    if recorded is not None:  # a traced fused call (fused.py, "Under torch.compile")
-        if key_states is recorded:
-            return key_states
-        fused_mod.mismatch(owner, "key")
-    if torch.compiler.is_compiling():
-        fused_mod.TRACED_ARM.value = None  # this layer's RoPE (if any) is over
-    else:
+    tensor at RoPE time for ``owner`` in this call, else its rotation."""
+    if not torch.compiler.is_compiling():
         state = fused_mod.STATE
         state.armed = None  # this layer's RoPE (if any) is over
         if state.done is owner:
@@ -100,19 +88,15 @@ class RotatingCacheView:
     # "__dict__": dynamo, resuming after a graph break inside the attention module, guards on
     # the cache argument's __dict__ (without one, compile failed: "getattr failed on source
     # kwargs['cache'].__dict__"); the attributes themselves stay slots.
-    # _hkq_q / _hkq_k: the query and key a traced fused RoPE call rotated in this call
-    # (fused.py, "Under torch.compile"), or None
-    __slots__ = ("__dict__", "__weakref__", "_hkq_cache", "_hkq_k", "_hkq_owner", "_hkq_q",
-                 "_hkq_rotation")
+    __slots__ = ("__dict__", "__weakref__", "_hkq_cache", "_hkq_owner", "_hkq_rotation")
 
     def __init__(self, cache: Any, rotation: Rotation, owner: Any) -> None:
         self._hkq_cache = cache
         self._hkq_rotation = rotation
         self._hkq_owner = owner
-        self._hkq_q = self._hkq_k = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        key_states = _rotate_key(self, key_states)
+        key_states = _rotate_key(key_states, self._hkq_rotation, self._hkq_owner)
         return self._hkq_cache.update(key_states, value_states, *args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -129,15 +113,14 @@ class RotatingCacheView:
 class RotateOnlyCache:
     """Used when the model runs without a cache: ``update`` rotates keys and stores nothing."""
 
-    __slots__ = ("__dict__", "__weakref__", "_hkq_k", "_hkq_owner", "_hkq_q", "_hkq_rotation")
+    __slots__ = ("__dict__", "__weakref__", "_hkq_owner", "_hkq_rotation")
 
     def __init__(self, rotation: Rotation, owner: Any) -> None:
         self._hkq_rotation = rotation
         self._hkq_owner = owner
-        self._hkq_q = self._hkq_k = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return _rotate_key(self, key_states), value_states
+        return _rotate_key(key_states, self._hkq_rotation, self._hkq_owner), value_states
 
     def __getattr__(self, name: str):
         if name.startswith("_hkq_"):
@@ -181,41 +164,17 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
     wraps its quantizer the same way. ``spec.k`` None: quantizer only (an unrotated layer).
     """
     spec = SPECS[module.__dict__[SLOT_ATTR]]
-    compiling = torch.compiler.is_compiling()
-    if not compiling and spec.fused:
+    if not torch.compiler.is_compiling() and spec.fused:
         state = fused_mod.STATE
         state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
         state.done = state.q_out = state.k_out = None
-    view = None
     for name in CACHE_KWARGS:
         if name in kwargs:
-            kwargs[name] = view = _view_of(kwargs[name], module, spec)
-            break
-    else:
-        index = spec.arg_index
-        if index is not None and len(args) > index:
-            view = _view_of(args[index], module, spec)
-            args = (*args[:index], view, *args[index + 1 :])
-        else:
-            kwargs[spec.kwarg_name] = view = _view_of(None, module, spec)
-    if spec.fused and (spec.traced if compiling else PROBE is not None):
-        _arm_traced(module, view, args, kwargs, compiling)
+            kwargs[name] = _view_of(kwargs[name], module, spec)
+            return args, kwargs
+    index = spec.arg_index
+    if index is not None and len(args) > index:
+        args = (*args[:index], _view_of(args[index], module, spec), *args[index + 1 :])
+        return args, kwargs
+    kwargs[spec.kwarg_name] = _view_of(None, module, spec)
     return args, kwargs
-
-
-def _arm_traced(module: Any, view: Any, args: tuple, kwargs: dict, compiling: bool) -> None:
-    """Pass the call's view to the forward as ``fused.CALL_KW`` (its attention function pops
-    it) and, under torch.compile, arm the traced fused path with this call's ``cos``
-    (fused.py, "Under torch.compile"). The load probe does the former for every fused layer,
-    to see which layers' attention functions receive it (install.probe_pattern)."""
-    if not isinstance(view, (RotatingCacheView, RotateOnlyCache)):
-        return
-    if not compiling:  # the probe
-        if CHANNEL_PROBE:
-            kwargs[fused_mod.CALL_KW] = view
-        return
-    pe = kwargs.get("position_embeddings")
-    if type(pe) is not tuple or len(pe) != 2:
-        return
-    kwargs[fused_mod.CALL_KW] = view
-    fused_mod.TRACED_ARM.value = (pe[0], view, module)

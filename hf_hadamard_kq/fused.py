@@ -22,8 +22,7 @@ calls the original unchanged unless an installed layer is mid-forward). Per call
 
 Anything else falls back to the general path in the same call: no armed module (the layer
 never called the wrapper, e.g. NoPE layers), extra arguments (mrope), a head dim other than
-the rotation block (partial rotary), autograd, tensor subclasses (DTensor); torch.compile
-has its own hand-off (below).
+the rotation block (partial rotary), torch.compile, autograd, tensor subclasses (DTensor).
 If a tensor was *replaced* between RoPE and the cache / attention (the identity check fails),
 rotation already happened and cannot be redone: the install probe finds such layers and turns
 the fused path off for them; at run time it is an error, never a silent wrong rotation. (The
@@ -33,32 +32,6 @@ are OLMo/OLMoE's ``clip_qkv`` clamps, before RoPE (checked by grep); a future mo
 them after RoPE would need ``HF_HADAMARD_KQ_NO_FUSED=1``.)
 
 State is thread-local, so models running in different threads do not see each other's calls.
-
-Under torch.compile
--------------------
-The eager bookkeeping above cannot be traced: dynamo does not write back changes to a
-``threading.local`` made in a compiled region, and the caller-frame check is not traceable.
-So traced calls use a separate hand-off whose state lives in plain objects (dynamo writes
-their changes back at graph breaks, so a resumed frame, compiled or eager, sees them) and is
-per call, so no other call can complete it:
-
-1. the pre-hook of a layer whose spec is ``traced`` (the load probe saw it take the fused
-   path *and* saw a keyword argument added by the pre-hook reach its attention function)
-   passes the call's cache view (cache.py) to the forward as the keyword argument
-   :data:`CALL_KW`, and arms :data:`TRACED_ARM` with ``(cos, view, module)``, ``cos`` being
-   the tensor of the call's ``position_embeddings``;
-2. the wrapper takes the arm only if the ``cos`` it receives *is* that tensor (a stale arm, or
-   another model's call, has another ``cos``: the caller check of traced code), disarms, and
-   puts one custom-op node in the graph, ``rope_rotate_qk`` (ops/qk_op.py: RoPE and both
-   rotations, the one-launch kernel on CUDA), recording the two outputs on the view;
-3. ``view.update`` stores the key as it is if it *is* the recorded key, and the attention
-   function (which gets the view through :data:`CALL_KW`) does the same for the query;
-   anything else with a recorded tensor is the mismatch error.
-
-Where it does not apply (see :func:`_traced_pair`: the ``native`` form, a non-standard RoPE,
-devices outside :data:`TRACED_DEVICES`, tensors the kernel does not take) the traced layer
-takes the general path. Eager code honours a recorded view too (a frame dynamo gave up on runs
-eagerly after the compiled part of its caller).
 """
 
 from __future__ import annotations
@@ -94,28 +67,6 @@ STATE = _CallState()
 #: Set by install.probe_pattern during its check forward; None otherwise.
 PROBE = None
 
-#: Keyword argument the pre-hook adds to a traced fused layer's forward call (and the probe to
-#: every fused layer's): the call's cache view, which the attention function pops.
-CALL_KW = "_hkq_call"
-
-
-class _TracedArm:
-    """The arm of a traced fused call: ``value`` is ``(cos, view, module)`` or None. A plain
-    object, not thread-local: dynamo writes its changes back at graph breaks. Threads cannot
-    complete each other's calls: the wrapper takes the arm only for the ``cos`` it was set
-    with, and everything it records goes to that call's own view."""
-
-    def __init__(self) -> None:
-        self.value: Optional[tuple] = None
-
-
-TRACED_ARM = _TracedArm()
-
-#: Devices on which a traced fused layer puts :mod:`.ops.qk_op`'s custom op in the graph.
-#: Elsewhere (CPU) the traced layer takes the general path, whose plain torch ops inductor's
-#: CPU backend fuses; tests add "cpu" to run the traced fused path there.
-TRACED_DEVICES: frozenset[str] = frozenset({"cuda"})
-
 
 class FusedRotation:
     """What the wrapper needs for one layer (q and k share one rotation)."""
@@ -131,7 +82,6 @@ class FusedRotation:
 
 def reset() -> None:
     STATE.armed = STATE.done = STATE.q_out = STATE.k_out = None
-    TRACED_ARM.value = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,56 +175,10 @@ def _rotate_each(q, k, fused: FusedRotation, matrix):
             hadamard_apply(k, fused.scale, matrix, fused.block))
 
 
-def _traced_pair(q, k, cos, sin, standard: bool, module):
-    """Under torch.compile: ``rope_rotate_qk`` (RoPE and both rotations, one node) for these
-    tensors, or None when the layer must take the general path instead: the form was set to
-    ``native`` (plain torch ops throughout), the RoPE is not the standard one, the device is
-    not in :data:`TRACED_DEVICES`, or the op does not take the tensors.
-
-    The rotation is read from the layer's spec (its ``q`` rotation equals its ``k`` rotation
-    on a fused layer, install.py), which the attention function reads anyway: dynamo guards
-    it once."""
-    from .ops import native
-
-    if not standard or native.MODE == "native" or q.device.type not in TRACED_DEVICES:
-        return None
-    from .ops import qk_kernel, qk_op
-    from .specs import SLOT_ATTR, SPECS
-
-    rotation = SPECS[module.__dict__[SLOT_ATTR]].q
-    matrix = None if rotation.buffer is None else module._buffers[rotation.buffer]
-    if (q.shape[-1] != rotation.block
-            or not qk_kernel.qk_supported(q, k, matrix, cos, sin, any_device=True)):
-        return None
-    return qk_op.rope_rotate_qk(q, k, cos, sin, rotation.scale, matrix)
-
-
-def _traced_call(q, k, cos, sin, args, kwargs, original: Callable, standard: bool):
-    """The wrapper's traced branch (module docstring, "Under torch.compile")."""
-    arm = TRACED_ARM.value
-    if arm is None or arm[0] is not cos:
-        return original(q, k, cos, sin, *args, **kwargs)
-    TRACED_ARM.value = None
-    _, call, module = arm
-    if (
-        args
-        or kwargs
-        or type(q) is not torch.Tensor
-        or type(k) is not torch.Tensor
-        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-    ):
-        return original(q, k, cos, sin, *args, **kwargs)
-    pair = _traced_pair(q, k, cos, sin, standard, module)
-    if pair is None:  # the general path rotates them (nothing recorded on the view)
-        return original(q, k, cos, sin)
-    call._hkq_q, call._hkq_k = pair
-    return pair
-
-
 def _make_wrapper(original: Callable, standard: bool) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return _traced_call(q, k, cos, sin, args, kwargs, original, standard)
+            return original(q, k, cos, sin, *args, **kwargs)
         state = STATE
         module = state.armed
         if module is None:

@@ -28,9 +28,7 @@ def _compute(rotation, module: nn.Module) -> str:
 def rotation_table(model: nn.Module) -> list[dict[str, Any]]:
     """One row per attention module: which of q / k it rotates, the type, block and matrix,
     and (rotated layers) which path rotates them (``FUSED_PATH`` / ``GENERAL_PATH``; see
-    fused.py: the fused path still falls back per call, e.g. under autograd, and under
-    torch.compile it applies on CUDA, in the ``auto`` and ``op`` forms, to layers whose
-    forward passes keyword arguments on to the attention function)."""
+    fused.py: the fused path still falls back per call, e.g. under torch.compile)."""
     plan = installed_plan(model)
     rows = []
     for name, module in attention_modules(model).items():

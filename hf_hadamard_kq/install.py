@@ -21,7 +21,7 @@ from . import fused as fused_mod
 from . import specs as specs_mod
 from .attention import EAGER_ATTR, model_eager_function
 from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
-from .specs import KV_QUANTIZER_ATTR, SLOT_ATTR, LayerSpec
+from .specs import KV_QUANTIZER_ATTR, LayerSpec
 
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
 MODEL_HOOKS_ATTR = "_hadamard_kq_hooks"
@@ -353,13 +353,9 @@ class _Recorder:
         self.events: list[tuple[str, str]] = []
         self.unapplied: list[tuple[str, str, str, list[str]]] = []
 
-    def attention(self, module: nn.Module, inner: str, kwargs: dict[str, Any],
-                  call: Any = None) -> None:
-        """Called by the attention function (probe forward only). ``call``: the view the
-        pre-hook passed as ``fused.CALL_KW``, if it arrived."""
+    def attention(self, module: nn.Module, inner: str, kwargs: dict[str, Any]) -> None:
+        """Called by the attention function (probe forward only)."""
         name = self.names.get(id(module))
-        if call is not None and getattr(call, "_hkq_owner", None) is module:
-            self.events.append(("call_kw", name))
         self.events.append(("attention", name))
         bad = [k for k in _UNAPPLIED_KWARGS.get(inner, ()) if kwargs.get(k) is not None]
         if bad:
@@ -397,30 +393,17 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
             def record(_mod, _args, _kwargs, name=name):
                 recorder.events.append(("kv_quant", name))
             probe_hooks.append(quantizer.register_forward_pre_hook(record, with_kwargs=True))
-    cache_mod.CHANNEL_PROBE = True
     try:
         device = _input_device(model)
         input_ids = torch.tensor([[0, 1]], device=device)
         fused_seen: set[str] = set()
-        no_channel: set[str] = set()  # fused, but the view did not reach the attention function
         with torch.no_grad():
             for use_cache in (True, False):
                 recorder.events.clear()
                 kwargs: dict[str, Any] = {"use_cache": use_cache}
                 if use_cache:
                     kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
-                try:
-                    model(input_ids=input_ids, **kwargs)
-                except TypeError as exc:
-                    # the forward rejects the extra keyword argument: no traced fused path
-                    # for this model; probe again without it
-                    if not cache_mod.CHANNEL_PROBE or fused_mod.CALL_KW not in str(exc):
-                        raise
-                    cache_mod.CHANNEL_PROBE = False
-                    recorder.events.clear()
-                    if use_cache:
-                        kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
-                    model(input_ids=input_ids, **kwargs)
+                model(input_ids=input_ids, **kwargs)
                 changed = _changed_after_rope(recorder.events)
                 if changed:
                     for name in changed:
@@ -428,9 +411,7 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
                     withdrawn.extend(changed)
                     return withdrawn
                 _check_events(recorder.events, plan, modules, use_cache)
-                fused_now = {n for e, n in recorder.events if e == "rope"}
-                fused_seen.update(fused_now)
-                no_channel.update(fused_now - {n for e, n in recorder.events if e == "call_kw"})
+                fused_seen.update(n for e, n in recorder.events if e == "rope")
                 if recorder.unapplied:
                     name, cls, inner, bad = recorder.unapplied[0]
                     raise HadamardKQConfigError(
@@ -445,12 +426,7 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
         for name, module in modules.items():
             if name not in fused_seen:
                 module.__dict__.pop(fused_mod.FUSED_ATTR, None)
-            elif name not in no_channel:  # torch.compile may fuse it too (fused.py)
-                spec = specs_mod.SPECS[module.__dict__[SLOT_ATTR]]
-                specs_mod.detach(module)
-                specs_mod.attach(module, replace(spec, traced=True))
     finally:
-        cache_mod.CHANNEL_PROBE = True
         attn_mod.PROBE = None
         cache_mod.PROBE = None
         fused_mod.PROBE = None
@@ -485,7 +461,7 @@ def _check_events(events, plan: ModelPlan, modules, use_cache: bool) -> None:
     mode = f"use_cache={use_cache}"
     for name, module in modules.items():
         layer: Optional[LayerPlan] = plan.layers.get(name)
-        mine = [e for e, n in events if n == name and e != "call_kw"]
+        mine = [e for e, n in events if n == name]
         quantized = kv_quantizer(module) is not None
         if quantized and mine.count("kv_quant") != 1:
             raise HadamardKQConfigError(

@@ -41,10 +41,7 @@ class LayerSpec:
     install time). ``kv_quant``: *we* attached compressed-tensors' ``QuantizedKVCache`` to
     this module (read from the module's ``KV_QUANTIZER_ATTR`` per call, so a deep copy uses
     its own; see cache.key_rotation_pre_hook). ``fused``: the module was given the fused RoPE
-    path at install (whether it still has it is read per call). ``traced``: the load probe
-    saw this module take the fused path and saw a keyword argument added by the pre-hook
-    reach its attention function, so under torch.compile its RoPE call may rotate q and k
-    (fused.py, "Under torch.compile")."""
+    path at install (whether it still has it is read per call)."""
 
     q: Optional[Rotation]
     k: Optional[Rotation]
@@ -52,7 +49,6 @@ class LayerSpec:
     arg_index: Optional[int] = None
     kv_quant: bool = False
     fused: bool = False
-    traced: bool = False
 
 
 #: slot -> spec. Read by the hot path (cache.key_rotation_pre_hook, attention.py).
@@ -76,7 +72,7 @@ def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
 
 def _spec_key(spec: LayerSpec) -> tuple:
     return (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
-            spec.kv_quant, spec.fused, spec.traced)
+            spec.kv_quant, spec.fused)
 
 
 def _acquire(spec: LayerSpec) -> int:

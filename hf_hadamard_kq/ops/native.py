@@ -30,10 +30,6 @@ bytes, e.g. 16 GiB for the query of an 8k-token prefill with 32 heads of 128 und
 ``native`` -- under ``auto`` at most ``AUTO_MAX_WORK`` elements (4 MiB in fp32, 8 MiB in
 fp64); prefer ``auto`` or ``op`` with those backends.
 
-Layers on the fused path (fused.py) are traced differently where the load probe allows it:
-with ``auto`` and ``op`` their RoPE call becomes one ``rope_rotate_qk`` node (ops/qk_op.py:
-RoPE and both rotations in one kernel) on CUDA; ``native`` keeps plain torch ops for them too.
-
 Choose with ``HF_HADAMARD_KQ_COMPILE=auto|op|native`` in the environment (read at import) or
 :func:`set_compile_rotation` before compiling.
 """

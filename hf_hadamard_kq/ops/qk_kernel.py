@@ -47,8 +47,6 @@ from .triton_kernel import (
 #: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
 MAX_EXPLICIT_D = 128
-#: Smallest head dim the kernel takes (and the traced op, whose CUDA kernel it is).
-MIN_D = 32
 _INT32 = 2**31
 
 if triton is not None:
@@ -195,12 +193,10 @@ def qk_supported(
     matrix: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
-    any_device: bool = False,
 ) -> bool:
     """Whether :func:`rotate_qk` takes these tensors (else the caller uses the general op).
 
-    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter,
-    or with ``any_device``: the shapes the custom op ``rope_rotate_qk`` takes everywhere),
+    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter),
     same dtype, unit last stride, ``D`` a power of two in [32, 256] (explicit ``matrix``:
     <= 128, square ``D``), every offset < 2**31. ``cos``/``sin`` (None: no RoPE): ``(B or 1,
     S, D)``, q's dtype and device, identical strides, unit last stride. ``matrix``: contiguous.
@@ -208,11 +204,11 @@ def qk_supported(
     if q.dim() != 4 or k.dim() != 4 or q.dtype is not k.dtype or q.dtype not in _SUPPORTED:
         return False
     b, _, s, d = q.shape
-    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d or d < MIN_D or d & (d - 1):
+    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d or d < 32 or d & (d - 1):
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return False
-    if not (q.is_cuda or INTERPRET or any_device) or k.device != q.device:
+    if not (q.is_cuda or INTERPRET) or k.device != q.device:
         return False
     if matrix is None:
         if d > MAX_SYLVESTER_D:

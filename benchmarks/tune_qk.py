@@ -78,12 +78,12 @@ def run_config(q, k, cos, sin, cfg):
     """rotate_qk with ``cfg`` (the config function patched, plans emptied for the call)."""
     saved = qk_kernel.qk_config
     qk_kernel.qk_config = lambda *_: cfg
-    qk_kernel._PLANS.clear()
+    qk_kernel.clear_plans()
     try:
         return qk_kernel.rotate_qk(q, k, 1 / math.sqrt(q.shape[-1]), None, cos, sin)
     finally:
         qk_kernel.qk_config = saved
-        qk_kernel._PLANS.clear()
+        qk_kernel.clear_plans()
 
 
 def main(argv=None) -> None:

@@ -164,6 +164,37 @@ def test_eager_fast_path(monkeypatch):
     assert_single_rounding(y, x, None, 128**-0.5)
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
+def test_qk_fast_path(explicit, monkeypatch):
+    """The fused Q/K launch's per-layout closure (``qk_kernel._FAST``): repeated calls run
+    through it and match the reference (RoPE once, then the float64 product), with and
+    without RoPE; a misaligned call of the same layout falls back and is still right."""
+    qk_kernel.clear_plans()
+    d = 128
+    matrix = (torch.linalg.qr(torch.randn(d, d, device=DEV))[0] * d**0.5).bfloat16().contiguous() \
+        if explicit else None
+    scale = d**-0.5
+    for rope in (True, False):
+        for tokens in (1, 16):
+            q, k, cos, sin = inputs(torch.bfloat16, d, 1, tokens, seed=tokens)
+            c, s_ = (cos, sin) if rope else (None, None)
+            qk_kernel.rotate_qk(q, k, scale, matrix, c, s_)
+            layout = qk_kernel._layout(q, k, matrix, c, s_, scale)
+            closure, hits = qk_kernel._FAST[layout], []
+            monkeypatch.setitem(qk_kernel._FAST, layout,
+                                lambda *a, f=closure, h=hits: h.append(1) or f(*a))
+            for _ in range(2):
+                qo, ko = qk_kernel.rotate_qk(q, k, scale, matrix, c, s_)
+                for x, out in ((q, qo), (k, ko)):
+                    xr = torch_rope(x, cos, sin) if rope else x
+                    assert_single_rounding(out, xr, matrix, scale)
+            assert hits == [1, 1]
+    q, k, cos, sin = inputs(torch.bfloat16, d, 1, 1, offset=1, seed=5)
+    qo, ko = qk_kernel.rotate_qk(q, k, scale, matrix, cos, sin)
+    assert_single_rounding(qo, torch_rope(q, cos, sin), matrix, scale)
+    assert_single_rounding(ko, torch_rope(k, cos, sin), matrix, scale)
+
+
 @pytest.mark.parametrize("fixture,block", [("llama_r3_hadamard_hd64", 64)])
 def test_model_fused_path_matches_general_and_reference(fixture, block, monkeypatch):
     path = FIXTURES / fixture

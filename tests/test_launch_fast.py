@@ -174,3 +174,71 @@ def test_row_plan_keys_name_every_constexpr():
                 loads_first.add((d, dtype, plan.meta["LOADS_FIRST"]))
     both = {(d, t) for d, t, v in loads_first if (d, t, not v) in loads_first}
     assert both, "no tiling had both LOADS_FIRST values: the check above proves nothing"
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
+def test_qk_fast_closure_passes_the_direct_launch_arguments(monkeypatch, rope, explicit):
+    """The fused Q/K launch's closure (``qk_kernel._FAST``): the second call of a layout runs
+    through it and hands the C launcher what ``CachedLauncher``'s direct launch passes for the
+    same plan and tensors (but the two new outputs); misaligned inputs of the same layout,
+    another current device or a launch hook launch nothing."""
+    from hf_hadamard_kq.ops import qk_kernel as qk
+
+    calls: list = []
+    launcher = launch_mod.CachedLauncher(_JitFunction(calls), specialized_ints=False)
+    launcher._stream = lambda device: 99
+    device = [-1]
+    monkeypatch.setattr(qk, "_LAUNCHER", launcher)
+    monkeypatch.setattr(qk, "_FAST", {})
+    monkeypatch.setattr(qk, "_PLANS", {})
+    monkeypatch.setattr(qk, "_current_device", lambda: device[0])
+    monkeypatch.setattr(qk, "qk_supported", lambda *a: True)  # CPU tensors stand in
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)
+
+    def tensors(offset=0):
+        def view(*shape):
+            n = 1
+            for v in shape:
+                n *= v
+            return torch.randn(n + offset).to(torch.bfloat16)[offset:].view(*shape)
+
+        q = view(1, 3, 32, 128).transpose(1, 2)
+        k = view(1, 3, 8, 128).transpose(1, 2)
+        cos, sin = (view(1, 3, 128), view(1, 3, 128)) if rope else (None, None)
+        return q, k, cos, sin
+
+    matrix = torch.randn(128, 128).to(torch.bfloat16) if explicit else None
+    q, k, cos, sin = tensors()
+    qk.try_rotate_qk(q, k, 0.125, matrix, cos, sin)  # plans, compiles (fake), caches
+    assert calls[0][0] == "jit" and len(qk._FAST) == 1
+    qo, ko = qk.try_rotate_qk(q, k, 0.125, matrix, cos, sin)  # through the closure
+    assert len(calls) == 2
+    got = calls[1]
+    plan = next(iter(qk._PLANS.values()))
+    w = matrix if explicit else q
+    ref_out = (torch.empty_like(q), torch.empty_like(k))
+    launcher.launch(plan.grid, plan.key, -1,
+                    (q, k, *ref_out, *((cos, sin) if rope else (q, q)), w),
+                    plan.scalars, plan.meta, plan.num_warps)
+    direct = calls[2]
+    outs = slice(FIRST_ARG + 2, FIRST_ARG + 4)
+    assert got[:outs.start] == direct[:outs.start] and got[outs.stop:] == direct[outs.stop:]
+    assert got[outs] == (qo.data_ptr(), ko.data_ptr())
+    assert direct[outs] == (ref_out[0].data_ptr(), ref_out[1].data_ptr())
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    # refusals: nothing launched by the closure (the normal path then launches once)
+    fast = qk._FAST[next(iter(qk._FAST))]
+    mq, mk, mc, ms = tensors(offset=1)
+    assert fast(mq, mk, mc, ms, matrix) is None
+    device[0] = 0
+    assert fast(q, k, cos, sin, matrix) is None
+    device[0] = -1
+
+    class Runtime:
+        launch_enter_hook = staticmethod(lambda *a: None)
+        launch_exit_hook = None
+
+    monkeypatch.setattr(launch_mod, "_RUNTIME", Runtime)
+    assert fast(q, k, cos, sin, matrix) is None
+    assert len(calls) == 3

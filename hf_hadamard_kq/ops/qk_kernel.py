@@ -28,7 +28,7 @@ nor output needs to be contiguous; outputs keep the inputs' memory layout (``emp
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -248,7 +248,7 @@ DECODE_ROWS = SMALL_ROWS
 #: GPU time in a CUDA graph). Decode, d = 128: 3.18-3.36 us at 1-64 tokens and batch 1-32 with
 #: 2 warps (3.20-3.93 with 4); d = 64 and 256 keep 4. Prefill (512 and 4096 tokens): 64-row
 #: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Editing this at
-#: run time needs ``qk_config.cache_clear()`` and ``_PLANS.clear()``.
+#: run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
 TUNED_QK: dict[tuple[bool, int], tuple[int, int]] = {
     (True, 64): (16, 4),
     (True, 128): (16, 2),
@@ -294,6 +294,22 @@ class _Plan(NamedTuple):
 
 _PLANS: dict[tuple, _Plan] = {}
 _MAX_PLANS = 4096
+#: The eager fast path by layout (the key of :data:`_PLANS`): ``f(q, k, cos, sin, matrix) ->
+#: (qo, ko)``, or None when it cannot launch this call (then the normal path runs). Why: this
+#: launch is the fused path's whole per-layer cost in eager decode; the closure does per call
+#: only what depends on the call (device, hook and alignment checks, the two allocations,
+#: the launch). Cleared with :data:`_PLANS`.
+_FAST: dict[tuple, Any] = {}
+#: The current CUDA device index without torch.cuda.current_device()'s Python (absent from CPU
+#: builds of torch, where no fast-path closure is made outside tests).
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+
+
+def clear_plans() -> None:
+    """Forget every cached plan and fast-path closure (after editing :data:`TUNED_QK`: also
+    call ``qk_config.cache_clear()``)."""
+    _PLANS.clear()
+    _FAST.clear()
 
 
 def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
@@ -346,7 +362,7 @@ def _layout(q, k, matrix, cos, sin, scale) -> tuple:
 def _remember(layout: tuple, plan):
     """Cache a plan (or False: unsupported) for a layout; the cache is bounded."""
     if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
+        clear_plans()
     _PLANS[layout] = plan
     return plan
 
@@ -369,6 +385,11 @@ def try_rotate_qk(
     call there is one key, two allocations and the launch.
     """
     layout = _layout(q, k, matrix, cos, sin, scale)
+    fast = _FAST.get(layout)
+    if fast is not None:
+        pair = fast(q, k, cos, sin, matrix)
+        if pair is not None:
+            return pair
     plan = _PLANS.get(layout)
     if plan is False:
         return None
@@ -397,7 +418,49 @@ def try_rotate_qk(
     else:
         _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
                          plan.num_warps)
+        if layout not in _FAST and (w is q or w is matrix):
+            _remember_fast(layout, plan, device, cos is not None, w is q)
     return qo, ko
+
+
+def _remember_fast(layout: tuple, plan: _Plan, device: int, rope: bool,
+                   sylvester: bool) -> None:
+    """Store the fast-path closure of ``layout`` once its all-aligned launch is cached
+    (nothing yet if it is not: a later call retries; None if it has no direct form)."""
+    parts = _LAUNCHER.direct_parts(plan.key, device, plan.meta, None)
+    if parts is None:
+        return
+    if len(_FAST) >= _MAX_PLANS:
+        _FAST.clear()
+    _FAST[layout] = _fast_closure(plan, device, parts, rope, sylvester) if parts else None
+
+
+def _fast_closure(plan: _Plan, device: int, parts: tuple, rope: bool, sylvester: bool):
+    """``f(q, k, cos, sin, matrix)``: ``plan``'s launch for tensors of the layout it was made
+    for, with the arguments :meth:`~.launch.CachedLauncher.launch` would pass (q, k, the two
+    outputs, cos and sin -- q twice without RoPE --, W -- q for Sylvester --, the plan's
+    scalars, the constexprs). Returns None, launching nothing, when the call is not the
+    cached specialisation's (another current device, a launch hook, a pointer not 16-byte
+    aligned)."""
+    launch, function, coop, pdl, packed, meta_values = parts
+    grid, tail = plan.grid, (*plan.scalars, *meta_values)
+    stream_of, hooks_active = _LAUNCHER._stream, _LAUNCHER.hooks_active
+    current_device, empty_like = _current_device, torch.empty_like
+
+    def fast(q, k, cos, sin, matrix):
+        if current_device() != device or hooks_active():
+            return None
+        qo, ko = empty_like(q), empty_like(k)
+        pq, pk, pqo, pko = q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr()
+        pc, ps = (cos.data_ptr(), sin.data_ptr()) if rope else (pq, pq)
+        pw = pq if sylvester else matrix.data_ptr()
+        if (pq | pk | pqo | pko | pc | ps | pw) & 15:
+            return None
+        launch(grid, 1, 1, stream_of(device), function, coop, pdl, None, None, packed, None,
+               None, None, pq, pk, pqo, pko, pc, ps, pw, *tail)
+        return qo, ko
+
+    return fast
 
 
 def _operand(q: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:

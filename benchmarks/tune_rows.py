@@ -70,12 +70,12 @@ def run_config(x: torch.Tensor, n: int, cfg) -> torch.Tensor:
     per-layout plan cache emptied so that the patched function is consulted)."""
     saved = tk.rows_config
     tk.rows_config = lambda *_: cfg
-    tk._ROW_PLANS.clear()
+    tk.clear_plans()
     try:
         return tk.hadamard_triton(x, 1 / math.sqrt(n), None, n)
     finally:
         tk.rows_config = saved
-        tk._ROW_PLANS.clear()
+        tk.clear_plans()
 
 
 def err_vs_floor(out: torch.Tensor, x: torch.Tensor, n: int) -> float:

@@ -75,6 +75,19 @@ def llama_forward_changing(change_key, change_query, break_at=None):
     return forward
 
 
+def assert_compiled_step_is_plain(plain, ours, p_in, o_in):
+    """One decode step of ``ours`` under torch.compile (dynamo only, graph breaks allowed)
+    gives the plain model's logits (eager) on the matching inputs."""
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = plain(**p_in).logits
+            got = torch.compile(ours, backend="eager")(**o_in).logits
+    finally:
+        torch._dynamo.reset()
+    assert (got - want).abs().max() < ATOL
+
+
 def test_llama_layers_take_the_fused_path_and_unpatch(r3_hd16):
     """The wrapper is shared by installed models (refcounted) and the module's original
     function is restored when the last one is removed (or garbage-collected)."""
@@ -316,14 +329,7 @@ def test_compiled_step_with_graph_breaks_rotates_once(r3_hd64, monkeypatch, wher
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
                         llama_forward_changing(False, False, break_at=where))
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            want = plain(**p_in).logits
-            got = torch.compile(ours, backend="eager")(**o_in).logits
-    finally:
-        torch._dynamo.reset()
-    assert (got - want).abs().max() < ATOL
+    assert_compiled_step_is_plain(plain, ours, p_in, o_in)
     name = "cache" if "cache" in p_in else "past_key_values"
     tm.assert_keys_rotated(o_in[name], p_in[name], block=64)
 
@@ -430,14 +436,7 @@ def test_compiled_later_layer_is_not_rotated_by_an_earlier_layers_call(monkeypat
     layer0 = attention_layers(ours)[0]
     layer0.forward = torch.compiler.disable(layer0.forward)
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            want = plain(**p_in).logits
-            got = torch.compile(ours, backend="eager")(**o_in).logits
-    finally:
-        torch._dynamo.reset()
-    assert (got - want).abs().max() < ATOL
+    assert_compiled_step_is_plain(plain, ours, p_in, o_in)
     k_ours, k_plain = _new_keys(o_in, 1), _new_keys(p_in, 1)
     expected = k_plain if rotated == "layer0_only" else k_plain @ _key_matrix(ours, 1)
     assert (k_ours - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())

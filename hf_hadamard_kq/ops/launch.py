@@ -108,7 +108,7 @@ def _direct(kernel: Any):
         launch(grid, 1, 1, stream, function, coop, pdl, None, None, packed, None, None, None,
                *args)
 
-    direct.parts = (launch, function, coop, pdl, packed)  # for bound_launch
+    direct.parts = (launch, function, coop, pdl, packed)  # for direct_parts
     return direct
 
 

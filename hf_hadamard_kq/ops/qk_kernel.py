@@ -36,6 +36,7 @@ from .triton_kernel import (
     INTERPRET,
     SMALL_ROWS,
     _cached_launcher,
+    _current_device,
     _dot,
     _max_programs,
     _round_to,
@@ -300,9 +301,6 @@ _MAX_PLANS = 4096
 #: only what depends on the call (device, hook and alignment checks, the two allocations,
 #: the launch). Cleared with :data:`_PLANS`.
 _FAST: dict[tuple, Any] = {}
-#: The current CUDA device index without torch.cuda.current_device()'s Python (absent from CPU
-#: builds of torch, where no fast-path closure is made outside tests).
-_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
 
 def clear_plans() -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from . import fused as fused_mod
 from .cache import rotate
 from .plan import HadamardKQConfigError
-from .specs import SLOT_ATTR, SPECS
+from .specs import MARKERS, SLOT_ATTR, SPECS, Markers, marker_slot, unmark
 
 #: Registered attention names -> the inner backend they delegate to. The names avoid the
 #: substrings "sdpa", "flash" and "flex_attention", which trigger transformers' dispatch checks.
@@ -53,6 +53,17 @@ def model_eager_function(module: nn.Module) -> Callable:
     return fn
 
 
+def _unmark_call(module: nn.Module, markers: Markers, key: torch.Tensor, query: torch.Tensor):
+    """Plain key and query of a marked call. The keys came from this call's cache view (it
+    marks them only after storing the RoPE wrapper's key); the query must be the wrapper's
+    rotated output itself, anything else was replaced after RoPE: an error."""
+    if type(key) is not markers.keys or type(query) is not markers.q:
+        fused_mod.mismatch(module, "query" if type(key) is markers.keys else "key")
+    elif PROBE is not None:
+        PROBE.events.append(("q_marked", PROBE.names.get(id(module))))
+    return unmark(key), unmark(query)
+
+
 def _make_attention(inner_name: str) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -74,8 +85,12 @@ def _make_attention(inner_name: str) -> Callable:
             )
         if PROBE is not None:
             PROBE.attention(module, inner_name, kwargs)
-        q = SPECS[slot].q
-        if q is not None:
+        spec = SPECS[slot]
+        q = spec.q
+        if spec.traced and (marker_slot(key) is not None or marker_slot(query) is not None):
+            # a marked call (fused.py, "Under torch.compile"): the query was rotated at RoPE
+            key, query = _unmark_call(module, MARKERS[slot], key, query)
+        elif q is not None:
             state = None if torch.compiler.is_compiling() else fused_mod.STATE
             if state is not None and state.done is module:
                 # rotated together with the key at RoPE time (fused.py), if this is that tensor

@@ -19,14 +19,14 @@ rotated here. Either way each key is rotated exactly once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from . import fused as fused_mod
 from .ops.op import hadamard_apply
 from .plan import Rotation
-from .specs import KV_QUANTIZER_ATTR, SLOT_ATTR, SPECS, LayerSpec
+from .specs import KV_QUANTIZER_ATTR, MARKERS, SLOT_ATTR, SPECS, LayerSpec, Markers, mark, unmark
 
 #: Names the attention modules use for the cache argument (transformers 5.24 renamed
 #: ``past_key_values`` to ``cache``; older releases use the old name; GPT-NeoX-style
@@ -60,6 +60,18 @@ def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> tor
     return rotate(key_states, rotation, owner)
 
 
+def _marked_key(key_states: torch.Tensor, markers: Markers, owner: Any) -> torch.Tensor:
+    """The key to store in a marked call (its ``cos`` was marked by the pre-hook): the RoPE
+    wrapper's rotated output, unmarked. Anything else is a key that was replaced after RoPE
+    or never went through it (fused.py, "Under torch.compile"): an error, never a guess."""
+    if type(key_states) is markers.k:
+        if PROBE is not None:
+            _record(owner, "k_marked")
+        return unmark(key_states)
+    fused_mod.mismatch(owner, "key")  # raises, except while probing
+    return unmark(key_states)
+
+
 def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
     """Apply one planned rotation (validation was done at load).
 
@@ -88,14 +100,22 @@ class RotatingCacheView:
     # "__dict__": dynamo, resuming after a graph break inside the attention module, guards on
     # the cache argument's __dict__ (without one, compile failed: "getattr failed on source
     # kwargs['cache'].__dict__"); the attributes themselves stay slots.
-    __slots__ = ("__dict__", "__weakref__", "_hkq_cache", "_hkq_owner", "_hkq_rotation")
+    __slots__ = ("__dict__", "__weakref__", "_hkq_cache", "_hkq_marked", "_hkq_owner",
+                 "_hkq_rotation")
 
-    def __init__(self, cache: Any, rotation: Rotation, owner: Any) -> None:
+    def __init__(self, cache: Any, rotation: Rotation, owner: Any,
+                 marked: Optional[Markers] = None) -> None:
         self._hkq_cache = cache
         self._hkq_rotation = rotation
         self._hkq_owner = owner
+        self._hkq_marked = marked  # this call's cos was marked (fused.py)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        marked = self._hkq_marked
+        if marked is not None:
+            key_states = _marked_key(key_states, marked, self._hkq_owner)
+            keys, values = self._hkq_cache.update(key_states, value_states, *args, **kwargs)
+            return mark(keys, marked.keys), values
         key_states = _rotate_key(key_states, self._hkq_rotation, self._hkq_owner)
         return self._hkq_cache.update(key_states, value_states, *args, **kwargs)
 
@@ -113,13 +133,18 @@ class RotatingCacheView:
 class RotateOnlyCache:
     """Used when the model runs without a cache: ``update`` rotates keys and stores nothing."""
 
-    __slots__ = ("__dict__", "__weakref__", "_hkq_owner", "_hkq_rotation")
+    __slots__ = ("__dict__", "__weakref__", "_hkq_marked", "_hkq_owner", "_hkq_rotation")
 
-    def __init__(self, rotation: Rotation, owner: Any) -> None:
+    def __init__(self, rotation: Rotation, owner: Any, marked: Optional[Markers] = None) -> None:
         self._hkq_rotation = rotation
         self._hkq_owner = owner
+        self._hkq_marked = marked
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        marked = self._hkq_marked
+        if marked is not None:
+            key = _marked_key(key_states, marked, self._hkq_owner)
+            return mark(key, marked.keys), value_states
         return _rotate_key(key_states, self._hkq_rotation, self._hkq_owner), value_states
 
     def __getattr__(self, name: str):
@@ -132,7 +157,8 @@ class RotateOnlyCache:
         )
 
 
-def _view_of(cache: Any, module: Any, spec: LayerSpec) -> Any:
+def _view_of(cache: Any, module: Any, spec: LayerSpec,
+             marked: Optional[Markers] = None) -> Any:
     """What the module gets in place of ``cache``: the view that rotates new keys (wrapping
     our KV quantizer, if we attached one), or the quantizer alone for an unrotated layer."""
     if spec.kv_quant:
@@ -142,8 +168,8 @@ def _view_of(cache: Any, module: Any, spec: LayerSpec) -> Any:
     if spec.k is None:
         return cache
     if cache is None:
-        return RotateOnlyCache(spec.k, module)
-    return RotatingCacheView(cache, spec.k, module)
+        return RotateOnlyCache(spec.k, module, marked)
+    return RotatingCacheView(cache, spec.k, module, marked)
 
 
 def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -163,18 +189,38 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
     compressed-tensors' own hook is active (transformers <= 5.17) our hook runs after it and
     wraps its quantizer the same way. ``spec.k`` None: quantizer only (an unrotated layer).
     """
-    spec = SPECS[module.__dict__[SLOT_ATTR]]
-    if not torch.compiler.is_compiling() and spec.fused:
+    slot = module.__dict__[SLOT_ATTR]
+    spec = SPECS[slot]
+    marked = None
+    if torch.compiler.is_compiling():
+        if spec.traced:
+            marked = _mark_cos(kwargs, MARKERS[slot])
+    elif spec.fused:
+        if fused_mod.MARK_EAGER and spec.traced:  # the load probe checks the marked route
+            marked = _mark_cos(kwargs, MARKERS[slot])
         state = fused_mod.STATE
-        state.armed = module if fused_mod.FUSED_ATTR in module.__dict__ else None
+        state.armed = module if marked is None and fused_mod.FUSED_ATTR in module.__dict__ \
+            else None
         state.done = state.q_out = state.k_out = None
     for name in CACHE_KWARGS:
         if name in kwargs:
-            kwargs[name] = _view_of(kwargs[name], module, spec)
+            kwargs[name] = _view_of(kwargs[name], module, spec, marked)
             return args, kwargs
     index = spec.arg_index
     if index is not None and len(args) > index:
-        args = (*args[:index], _view_of(args[index], module, spec), *args[index + 1 :])
+        args = (*args[:index], _view_of(args[index], module, spec, marked), *args[index + 1 :])
         return args, kwargs
-    kwargs[spec.kwarg_name] = _view_of(None, module, spec)
+    kwargs[spec.kwarg_name] = _view_of(None, module, spec, marked)
     return args, kwargs
+
+
+def _mark_cos(kwargs: dict, markers: Markers) -> Optional[Markers]:
+    """Mark the call's ``cos`` (``position_embeddings=(cos, sin)``) so that the RoPE wrapper
+    rotates q and k and the cache view / attention function expect exactly its outputs
+    (fused.py, "Under torch.compile"). None (the general path) when the call has no such
+    keyword argument."""
+    pair = kwargs.get("position_embeddings")
+    if type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not torch.Tensor:
+        return None
+    kwargs["position_embeddings"] = (mark(pair[0], markers.cos), pair[1])
+    return markers

@@ -32,6 +32,31 @@ are OLMo/OLMoE's ``clip_qkv`` clamps, before RoPE (checked by grep); a future mo
 them after RoPE would need ``HF_HADAMARD_KQ_NO_FUSED=1``.)
 
 State is thread-local, so models running in different threads do not see each other's calls.
+
+Under torch.compile (the *marked* route). The thread-local state above cannot work in traced
+code: dynamo does not write back a ``threading.local``'s changes, folds globals read in a
+frame into the locals of frames it resumes after a graph break, and runs some frames eagerly
+inside a compiled step (BENCHMARKS.md: two designs built on state were reverted for that). So
+traced calls carry the hand-off in the *types* of the call's own tensors (specs.Marker;
+dynamo guards a tensor's Python type and reconstructs it across graph breaks):
+
+1. the pre-hook of a ``traced`` layer (the load probe saw this route work for it) replaces
+   ``position_embeddings=(cos, sin)`` by ``(cos as Markers.cos, sin)`` and gives the call's
+   cache view the slot's markers;
+2. the wrapper, seeing a marked ``cos`` (in any mode), returns q and k rotated once, typed
+   ``Markers.q`` / ``Markers.k`` (RoPE and both rotations in one ``rope_rotate_qk`` op where
+   the tensors qualify, else the original RoPE and two rotations);
+3. the view stores only a ``Markers.k`` key (unmarked) and returns the keys typed
+   ``Markers.keys``; the attention function, seeing a marker, requires ``Markers.keys`` and a
+   ``Markers.q`` query and unmarks both. Any other combination raises
+   :class:`FusedRotationMismatchError`: ops on a marker return plain tensors, so a key or
+   query replaced after RoPE arrives unmarked and is caught, never rotated a second time.
+
+Nothing is stored outside the call, so graph breaks, eager frames, other models and other
+threads cannot see it. What the types cannot see: a call that replaces *both* the query and
+the keys between ``cache.update`` and the attention function looks unmarked there, and the
+query would be rotated again; the probe runs this route eagerly at load and keeps it only
+for layers whose query and key arrive as the markers.
 """
 
 from __future__ import annotations
@@ -45,6 +70,7 @@ from typing import Any, Optional
 import torch
 
 from .ops.op import hadamard_apply
+from .specs import marker_slot
 
 #: Module ``__dict__`` key of an attention module's fused rotation: a :class:`FusedRotation`,
 #: or absent (general path only).
@@ -66,6 +92,8 @@ STATE = _CallState()
 
 #: Set by install.probe_pattern during its check forward; None otherwise.
 PROBE = None
+#: True only while the load probe checks the marked route in eager code (cache.py pre-hook).
+MARK_EAGER = False
 
 
 class FusedRotation:
@@ -175,8 +203,51 @@ def _rotate_each(q, k, fused: FusedRotation, matrix):
             hadamard_apply(k, fused.scale, matrix, fused.block))
 
 
+def _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot: int):
+    """A marked call (module docstring, "Under torch.compile"): q and k rotated once, as
+    the slot's markers. ``rope_rotate_qk`` (ops/qk_op.py) is one graph node and one launch of
+    the fused kernel on CUDA; other tensors take the model's RoPE and the planned rotation."""
+    from .ops import native
+    from .ops.qk_kernel import qk_supported
+    from .ops.qk_op import rope_rotate_qk
+    from .specs import MARKERS, SPECS, mark, unmark
+
+    markers = MARKERS[slot]
+    if type(cos) is not markers.cos:  # pragma: no cover - only the pre-hook marks cos
+        raise FusedRotationMismatchError("hf_hadamard_kq: a marked tensor reached RoPE as cos")
+    cos = unmark(cos)
+    rotation = SPECS[slot].q
+    if (
+        standard
+        and not args
+        and not kwargs
+        and native.MODE != "native"
+        and type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and q.shape[-1] == rotation.block
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or cos.requires_grad or sin.requires_grad))
+        and qk_supported(q, k, None, cos, sin, any_device=True)
+    ):
+        q, k = rope_rotate_qk(q, k, cos, sin, rotation.scale, None)
+    else:
+        q, k = original(q, k, cos, sin, *args, **kwargs)
+        if type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+            raise FusedRotationMismatchError(
+                "hf_hadamard_kq: the model's apply_rotary_pos_emb returned "
+                f"{type(q).__name__}/{type(k).__name__}, not tensors, in a call marked for "
+                f"rotation at RoPE time. Workaround: set {DISABLE_ENV}=1 before loading."
+            )
+        q = hadamard_apply(q, rotation.scale, None, rotation.block)
+        k = hadamard_apply(k, rotation.scale, None, rotation.block)
+    return mark(q, markers.q), mark(k, markers.k)
+
+
 def _make_wrapper(original: Callable, standard: bool) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        slot = marker_slot(cos)
+        if slot is not None:
+            return _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot)
         if torch.compiler.is_compiling():
             return original(q, k, cos, sin, *args, **kwargs)
         state = STATE

@@ -257,6 +257,7 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
                     break
             else:  # pragma: no cover - each round withdraws at least one layer
                 raise HadamardKQConfigError("hf_hadamard_kq: the load probe did not settle")
+            probe_marked(model)
         except Exception:
             remove_plan(model)
             raise
@@ -434,6 +435,61 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
         for handle in probe_hooks:
             handle.remove()
     return withdrawn
+
+
+def _set_traced(module: nn.Module, traced: bool) -> None:
+    spec = specs_mod.SPECS[module.__dict__[specs_mod.SLOT_ATTR]]
+    if spec.traced != traced:
+        specs_mod.attach(module, replace(spec, traced=traced))
+
+
+def probe_marked(model: nn.Module) -> list[str]:
+    """Give the marked route (fused.py, "Under torch.compile") to the fused layers it works
+    for, checked by running it: a 2-token forward with and without a cache in which the
+    pre-hooks mark ``cos`` in eager code. A layer keeps the route only if, in both, its key
+    reached the cache view and its query the attention function as the RoPE wrapper's
+    markers; others (a tensor replaced after RoPE, no ``position_embeddings`` keyword, no
+    RoPE call) keep the general path under torch.compile. Stored matrices are not taken
+    (the wrapper reads the rotation from the shared table, not from the module). Returns
+    the names of the layers that have the route."""
+    from transformers import DynamicCache
+
+    from . import attention as attn_mod
+
+    modules = attention_modules(model)
+    candidates = {
+        name: module for name, module in modules.items()
+        if getattr(module.__dict__.get(fused_mod.FUSED_ATTR), "buffer", "") is None
+    }
+    for module in candidates.values():
+        _set_traced(module, True)
+    recorder = _Recorder({id(m): n for n, m in modules.items()})
+    passed = set(candidates)
+    attn_mod.PROBE = cache_mod.PROBE = fused_mod.PROBE = recorder
+    fused_mod.MARK_EAGER = True
+    try:
+        if candidates:
+            input_ids = torch.tensor([[0, 1]], device=_input_device(model))
+            with torch.no_grad():
+                for use_cache in (True, False):
+                    recorder.events.clear()
+                    kwargs: dict[str, Any] = {"use_cache": use_cache}
+                    if use_cache:
+                        kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
+                    model(input_ids=input_ids, **kwargs)
+                    for name in candidates:
+                        mine = [e for e, n in recorder.events if n == name]
+                        if mine.count("k_marked") != 1 or mine.count("q_marked") != 1 or \
+                                any(e.endswith("_changed") for e in mine):
+                            passed.discard(name)
+    finally:
+        fused_mod.MARK_EAGER = False
+        attn_mod.PROBE = cache_mod.PROBE = fused_mod.PROBE = None
+        fused_mod.reset()
+        for name, module in candidates.items():
+            if name not in passed:
+                _set_traced(module, False)
+    return sorted(passed)
 
 
 def _model_cache_kwarg(model: nn.Module) -> str:

@@ -23,6 +23,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from .plan import Rotation
 
 #: Name, in an attention module's ``__dict__``, of its slot in :data:`SPECS`.
@@ -33,6 +35,67 @@ _TICKET_ATTR = "_hadamard_kq_slot_ticket"
 KV_QUANTIZER_ATTR = "_hadamard_kq_kv_quantizer"
 
 
+class Marker(torch.Tensor):
+    """A plain tensor whose Python type says where it came from in the current call.
+
+    Why types: under torch.compile the only per-call facts that survive graph breaks, eager
+    frames inside a compiled step and concurrent threads without being folded into another
+    call's are the values that flow through the call itself, and dynamo guards a tensor's
+    Python type (a compiled frame is never reused for a tensor of another type; checked in
+    tests/test_traced.py). Attributes set on a tensor are not guarded, so the type is the
+    message. ``__torch_function__`` is disabled: every op on a marker returns a plain tensor,
+    so a tensor *derived* from a marked one (``k * 1.0``, ``k.contiguous()``) is unmarked.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    #: the slot of the marker's type (an int: dynamo cannot wrap other objects it reads from
+    #: a type it did not get from a guarded source); None on this base class
+    hkq_slot: Optional[int] = None
+
+
+def marker_slot(x: Any) -> Optional[int]:
+    """The slot of a marker, None for anything else (plain tensors first: the hot path)."""
+    t = type(x)
+    if t is torch.Tensor or not issubclass(t, Marker):
+        return None
+    return t.hkq_slot
+
+
+def mark(x: torch.Tensor, marker: type) -> torch.Tensor:
+    """``x`` as ``marker``, through a fresh view: dynamo gives ``as_subclass`` of a frame's
+    input the input's source, so a guard on the marker's type would be evaluated on the
+    (plain) input."""
+    return x.view_as(x).as_subclass(marker)
+
+
+def unmark(x: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind a marker: a view of it (dynamo cannot trace
+    ``as_subclass(torch.Tensor)``; any op on a marker returns a plain tensor)."""
+    return x.view_as(x)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The marker types of one traced slot (fused.py, "Under torch.compile"):
+
+    ``cos``: the pre-hook marked the call's ``cos`` (this call takes the marked route);
+    ``q``/``k``: the RoPE wrapper's outputs, rotated once; ``keys``: what the cache view
+    returns in a marked call (tells the attention function that the call was marked)."""
+
+    slot: int
+    cos: type
+    q: type
+    k: type
+    keys: type
+
+    @classmethod
+    def for_slot(cls, slot: int) -> Markers:
+        return cls(slot, **{
+            role: type(f"HadamardKQ{role.capitalize()}{slot}", (Marker,), {"hkq_slot": slot})
+            for role in ("cos", "q", "k", "keys")
+        })
+
+
 @dataclass(frozen=True, eq=False)
 class LayerSpec:
     """The rotations and cache plumbing of one attention module (shared by equal modules).
@@ -41,7 +104,10 @@ class LayerSpec:
     install time). ``kv_quant``: *we* attached compressed-tensors' ``QuantizedKVCache`` to
     this module (read from the module's ``KV_QUANTIZER_ATTR`` per call, so a deep copy uses
     its own; see cache.key_rotation_pre_hook). ``fused``: the module was given the fused RoPE
-    path at install (whether it still has it is read per call)."""
+    path at install (whether it still has it is read per call). ``traced``: the load probe
+    saw this module's q and k go through the *marked* route (fused.py, "Under
+    torch.compile"): under torch.compile its pre-hook marks ``cos`` and its RoPE call rotates
+    q and k; the :data:`MARKERS` of its slot say so."""
 
     q: Optional[Rotation]
     k: Optional[Rotation]
@@ -49,10 +115,13 @@ class LayerSpec:
     arg_index: Optional[int] = None
     kv_quant: bool = False
     fused: bool = False
+    traced: bool = False
 
 
 #: slot -> spec. Read by the hot path (cache.key_rotation_pre_hook, attention.py).
 SPECS: dict[int, LayerSpec] = {}
+#: slot -> the marker types of a ``traced`` entry (present exactly while the entry is).
+MARKERS: dict[int, Markers] = {}
 _SLOTS: dict[tuple, int] = {}
 _REFS: dict[int, int] = {}
 _NEXT = itertools.count()  # slots are never reused: a guard on a slot means one entry
@@ -72,7 +141,7 @@ def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
 
 def _spec_key(spec: LayerSpec) -> tuple:
     return (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
-            spec.kv_quant, spec.fused)
+            spec.kv_quant, spec.fused, spec.traced)
 
 
 def _acquire(spec: LayerSpec) -> int:
@@ -90,6 +159,8 @@ def _acquire(spec: LayerSpec) -> int:
         slot = next(_NEXT)
         _REFS[slot] = 1
         SPECS[slot] = spec
+        if spec.traced:
+            MARKERS[slot] = Markers.for_slot(slot)
         _SLOTS[key] = slot
         return slot
 
@@ -99,6 +170,7 @@ def _release(slot: int) -> None:
         _REFS[slot] -= 1
         if _REFS[slot] == 0:
             del _REFS[slot], _SLOTS[_spec_key(SPECS.pop(slot))]
+            MARKERS.pop(slot, None)
 
 
 class _Ticket:

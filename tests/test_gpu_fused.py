@@ -248,16 +248,38 @@ def test_model_fused_path_matches_general_and_reference(fixture, block, monkeypa
         assert diff <= 4 * torch.finfo(torch.bfloat16).eps * b.keys.float().abs().max().item()
 
 
-def test_compiled_static_generate_with_fused_layers():
-    """torch.compile sees the general path (the fused wrapper steps aside while compiling):
-    a static-cache compiled generate gives the eager fused model's tokens (fp32)."""
+@pytest.mark.parametrize("form", ["auto", "native"])
+def test_compiled_static_generate_with_fused_layers(form, monkeypatch):
+    """Under torch.compile the fused layers take the marked route (fused.py, "Under
+    torch.compile"): their RoPE call traces to one ``rope_rotate_qk`` node (the fused kernel;
+    with the ``native`` form the model's RoPE and plain-torch rotations). A static-cache
+    compiled generate (inductor, CUDA graphs) gives the eager model's tokens (fp32) and its
+    cache holds the float64 rotation of the plain model's keys."""
+    from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
+    from tests import tiny_models as tm
+    from tests.conftest import compile_rotation
+
+    marked = []
+    inner = fused_mod._marked_pair
+    monkeypatch.setattr(fused_mod, "_marked_pair",
+                        lambda *a: marked.append(a[-1]) or inner(*a))
     path = FIXTURES / "llama_r3_hadamard_hd64"
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq",
-                                                 device_map=DEV)
-    plain = load_unrotated(path, device_map=DEV)
-    x = torch.randint(3, 256, (2, 10), device=DEV)
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
-    eager = model.generate(x, **kw)
-    static = model.generate(x, cache_implementation="static", **kw)
+    with compile_rotation(form):
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq",
+                                                     device_map=DEV)
+        plain = load_unrotated(path, device_map=DEV)
+        layers = [m for m in model.modules() if SLOT_ATTR in m.__dict__]
+        assert layers and all(SPECS[m.__dict__[SLOT_ATTR]].traced for m in layers)
+        x = torch.randint(3, 256, (2, 10), device=DEV)
+        kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+        eager = model.generate(x, **kw)
+        marked.clear()
+        static = model.generate(x, cache_implementation="static", return_dict_in_generate=True,
+                                **kw)
+        ref = plain.generate(x, cache_implementation="static", return_dict_in_generate=True,
+                             **kw)
+    assert marked  # traced (the count is per trace, not per step)
     assert torch.equal(eager, plain.generate(x, **kw))
-    assert torch.equal(static, eager)
+    assert torch.equal(static.sequences, eager)
+    assert torch.equal(ref.sequences, eager)
+    tm.assert_keys_rotated(static.past_key_values, ref.past_key_values, block=64, atol=1e-4)

@@ -194,10 +194,12 @@ def qk_supported(
     matrix: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
+    any_device: bool = False,
 ) -> bool:
     """Whether :func:`rotate_qk` takes these tensors (else the caller uses the general op).
 
-    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter),
+    ``q``/``k``: ``(B, H, S, D)`` on one CUDA device (or any device under the interpreter,
+    or with ``any_device``: the shapes the custom op ``rope_rotate_qk`` takes everywhere),
     same dtype, unit last stride, ``D`` a power of two in [32, 256] (explicit ``matrix``:
     <= 128, square ``D``), every offset < 2**31. ``cos``/``sin`` (None: no RoPE): ``(B or 1,
     S, D)``, q's dtype and device, identical strides, unit last stride. ``matrix``: contiguous.
@@ -209,7 +211,7 @@ def qk_supported(
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return False
-    if not (q.is_cuda or INTERPRET) or k.device != q.device:
+    if not (q.is_cuda or INTERPRET or any_device) or k.device != q.device:
         return False
     if matrix is None:
         if d > MAX_SYLVESTER_D:

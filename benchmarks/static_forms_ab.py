@@ -10,11 +10,11 @@ The compile form is global and dynamo guards it, so it is set before each label'
 compiled model keeps the graph of its own form (no recompilation: ``generate`` would
 otherwise re-record its CUDA graphs, which the tok/s of the later runs would show).
 
-Labels: ``sdpa`` (plain), ``fused`` (the default form, ``auto``), ``native`` (plain torch ops)
-and ``op`` (the single-tensor custom op). In sessions 7 and 8 a traced fused path put one
-``rope_rotate_qk`` node per fused layer under ``auto`` (the ``fused`` label of their results);
-both were reverted (BENCHMARKS.md), so on the current code ``fused`` is the general path's
-``auto`` form.
+Labels: ``sdpa`` (plain), ``fused`` (the default form, ``auto``: fused layers take the marked
+route, one ``rope_rotate_qk`` node each), ``native`` (plain torch ops: the marked route then
+runs the model's RoPE and two native rotations, the general path's graph) and ``op`` (the
+single-tensor custom op). Sessions 7 and 8 measured earlier, reverted designs of the fused
+label (BENCHMARKS.md).
 Per label: tok/s per rep, then (static_step_profile.py's helpers) the median host time inside
 the compiled call and the GPU kernel time per decode step from a profile of 8 steps.
 

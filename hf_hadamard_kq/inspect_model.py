@@ -9,10 +9,13 @@ from torch import nn
 
 from .fused import FUSED_ATTR
 from .install import attention_modules, installed_plan
+from .specs import SLOT_ATTR, SPECS
 
 #: ``rotation_table`` "path" values.
 FUSED_PATH = "fused at RoPE (q and k in one call; general path where a call does not qualify)"
 GENERAL_PATH = "general (K in cache.update, Q in the attention function)"
+#: ``rotation_table`` "compiled" values: the path under torch.compile.
+MARKED_PATH = "fused at RoPE (the marked route: one rope_rotate_qk op per layer)"
 
 
 def _compute(rotation, module: nn.Module) -> str:
@@ -27,8 +30,10 @@ def _compute(rotation, module: nn.Module) -> str:
 
 def rotation_table(model: nn.Module) -> list[dict[str, Any]]:
     """One row per attention module: which of q / k it rotates, the type, block and matrix,
-    and (rotated layers) which path rotates them (``FUSED_PATH`` / ``GENERAL_PATH``; see
-    fused.py: the fused path still falls back per call, e.g. under torch.compile)."""
+    and (rotated layers) which path rotates them in eager code (``path``: ``FUSED_PATH`` /
+    ``GENERAL_PATH``; the fused path still falls back per call, e.g. under autograd) and
+    under torch.compile (``compiled``: ``MARKED_PATH`` / ``GENERAL_PATH``; fused.py, "Under
+    torch.compile")."""
     plan = installed_plan(model)
     rows = []
     for name, module in attention_modules(model).items():
@@ -36,6 +41,9 @@ def rotation_table(model: nn.Module) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"module": name, "class": type(module).__name__}
         if layer is not None:
             row["path"] = FUSED_PATH if FUSED_ATTR in module.__dict__ else GENERAL_PATH
+            slot = module.__dict__.get(SLOT_ATTR)
+            traced = slot is not None and SPECS[slot].traced
+            row["compiled"] = MARKED_PATH if traced else GENERAL_PATH
         for slot in ("q", "k"):
             rot = getattr(layer, slot) if layer is not None else None
             row[slot] = None if rot is None else {
@@ -66,6 +74,7 @@ def describe(model: nn.Module) -> str:
             parts.append(f"{label}: " + ("-" if r is None else f"{r['type']} b={r['block']} "
                                           f"[{r['matrix']}]"))
         if "path" in row:
-            parts.append("fused" if row["path"] == FUSED_PATH else "general")
+            parts.append(("fused" if row["path"] == FUSED_PATH else "general") + ", compiled: "
+                         + ("fused" if row["compiled"] == MARKED_PATH else "general"))
         lines.append(f"  {row['module']:<32} " + " | ".join(parts))
     return "\n".join(lines)

@@ -229,14 +229,18 @@ def test_rope_recognition():
 def test_layers_whose_rope_never_qualifies_take_the_general_path():
     """StableLM applies RoPE to a slice of each head (partial rotary): the wrapper cannot
     rotate there, the probe sees no fused call and drops the marker; describe() says so."""
-    from hf_hadamard_kq.inspect_model import FUSED_PATH, GENERAL_PATH
+    from hf_hadamard_kq.inspect_model import FUSED_PATH, GENERAL_PATH, MARKED_PATH
     from tests.tiny_models import rotated
 
     partial = rotated("stablelm")
-    assert {r["path"] for r in hf_hadamard_kq.rotation_table(partial)} == {GENERAL_PATH}
+    rows = hf_hadamard_kq.rotation_table(partial)
+    assert {r["path"] for r in rows} == {r["compiled"] for r in rows} == {GENERAL_PATH}
+    assert "| general, compiled: general" in hf_hadamard_kq.describe(partial)
     full = rotated("llama")
-    assert {r["path"] for r in hf_hadamard_kq.rotation_table(full)} == {FUSED_PATH}
-    assert "| fused" in hf_hadamard_kq.describe(full)
+    rows = hf_hadamard_kq.rotation_table(full)
+    assert {r["path"] for r in rows} == {FUSED_PATH}
+    assert {r["compiled"] for r in rows} == {MARKED_PATH}
+    assert "| fused, compiled: fused" in hf_hadamard_kq.describe(full)
 
 
 def test_probe_repeats_until_no_layer_is_withdrawn(r3_hd16, monkeypatch):

@@ -91,7 +91,7 @@ def _make_attention(inner_name: str) -> Callable:
             # a marked call (fused.py, "Under torch.compile"): the query was rotated at RoPE
             key, query = _unmark_call(module, MARKERS[slot], key, query)
         elif q is not None:
-            state = None if torch.compiler.is_compiling() else fused_mod.STATE
+            state = None if torch.compiler.is_dynamo_compiling() else fused_mod.STATE
             if state is not None and state.done is module:
                 # rotated together with the key at RoPE time (fused.py), if this is that tensor
                 state.done = None

@@ -45,7 +45,7 @@ def _record(owner, event: str = "k_rotated") -> None:
 def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> torch.Tensor:
     """The key to store: ``key_states`` itself when fused.py already rotated exactly this
     tensor at RoPE time for ``owner`` in this call, else its rotation."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():
         state = fused_mod.STATE
         state.armed = None  # this layer's RoPE (if any) is over
         if state.done is owner:
@@ -192,11 +192,14 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
     slot = module.__dict__[SLOT_ATTR]
     spec = SPECS[slot]
     marked = None
-    if torch.compiler.is_compiling():
-        if spec.traced:
+    # is_dynamo_compiling, not is_compiling: the latter is True in every thread while any
+    # thread compiles (torch 2.13), which would send eager calls down the wrong branch
+    if torch.compiler.is_dynamo_compiling():
+        if spec.traced and _wrapper_in_place(module):
             marked = _mark_cos(kwargs, MARKERS[slot])
     elif spec.fused:
-        if fused_mod.MARK_EAGER and spec.traced:  # the load probe checks the marked route
+        # the load probe checks the marked route in eager code
+        if fused_mod.MARK_EAGER and spec.traced and _wrapper_in_place(module):
             marked = _mark_cos(kwargs, MARKERS[slot])
         state = fused_mod.STATE
         state.armed = module if marked is None and fused_mod.FUSED_ATTR in module.__dict__ \
@@ -212,6 +215,11 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
         return args, kwargs
     kwargs[spec.kwarg_name] = _view_of(None, module, spec, marked)
     return args, kwargs
+
+
+def _wrapper_in_place(module: Any) -> bool:
+    fused = module.__dict__.get(fused_mod.FUSED_ATTR)
+    return fused is not None and fused_mod.wrapper_in_place(fused)
 
 
 def _mark_cos(kwargs: dict, markers: Markers) -> Optional[Markers]:

@@ -99,13 +99,15 @@ MARK_EAGER = False
 class FusedRotation:
     """What the wrapper needs for one layer (q and k share one rotation)."""
 
-    __slots__ = ("block", "buffer", "name", "scale")
+    __slots__ = ("block", "buffer", "home", "name", "scale")
 
-    def __init__(self, scale: float, buffer: Optional[str], block: int, name: str) -> None:
+    def __init__(self, scale: float, buffer: Optional[str], block: int, name: str,
+                 home: str = "") -> None:
         self.scale = scale
         self.buffer = buffer
         self.block = block
         self.name = name
+        self.home = home  # the modeling module whose apply_rotary_pos_emb the layer calls
 
 
 def reset() -> None:
@@ -248,7 +250,7 @@ def _make_wrapper(original: Callable, standard: bool) -> Callable:
         slot = marker_slot(cos)
         if slot is not None:
             return _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return original(q, k, cos, sin, *args, **kwargs)
         state = STATE
         module = state.armed
@@ -285,6 +287,17 @@ def _make_wrapper(original: Callable, standard: bool) -> Callable:
 
 #: modeling module name -> [original function, number of installed models using the wrapper]
 _PATCHED: dict[str, list] = {}
+#: modeling module name -> the module, while our wrapper is installed in it
+_HOMES: dict[str, Any] = {}
+
+
+def wrapper_in_place(fused: FusedRotation) -> bool:
+    """Whether the layer's modeling module still calls our wrapper. The marked route needs
+    it (an original ``apply_rotary_pos_emb`` would return unmarked tensors: the mismatch
+    error); it is gone when a deep copy outlived the model that patched the module, or when
+    other code (e.g. a kernel library) replaced the function after install."""
+    home = _HOMES.get(fused.home)
+    return home is not None and hasattr(home.apply_rotary_pos_emb, ORIGINAL_ATTR)
 
 
 def patch_module(module_name: str) -> bool:
@@ -302,6 +315,7 @@ def patch_module(module_name: str) -> bool:
         return False
     mod.apply_rotary_pos_emb = _make_wrapper(fn, is_standard_rope(fn))
     _PATCHED[module_name] = [fn, 1]
+    _HOMES[module_name] = mod
     return True
 
 
@@ -316,6 +330,7 @@ def unpatch_module(module_name: str) -> None:
         if mod is not None:
             mod.apply_rotary_pos_emb = entry[0]
         del _PATCHED[module_name]
+        _HOMES.pop(module_name, None)
 
 
 # ------------------------------------------------------------------------------------------

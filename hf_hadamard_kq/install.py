@@ -308,7 +308,7 @@ def _install_fused(module: nn.Module, name: str, layer: Optional[LayerPlan],
             return False
         patched.append(module_name)
     module.__dict__[fused_mod.FUSED_ATTR] = fused_mod.FusedRotation(
-        q.scale, q.buffer, q.block, name)
+        q.scale, q.buffer, q.block, name, module_name)
     return True
 
 
@@ -464,12 +464,13 @@ def probe_marked(model: nn.Module) -> list[str]:
     for module in candidates.values():
         _set_traced(module, True)
     recorder = _Recorder({id(m): n for n, m in modules.items()})
-    passed = set(candidates)
+    passed: set[str] = set()
     attn_mod.PROBE = cache_mod.PROBE = fused_mod.PROBE = recorder
     fused_mod.MARK_EAGER = True
     try:
         if candidates:
             input_ids = torch.tensor([[0, 1]], device=_input_device(model))
+            seen = set(candidates)
             with torch.no_grad():
                 for use_cache in (True, False):
                     recorder.events.clear()
@@ -481,7 +482,8 @@ def probe_marked(model: nn.Module) -> list[str]:
                         mine = [e for e, n in recorder.events if n == name]
                         if mine.count("k_marked") != 1 or mine.count("q_marked") != 1 or \
                                 any(e.endswith("_changed") for e in mine):
-                            passed.discard(name)
+                            seen.discard(name)
+            passed = seen  # only after both forwards ran: an exception leaves none traced
     finally:
         fused_mod.MARK_EAGER = False
         attn_mod.PROBE = cache_mod.PROBE = fused_mod.PROBE = None

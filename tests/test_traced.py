@@ -341,3 +341,94 @@ def test_remove_r3_drops_the_markers():
 
     gc.collect()
     assert not any(s in MARKERS for s in slots)
+
+
+# ------------------------------------------------------------------------------------------
+# Found in the session-9 review
+
+
+def test_eager_steps_ignore_another_threads_compile(monkeypatch):
+    """``torch.compiler.is_compiling()`` is process-wide in torch 2.13: True in every thread
+    while any thread compiles. Eager calls must not read it (the review measured 81 of 400
+    eager steps rotated twice while another thread compiled: the flag turned True between
+    the RoPE wrapper and cache.update / the attention function). Simulated here: the flag
+    reads True in the key's and the query's rotation functions, False elsewhere."""
+    import sys
+
+    plain, ours = _tiny_llama("random-hadamard")
+    p_in = _decode_step_inputs(plain)
+
+    def is_compiling() -> bool:
+        return sys._getframe(1).f_code.co_name in ("_rotate_key", "hadamard_kq_attention")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", is_compiling)
+    o_in = _decode_step_inputs(ours)  # the prefill also runs with the flag set
+    with torch.no_grad():
+        got, want = ours(**o_in).logits, plain(**p_in).logits
+    assert (got - want).abs().max() < 1e-5
+    from tests.test_fused import _key_matrix
+
+    for layer in (0, 1):
+        k_plain = _new_keys(p_in, layer)
+        want_k = k_plain @ _key_matrix(ours, layer)
+        assert (_new_keys(o_in, layer) - want_k).abs().max() < 1e-5 * max(
+            1.0, want_k.abs().max().item())
+
+
+def _rope_copy(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # what a kernel library installs
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    return apply_rotary_pos_emb
+
+
+def test_rope_replaced_after_install_takes_the_general_path():
+    """Code that replaces the modeling module's ``apply_rotary_pos_emb`` after install (an
+    equivalent function): the compiled step no longer marks ``cos`` (that would reach a
+    function that returns unmarked tensors) and runs the general path, rotating once."""
+    plain, ours = _tiny_llama("hadamard")
+    current = modeling_llama.apply_rotary_pos_emb
+    # restored while ``ours`` is alive (its share of the wrapper is released when it goes)
+    modeling_llama.apply_rotary_pos_emb = _rope_copy(getattr(current, fused_mod.ORIGINAL_ATTR))
+    try:
+        p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
+        got, graphs = compiled_step(ours, o_in, backend="count")
+    finally:
+        modeling_llama.apply_rotary_pos_emb = current
+    assert op_nodes(graphs, "rope_rotate_qk") == 0
+    with torch.no_grad():
+        assert (got - plain(**p_in).logits).abs().max() < 1e-5
+    tm.assert_keys_rotated(cache_of(o_in), cache_of(p_in), block=HEAD_DIM)
+
+
+def test_deep_copy_outliving_the_original_model():
+    """A deep copy of an installed model keeps working under compile after the original was
+    removed (its share of the RoPE wrapper released): plain logits, keys rotated once."""
+    import copy
+    import gc
+
+    plain, ours = _tiny_llama("hadamard")
+    twin = copy.deepcopy(ours)
+    hf_hadamard_kq.remove_r3(ours, "sdpa")
+    del ours
+    gc.collect()
+    p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(twin)
+    got, _ = compiled_step(twin, o_in)
+    with torch.no_grad():
+        assert (got - plain(**p_in).logits).abs().max() < 1e-5
+    tm.assert_keys_rotated(cache_of(o_in), cache_of(p_in), block=HEAD_DIM)
+
+
+def test_probe_that_raises_leaves_no_layer_on_the_route(monkeypatch):
+    """``probe_marked`` on its own (not inside install_plan, which removes the plan on an
+    error): an exception during its forward leaves every layer off the route."""
+    _, ours = _tiny_llama("hadamard")
+    assert traced(ours) == [True, True]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure in the probe forward")
+
+    monkeypatch.setattr(attention_layers(ours)[1].o_proj, "forward", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        probe_marked(ours)
+    assert traced(ours) == [False, False]

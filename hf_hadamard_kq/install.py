@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -376,7 +377,6 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
     replaced between RoPE and the cache / attention function loses the fused path; their
     names are returned (the caller probes again: the general path must then pass).
     """
-    from transformers import DynamicCache
 
     from . import attention as attn_mod
 
@@ -395,33 +395,25 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
                 recorder.events.append(("kv_quant", name))
             probe_hooks.append(quantizer.register_forward_pre_hook(record, with_kwargs=True))
     try:
-        device = _input_device(model)
-        input_ids = torch.tensor([[0, 1]], device=device)
         fused_seen: set[str] = set()
-        with torch.no_grad():
-            for use_cache in (True, False):
-                recorder.events.clear()
-                kwargs: dict[str, Any] = {"use_cache": use_cache}
-                if use_cache:
-                    kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
-                model(input_ids=input_ids, **kwargs)
-                changed = _changed_after_rope(recorder.events)
-                if changed:
-                    for name in changed:
-                        modules[name].__dict__.pop(fused_mod.FUSED_ATTR, None)
-                    withdrawn.extend(changed)
-                    return withdrawn
-                _check_events(recorder.events, plan, modules, use_cache)
-                fused_seen.update(n for e, n in recorder.events if e == "rope")
-                if recorder.unapplied:
-                    name, cls, inner, bad = recorder.unapplied[0]
-                    raise HadamardKQConfigError(
-                        f"layer '{name}' ({cls}) passes {', '.join(bad)} to the attention "
-                        f"function, which the {inner} inner backend cannot apply (the model "
-                        "would silently compute other attention). Use "
-                        "attn_implementation='hadamard_kq_eager' (the model's own eager "
-                        "attention) or 'hadamard_kq_flex'."
-                    )
+        for use_cache in _probe_forwards(model, recorder):
+            changed = _changed_after_rope(recorder.events)
+            if changed:
+                for name in changed:
+                    modules[name].__dict__.pop(fused_mod.FUSED_ATTR, None)
+                withdrawn.extend(changed)
+                return withdrawn
+            _check_events(recorder.events, plan, modules, use_cache)
+            fused_seen.update(n for e, n in recorder.events if e == "rope")
+            if recorder.unapplied:
+                name, cls, inner, bad = recorder.unapplied[0]
+                raise HadamardKQConfigError(
+                    f"layer '{name}' ({cls}) passes {', '.join(bad)} to the attention "
+                    f"function, which the {inner} inner backend cannot apply (the model "
+                    "would silently compute other attention). Use "
+                    "attn_implementation='hadamard_kq_eager' (the model's own eager "
+                    "attention) or 'hadamard_kq_flex'."
+                )
         # layers whose RoPE call never qualified (no RoPE call, partial rotary, ...) take the
         # general path on every call: drop the fused marker (no arming, honest describe())
         for name, module in modules.items():
@@ -452,7 +444,6 @@ def probe_marked(model: nn.Module) -> list[str]:
     RoPE call) keep the general path under torch.compile. Stored matrices are not taken
     (the wrapper reads the rotation from the shared table, not from the module). Returns
     the names of the layers that have the route."""
-    from transformers import DynamicCache
 
     from . import attention as attn_mod
 
@@ -469,20 +460,13 @@ def probe_marked(model: nn.Module) -> list[str]:
     fused_mod.MARK_EAGER = True
     try:
         if candidates:
-            input_ids = torch.tensor([[0, 1]], device=_input_device(model))
             seen = set(candidates)
-            with torch.no_grad():
-                for use_cache in (True, False):
-                    recorder.events.clear()
-                    kwargs: dict[str, Any] = {"use_cache": use_cache}
-                    if use_cache:
-                        kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
-                    model(input_ids=input_ids, **kwargs)
-                    for name in candidates:
-                        mine = [e for e, n in recorder.events if n == name]
-                        if mine.count("k_marked") != 1 or mine.count("q_marked") != 1 or \
-                                any(e.endswith("_changed") for e in mine):
-                            seen.discard(name)
+            for _ in _probe_forwards(model, recorder):
+                for name in candidates:
+                    mine = [e for e, n in recorder.events if n == name]
+                    if mine.count("k_marked") != 1 or mine.count("q_marked") != 1 or \
+                            any(e.endswith("_changed") for e in mine):
+                        seen.discard(name)
             passed = seen  # only after both forwards ran: an exception leaves none traced
     finally:
         fused_mod.MARK_EAGER = False
@@ -492,6 +476,22 @@ def probe_marked(model: nn.Module) -> list[str]:
             if name not in passed:
                 _set_traced(module, False)
     return sorted(passed)
+
+
+def _probe_forwards(model: nn.Module, recorder: _Recorder) -> Iterator[bool]:
+    """The probes' 2-token forwards, with a fresh DynamicCache and without a cache: yields
+    ``use_cache`` after each, the recorder holding that forward's events only."""
+    from transformers import DynamicCache
+
+    input_ids = torch.tensor([[0, 1]], device=_input_device(model))
+    for use_cache in (True, False):
+        recorder.events.clear()
+        kwargs: dict[str, Any] = {"use_cache": use_cache}
+        if use_cache:
+            kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=input_ids, **kwargs)
+        yield use_cache
 
 
 def _model_cache_kwarg(model: nn.Module) -> str:

@@ -406,10 +406,15 @@ def _new_keys(inputs, layer):
 
 
 def _key_matrix(model, layer):
+    """The float64 matrix ``layer``'s keys are rotated by: its stored matrix, or (no stored
+    matrix) compressed-tensors' Sylvester matrix, times the rotation's scale."""
     from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
+    from tests.reference import ct_hadamard
 
     attn = attention_layers(model)[layer]
     rotation = SPECS[attn.__dict__[SLOT_ATTR]].k
+    if rotation.buffer is None:
+        return ct_hadamard(rotation.block) * rotation.scale
     return attn._buffers[rotation.buffer].double() * rotation.scale
 
 
@@ -446,16 +451,22 @@ def test_compiled_later_layer_is_not_rotated_by_an_earlier_layers_call(monkeypat
     assert (k_ours - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
-def test_compiled_steps_in_two_threads_with_a_graph_break_before_rope(monkeypatch):
+@pytest.mark.parametrize("transform", ["random-hadamard", "hadamard"])
+def test_compiled_steps_in_two_threads_with_a_graph_break_before_rope(monkeypatch, transform):
     """One installed model serves two requests in two threads; its compiled attention forward
     graph-breaks before RoPE, and thread A waits at that break until thread B has run its
     layer-0 pre-hook and reached the same break. Each thread's logits equal the plain model's
-    and each cache gets its own key at the step's position, rotated once."""
+    and each cache gets its own key at the step's position, rotated once. ``random-hadamard``
+    (a stored matrix: a double rotation shows) takes the general path under compile,
+    ``hadamard`` the marked route (fused.py, "Under torch.compile")."""
     import threading
 
+    from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
-    plain, ours = _tiny_llama("random-hadamard")
+    plain, ours = _tiny_llama(transform)
+    marked = [SPECS[m.__dict__[SLOT_ATTR]].traced for m in attention_layers(ours)]
+    assert marked == [transform == "hadamard"] * 2
     a_at, b_at, a_done = threading.Event(), threading.Event(), threading.Event()
     local = threading.local()
 

@@ -129,6 +129,21 @@ if not IN_INTERPRETER:
         target = backend.GPUTarget("cuda", 90, 32)
         return triton.compile(src, target=target, options={"num_warps": warps})
 
+    def _aot_qk(d: int, xdt: str, wdt: str | None, block_m: int, loads_first: bool, align: int,
+                warps: int, rope: bool, fence: bool):
+        """The fused Q/K kernel compiled for sm_90 with these constexprs (aligned pointers)."""
+        from hf_hadamard_kq.ops import qk_kernel
+
+        ty = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+        sig = {f"{n}_ptr": ty[xdt] for n in ("q", "k", "qo", "ko", "c", "s")}
+        sig.update(w_ptr=ty[wdt or xdt], scale="fp32")
+        const = dict(
+            D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m, ROPE=rope,
+            SYLVESTER=wdt is None, DOT_F32=xdt == "fp32" or wdt == "fp32", EMULATE_RTNE=False,
+            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence,
+        )  # fmt: skip
+        return _aot_compile(qk_kernel._qk_kernel, sig, const, warps, aligned_ptrs=True)
+
     def _local_bytes(cubin: bytes) -> int | None:
         """Spill (local memory) bytes per thread, from the bundled cuobjdump, if present."""
         import shutil
@@ -223,8 +238,6 @@ if not IN_INTERPRETER:
 
         for d, xdt, wdt, rope, block_m in AOT_QK:
             dot_f32 = xdt == "fp32" or wdt == "fp32"
-            sig = {f"{n}_ptr": ty[xdt] for n in ("q", "k", "qo", "ko", "c", "s")}
-            sig.update(w_ptr=ty[wdt or xdt], scale="fp32")
             unit = 16 // (4 if xdt == "fp32" else 2)
             tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20)
             warps = tuned[1] if tuned[0] == block_m else 4
@@ -233,12 +246,8 @@ if not IN_INTERPRETER:
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt) == (128, "bf16")
                                                 and block_m == 16 else [])
             for loads_first, align, nw in variants:
-                const = dict(
-                    D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m,
-                    ROPE=rope, SYLVESTER=wdt is None, DOT_F32=dot_f32, EMULATE_RTNE=False,
-                    LOADS_FIRST=loads_first, ALIGN=align,
-                )  # fmt: skip
-                k = _aot_compile(qk_kernel._qk_kernel, sig, const, nw, aligned_ptrs=True)
+                fence = rope and not dot_f32  # what _make_plan passes on CUDA
+                k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence)
                 name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
                         f"loads_first={loads_first} align={align} warps={nw}")
                 results.append((name, k))
@@ -246,6 +255,17 @@ if not IN_INTERPRETER:
                 # specialised): without it every element is a separate 2- or 4-byte access
                 vector = "ld.global.v4" in k.asm["ptx"] and "st.global.v4" in k.asm["ptx"]
                 assert vector == (align > 1), (name, vector)
+                if fence:
+                    # the fence keeps the MMA-layout conversion after the RoPE: as many
+                    # barriers as the same kernel without RoPE (without the fence triton
+                    # converted the six RoPE inputs, measured 44 vs 20 at d = 128)
+                    unfenced, no_rope = (
+                        _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False)
+                        .asm["ptx"].count("bar.sync") for r in (True, False))
+                    fenced = k.asm["ptx"].count("bar.sync")
+                    assert fenced <= no_rope, (name, fenced, no_rope)
+                    assert unfenced > fenced, (name, "the fence no longer changes the code",
+                                               unfenced, fenced)
         for name, k in results:
             assert k.metadata.shared <= SMEM_LIMIT_SM90, (name, k.metadata.shared)
             spill = _local_bytes(k.asm["cubin"])

@@ -62,6 +62,17 @@ if triton is not None:
             return _round_to(v, ref_ptr, EMULATE_RTNE).to(tl.float32)
 
     @triton.jit
+    def _fence(v):
+        """``v`` unchanged, through an opaque (non-pure) PTX move. Why: triton hoists the
+        conversion of a dot operand into the MMA layout above the element-wise ops that
+        produce it, so the RoPE's six inputs (x, cos, sin halves) went through shared memory
+        instead of its two outputs, and the RoPE ran twice (sm_90 SASS, d = 128, 16-row tiles:
+        44 barriers and 2064 instructions vs 20 and 1552 with the fence; the no-RoPE kernel
+        has 20 and 1032). CUDA only (PTX); 16-bit ``v``."""
+        return tl.inline_asm_elementwise(
+            "mov.b16 $0, $1;", "=h,h", [v], dtype=v.dtype, is_pure=False, pack=1)
+
+    @triton.jit
     def _qk_w(x_ptr, w_ptr, rk, D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr,
               SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr):
         """The four ``HALF``-square quarters of ``W`` (Sylvester: one generated ``H_HALF``,
@@ -85,6 +96,7 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
+        ROPE_FENCE: tl.constexpr,
     ):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, HALF)
@@ -123,6 +135,9 @@ if triton is not None:
         if not DOT_F32:
             r0 = r0.to(x_ptr.dtype.element_ty)
             r1 = r1.to(x_ptr.dtype.element_ty)
+            if ROPE and ROPE_FENCE:
+                r0 = _fence(r0)
+                r1 = _fence(r1)
         if LOADS_FIRST:  # built after the loads were issued: generation overlaps their latency
             w00, w01, w10, w11 = _qk_w(x_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32)
         zero = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
@@ -151,6 +166,7 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
+        ROPE_FENCE: tl.constexpr,
     ):
         """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid).
         ``LOADS_FIRST`` (one tile per program): ``W`` is built per tile after its loads,
@@ -170,14 +186,14 @@ if triton is not None:
                     q_ptr, qo_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t, nq, Hq, S,
                     qb, qh, qs, qob, qoh, qos, cb, cs, scale,
                     D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
-                    LOADS_FIRST, ALIGN,
+                    LOADS_FIRST, ALIGN, ROPE_FENCE,
                 )
             else:
                 _qk_tile(
                     k_ptr, ko_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t - tq, nk, Hk, S,
                     kb, kh, ks, kob, koh, kos, cb, cs, scale,
                     D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
-                    LOADS_FIRST, ALIGN,
+                    LOADS_FIRST, ALIGN, ROPE_FENCE,
                 )
 
     # ints are not specialised (do_not_specialize, all < 2**31): only pointer alignment is
@@ -334,6 +350,9 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         "ROPE": cos is not None, "SYLVESTER": sylvester, "DOT_F32": dot_f32,
         "EMULATE_RTNE": INTERPRET and dtype is torch.bfloat16,
         "LOADS_FIRST": n_tiles <= grid,
+        # PTX fence after the RoPE (see _fence): CUDA, 16-bit tensor-core operands
+        "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
+        and torch.version.hip is None,
         "ALIGN": _align(q.element_size(), [
             st for t in (q, k, qo, ko) for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1
         ] + [cb, cs if s > 1 else 0]),

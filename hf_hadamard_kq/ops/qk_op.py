@@ -40,7 +40,15 @@ def _torch_pair(q, k, cos, sin, scale, matrix):
     return out[0], out[1]
 
 
-@torch.library.custom_op("hadamard_kq::rope_rotate_qk", mutates_args=())
+# flexible_layout: no exact-stride constraint on the inputs. Why: under the default constraint
+# inductor gave every layer's node its own copy of the shared (cheap, so not realized) RoPE
+# cos/sin table, one more kernel per two layers in a decode step; unconstrained, the table
+# is realized once (tests/test_traced.py). The kernel takes any strides (qk_supported is
+# checked again at run time; otherwise the torch implementation runs) and the outputs are
+# ``empty_like`` of the inputs inductor passes, as the fake's.
+@torch.library.custom_op(
+    "hadamard_kq::rope_rotate_qk", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
 def rope_rotate_qk(
     q: torch.Tensor,
     k: torch.Tensor,

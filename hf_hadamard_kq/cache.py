@@ -195,11 +195,11 @@ def key_rotation_pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple
     # is_dynamo_compiling, not is_compiling: the latter is True in every thread while any
     # thread compiles (torch 2.13), which would send eager calls down the wrong branch
     if torch.compiler.is_dynamo_compiling():
-        if spec.traced and fused_mod.wrapper_in_place(module):
+        if spec.traced and fused_mod.wrapper_in_place(spec.home):
             marked = _mark_cos(kwargs, MARKERS[slot])
     elif spec.fused:
         # the load probe checks the marked route in eager code
-        if fused_mod.MARK_EAGER and spec.traced and fused_mod.wrapper_in_place(module):
+        if fused_mod.MARK_EAGER and spec.traced and fused_mod.wrapper_in_place(spec.home):
             marked = _mark_cos(kwargs, MARKERS[slot])
         state = fused_mod.STATE
         state.armed = module if marked is None and fused_mod.FUSED_ATTR in module.__dict__ \

@@ -291,14 +291,13 @@ _PATCHED: dict[str, list] = {}
 _HOMES: dict[str, Any] = {}
 
 
-def wrapper_in_place(module: Any) -> bool:
-    """Whether the fused layer ``module``'s modeling module still calls our wrapper. The
-    marked route needs it (an original ``apply_rotary_pos_emb`` would return unmarked
-    tensors: the mismatch error); it is gone when a deep copy outlived the model that patched
-    the module, or when other code (e.g. a kernel library) replaced the function after
-    install."""
-    fused = module.__dict__.get(FUSED_ATTR)
-    home = None if fused is None else _HOMES.get(fused.home)
+def wrapper_in_place(home_name: Optional[str]) -> bool:
+    """Whether the modeling module ``home_name`` (a traced layer's ``LayerSpec.home``)
+    still calls our wrapper. The marked route needs it (an original ``apply_rotary_pos_emb``
+    would return unmarked tensors: the mismatch error); it is gone when a deep copy outlived
+    the model that patched the module, or when other code (e.g. a kernel library) replaced
+    the function after install."""
+    home = None if home_name is None else _HOMES.get(home_name)
     return home is not None and hasattr(home.apply_rotary_pos_emb, ORIGINAL_ATTR)
 
 

@@ -431,8 +431,10 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
 
 def _set_traced(module: nn.Module, traced: bool) -> None:
     spec = specs_mod.SPECS[module.__dict__[specs_mod.SLOT_ATTR]]
-    if spec.traced != traced:
-        specs_mod.attach(module, replace(spec, traced=traced))
+    fused = module.__dict__.get(fused_mod.FUSED_ATTR)
+    home = fused.home if traced and fused is not None else None
+    if spec.traced != traced or spec.home != home:
+        specs_mod.attach(module, replace(spec, traced=traced, home=home))
 
 
 def probe_marked(model: nn.Module) -> list[str]:

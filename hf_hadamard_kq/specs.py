@@ -107,7 +107,9 @@ class LayerSpec:
     path at install (whether it still has it is read per call). ``traced``: the load probe
     saw this module's q and k go through the *marked* route (fused.py, "Under
     torch.compile"): under torch.compile its pre-hook marks ``cos`` and its RoPE call rotates
-    q and k; the :data:`MARKERS` of its slot say so."""
+    q and k; the :data:`MARKERS` of its slot say so. ``home`` (``traced`` entries): the
+    modeling module whose ``apply_rotary_pos_emb`` the module calls, read by the pre-hook
+    from here rather than from the module so that it costs no guards per layer."""
 
     q: Optional[Rotation]
     k: Optional[Rotation]
@@ -116,6 +118,7 @@ class LayerSpec:
     kv_quant: bool = False
     fused: bool = False
     traced: bool = False
+    home: Optional[str] = None
 
 
 #: slot -> spec. Read by the hot path (cache.key_rotation_pre_hook, attention.py).
@@ -141,7 +144,7 @@ def _rotation_key(rotation: Optional[Rotation]) -> Optional[tuple]:
 
 def _spec_key(spec: LayerSpec) -> tuple:
     return (_rotation_key(spec.q), _rotation_key(spec.k), spec.kwarg_name, spec.arg_index,
-            spec.kv_quant, spec.fused, spec.traced)
+            spec.kv_quant, spec.fused, spec.traced, spec.home)
 
 
 def _acquire(spec: LayerSpec) -> int:

@@ -176,6 +176,32 @@ def test_row_plan_keys_name_every_constexpr():
     assert both, "no tiling had both LOADS_FIRST values: the check above proves nothing"
 
 
+def _constexpr_names(kernel) -> list[str]:
+    return [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rope", [True, False])
+def test_plan_constexprs_follow_the_kernel_signature(dtype, rope):
+    """The direct launch passes a plan's ``meta`` values by position (launch.py), so its keys
+    must be the kernel's constexprs in signature order (review, session 10: ``ROPE_FENCE``
+    was added to the fused kernel's plan before ``ALIGN``, to the signature after it). The
+    RoPE fence is asked for exactly with RoPE and 16-bit tensor-core operands on CUDA (never
+    under the interpreter or on ROCm: its PTX would not compile there)."""
+    from hf_hadamard_kq.ops import qk_kernel as qk
+
+    q = torch.empty(1, 4, 1, 128, dtype=dtype)
+    k = torch.empty(1, 2, 1, 128, dtype=dtype)
+    cos = torch.empty(1, 1, 128, dtype=dtype) if rope else None
+    meta = qk._make_plan(q, k, q, k, cos, 1.0, q).meta
+    assert list(meta) == _constexpr_names(qk._qk_kernel)
+    fence = rope and dtype is not torch.float32 and not qk.INTERPRET
+    assert meta["ROPE_FENCE"] == (fence and torch.version.hip is None)
+    x = torch.empty(16, 128, dtype=dtype)
+    rows = tk._rows_plan(x, x, dtype, 128, True, dtype is torch.float32, None)
+    assert list(rows.meta) == _constexpr_names(tk._rows_kernel)
+
+
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
 def test_qk_fast_closure_passes_the_direct_launch_arguments(monkeypatch, rope, explicit):

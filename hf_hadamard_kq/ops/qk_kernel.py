@@ -350,13 +350,13 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         "ROPE": cos is not None, "SYLVESTER": sylvester, "DOT_F32": dot_f32,
         "EMULATE_RTNE": INTERPRET and dtype is torch.bfloat16,
         "LOADS_FIRST": n_tiles <= grid,
-        # PTX fence after the RoPE (see _fence): CUDA, 16-bit tensor-core operands
-        "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
-        and torch.version.hip is None,
         "ALIGN": _align(q.element_size(), [
             st for t in (q, k, qo, ko) for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1
         ] + [cb, cs if s > 1 else 0]),
-    }
+        # PTX fence after the RoPE (see _fence): CUDA, 16-bit tensor-core operands
+        "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
+        and torch.version.hip is None,
+    }  # in the kernel's constexpr order: the direct launch passes the values by position
     scalars = (
         nq, nk, tq, n_tiles, hq, hk, s,
         qst[0], qst[1], qst[2], kst[0], kst[1], kst[2],

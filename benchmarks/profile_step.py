@@ -23,14 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_generate import build_model, set_rotation
 from transformers import DynamicCache
 
+from hf_hadamard_kq.research import cache_kwarg
+
 
 def step(model, prompt):
     """One prefill (filling a cache) and one single-token decode step."""
-    cache = DynamicCache(config=model.config)
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}  # 5.24 renamed it
     with torch.no_grad():
-        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(prompt, **cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
-        model(nxt, past_key_values=cache, use_cache=True)
+        model(nxt, **cache, use_cache=True)
     torch.cuda.synchronize()
 
 

@@ -259,15 +259,14 @@ def qk_supported(
     return True
 
 
-#: At most this many rows (heads x tokens) in the larger of q and k is a decode-sized call.
-DECODE_ROWS = SMALL_ROWS
-
 #: ``(decode, d) -> (BLOCK_M, num_warps)``, measured with benchmarks/tune_qk.py on an H100
 #: (session 7, benchmarks/results/tune_qk_h100_session7*.json; bf16, RoPE, 32 q + 8 kv heads,
 #: GPU time in a CUDA graph). Decode, d = 128: 3.18-3.36 us at 1-64 tokens and batch 1-32 with
 #: 2 warps (3.20-3.93 with 4); d = 64 and 256 keep 4. Prefill (512 and 4096 tokens): 64-row
-#: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Editing this at
-#: run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
+#: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Those times are
+#: from before the RoPE fence (``_fence``; session 10: 2.45-2.66 us at d = 128 decode with it,
+#: benchmarks/results/qk_fence_ab_h100_session10*.json); the tiling was not swept again.
+#: Editing this at run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
 TUNED_QK: dict[tuple[bool, int], tuple[int, int]] = {
     (True, 64): (16, 4),
     (True, 128): (16, 2),
@@ -283,7 +282,7 @@ def qk_config(d: int, rows: int) -> tuple[int, int]:
     """``(BLOCK_M, num_warps)`` for head dim ``d`` and ``rows`` rows in the larger tensor:
     :data:`TUNED_QK` where it has an entry; otherwise 16-row tiles with 4 warps for
     decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill."""
-    decode = rows <= DECODE_ROWS
+    decode = rows <= SMALL_ROWS  # the row kernel's decode-sized class (rows = heads x tokens)
     tuned = TUNED_QK.get((decode, d))
     if tuned is not None:
         return tuned

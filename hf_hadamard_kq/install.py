@@ -22,6 +22,7 @@ from . import fused as fused_mod
 from . import specs as specs_mod
 from .attention import EAGER_ATTR, model_eager_function
 from .plan import HadamardKQConfigError, LayerPlan, ModelPlan
+from .research import cache_kwarg
 from .specs import KV_QUANTIZER_ATTR, LayerSpec
 
 MODEL_PLAN_ATTR = "_hadamard_kq_model_plan"
@@ -490,15 +491,12 @@ def _probe_forwards(model: nn.Module, recorder: _Recorder) -> Iterator[bool]:
         recorder.events.clear()
         kwargs: dict[str, Any] = {"use_cache": use_cache}
         if use_cache:
-            kwargs[_model_cache_kwarg(model)] = DynamicCache(config=model.config)
+            kwargs[cache_kwarg(model)] = DynamicCache(config=model.config)
         with torch.no_grad():
             model(input_ids=input_ids, **kwargs)
         yield use_cache
 
 
-def _model_cache_kwarg(model: nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _input_device(model: nn.Module) -> torch.device:

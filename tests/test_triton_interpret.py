@@ -101,8 +101,10 @@ if not IN_INTERPRETER:
     AOT_QK = [
         (128, "bf16", None, True, 16),
         (128, "bf16", None, True, 64),
+        (128, "bf16", None, True, 32),  # the tuned prefill tiling (session 10)
         (256, "bf16", None, True, 16),
         (256, "bf16", None, True, 64),
+        (256, "bf16", None, True, 32),
         (64, "fp16", None, False, 128),
         (128, "bf16", "bf16", True, 64),
         (128, "bf16", "fp32", True, 64),

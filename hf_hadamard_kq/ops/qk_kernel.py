@@ -263,20 +263,19 @@ def qk_supported(
 #: (session 7, benchmarks/results/tune_qk_h100_session7*.json; bf16, RoPE, 32 q + 8 kv heads,
 #: GPU time in a CUDA graph). Decode, d = 128: 3.18-3.36 us at 1-64 tokens and batch 1-32 with
 #: 2 warps (3.20-3.93 with 4); d = 64 and 256 keep 4. Prefill (512 and 4096 tokens): 64-row
-#: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Those times are
-#: from before the RoPE fence (``_fence``; session 10: 2.45-2.66 us at d = 128 decode with it,
-#: benchmarks/results/qk_fence_ab_h100_session10*.json). A sweep after the fence (session 10,
-#: results/tune_qk_h100_session10_d*.json, one run, not applied: no GPU time was left to test
-#: it) found decode unchanged and faster prefill tilings: d = 128 32 rows, 4 warps (5.74 / 42.2
-#: us at 512 / 4096 tokens vs 6.52 / 47.5), d = 256 32 rows, 2 warps (12.6 / 83.5 vs 18.6 /
-#: 81.2). Editing this at run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
+#: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Swept again
+#: after the RoPE fence (``_fence``; session 10, benchmarks/results/tune_qk_h100_session10_d*
+#: .json, one run): decode unchanged (d = 128: 2.49-2.64 us; 8 warps 0.1 us faster at 1-16
+#: tokens, 0.4 slower at 64); prefill d = 128 now 32-row tiles (5.74 / 42.2 us at 512 / 4096
+#: tokens vs 6.52 / 47.5 with 64), d = 256 32 rows and 2 warps (12.6 / 83.5 us vs 18.6 / 81.2).
+#: Editing this at run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
 TUNED_QK: dict[tuple[bool, int], tuple[int, int]] = {
     (True, 64): (16, 4),
     (True, 128): (16, 2),
     (True, 256): (16, 4),
     (False, 64): (64, 4),
-    (False, 128): (64, 4),
-    (False, 256): (64, 4),
+    (False, 128): (32, 4),
+    (False, 256): (32, 2),
 }
 
 

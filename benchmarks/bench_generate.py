@@ -25,6 +25,9 @@ attn_implementation="hadamard_kq"``, and the sdpa baseline is the same sharded m
 reports (its wall time; the ranks run in lockstep through the all-reduces) and writes
 ``bench_generate_tp{N}.json``. ``--device cpu --tiny`` runs the same code on CPU (gloo) with a
 tiny model, to check the script, not to measure.
+
+Order matters at the 0.5 % level with ``--two-models``: see ``--first`` and
+``benchmarks/bench_balanced.py``.
 """
 
 from __future__ import annotations
@@ -189,10 +192,12 @@ def main(argv=None) -> None:
                              "run: both labels are plain sdpa), to measure what the method "
                              "itself does to the ratio")
     parser.add_argument("--first", choices=["sdpa", "hadamard_kq"], default="sdpa",
-                        help="which label warms up (and, in static mode, compiles) first; the "
-                             "timed runs alternate either way. Static mode with --two-models "
-                             "keeps two compiled models in one process: swapping this shows "
-                             "whether being compiled second costs a label anything")
+                        help="which label warms up (and, in static mode, compiles) first, "
+                             "and with --two-models whose copy is built first; the timed runs "
+                             "alternate either way. Static mode with --two-models keeps two "
+                             "compiled models in one process, and the second-built, "
+                             "second-compiled copy runs slower even when both are plain sdpa: "
+                             "benchmarks/bench_balanced.py runs both orders")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")
@@ -220,10 +225,14 @@ def main(argv=None) -> None:
         args.layers, args.device, args.tiny)
     rotated = None
     if args.two_models:
-        rotated = build_model(args.layers, args.device, args.tiny)
-        for a, b in zip(model.state_dict().values(), rotated.state_dict().values()):
+        # the copy built first is --first's: with two compiled copies in one process, the
+        # copy built second and the copy compiled second each measured ~0.5 % slower in A/A
+        # runs (BENCHMARKS.md, session 10), so bench_balanced.py runs both orders
+        second = build_model(args.layers, args.device, args.tiny)
+        for a, b in zip(model.state_dict().values(), second.state_dict().values()):
             if not torch.equal(a, b):
                 raise SystemExit("--two-models: the two copies differ; cannot compare them")
+        model, rotated = (model, second) if args.first == "sdpa" else (second, model)
         if not args.control:
             hf_hadamard_kq.apply_r3(rotated)
 

@@ -491,6 +491,73 @@ else:
         out = tk.hadamard_triton(x, 0.5, None, block)
         assert_matches(out, x, block, None, 0.5)
 
+    def _permuted(perm: tuple[int, ...], shape: tuple[int, ...], d: int, seed: int):
+        """A dense tensor of logical shape ``shape + (d,)`` whose memory order is ``perm``
+        (a permutation of the leading dims): what a model's ``.view(...).transpose(...)``
+        gives."""
+        mem_shape = tuple(shape[i] for i in perm) + (d,)
+        base = rand(*mem_shape, dtype=torch.float16, seed=seed)
+        inverse = [perm.index(i) for i in range(len(perm))] + [len(perm)]
+        return base.permute(*inverse)
+
+    def test_dense_layout_addresses_the_output_in_memory_order() -> None:
+        """Which inputs are read in memory order (STRIDED_OUT), and the output offsets of
+        their rows: the decode/prefill projection view, other dense permutations; None for
+        contiguous, gapped, overlapping or broadcast inputs and a strided last dim."""
+        x = rand(2, 5, 3, 64, dtype=torch.float16).transpose(1, 2)  # (B, S, H, d) -> (B, H, S, d)
+        layout = tk._dense_layout(x)
+        # memory order (b, s, h); the contiguous output's strides are (3*5*64, 5*64, 64)
+        assert type(layout) is tk._OutRows and tuple(layout) == (5, 3, 3 * 5 * 64, 64, 5 * 64)
+        one_token = rand(1, 1, 32, 128, dtype=torch.float16).transpose(1, 2)  # decode, T = 1
+        assert tk._dense_layout(one_token) is None  # size-1 dims: effectively contiguous
+        for not_dense in ("last_dim_slice", "three_levels", "four_levels", "last_dim_strided",
+                          "expanded"):
+            assert tk._dense_layout(_views(torch.float16, 64)[not_dense]) is None, not_dense
+        assert tk._dense_layout(rand(4, 64, dtype=torch.float16)) is None
+        # four leading dims in an order that does not collapse to three
+        assert tk._dense_layout(_permuted((3, 1, 0, 2), (2, 3, 4, 5), 16, 0)) is None
+
+    @pytest.mark.parametrize("block", [16, 64, 512])
+    @pytest.mark.parametrize(
+        "perm,shape",
+        [((0, 2, 1), (2, 5, 3)), ((1, 0), (3, 7)), ((2, 0, 1), (3, 4, 5)),
+         ((0, 2, 1, 3), (2, 3, 4, 1))],
+    )
+    def test_dense_permuted_input_read_in_memory_order(perm, shape, block: int,
+                                                       monkeypatch) -> None:
+        """Dense inputs whose memory order is a permutation of their dims take the
+        STRIDED_OUT form (x read flat, output rows scattered): the float64 rotation, bit for
+        bit the contiguous path's result, a contiguous output, x untouched; also with int64
+        offsets (WIDE, forced) and through the two-pass path (block 512)."""
+        d = max(block, 64)
+        x = _permuted(perm, shape, d, seed=block + len(shape))
+        layout = tk._dense_layout(x)
+        assert not x.is_contiguous() and type(layout) is tk._OutRows
+        plan = tk._rows_plan(x, x, x.dtype, min(block, tk.MAX_ONE_PASS), True, False, layout)
+        assert plan.meta["STRIDED"] and plan.meta["STRIDED_OUT"]
+        before = x.clone()
+        ref = tk.hadamard_triton(x.contiguous(), block**-0.5, None, block)
+        for wide in (False, True):
+            if wide:
+                monkeypatch.setattr(tk, "_WIDE_OFFSETS", 0)
+            monkeypatch.setattr(tk, "_ROW_PLANS", {})
+            out = tk.hadamard_triton(x, block**-0.5, None, block)
+            assert out.is_contiguous() and torch.equal(x, before)
+            assert_matches(out, x, block, None, block**-0.5)
+            assert torch.equal(out, ref)
+
+    def test_dense_permuted_input_with_an_explicit_matrix() -> None:
+        """The explicit-matrix kernel forms (a resident W, and W wider than 128 in sub-tiles)
+        read a transposed input in memory order too, exactly."""
+        for block in (96, 160):
+            g = torch.Generator().manual_seed(block)
+            w = torch.randn(block, block, generator=g)
+            x = rand(2, 5, 3, block, dtype=torch.float16, seed=block).transpose(1, 2)
+            assert type(tk._dense_layout(x)) is tk._OutRows
+            out = tk.hadamard_triton(x, 0.5, w, block)
+            assert_matches(out, x, block, w, 0.5)
+            assert torch.equal(out, tk.hadamard_triton(x.contiguous(), 0.5, w, block))
+
     @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
     @pytest.mark.parametrize("block", [4, 16, 80, 96, 160, 256])
     @pytest.mark.parametrize("scale", [1.0, 0.3, None])

@@ -395,6 +395,7 @@ if _HAS_TRITON:
         LOG2N: tl.constexpr,
         SYLVESTER: tl.constexpr,
         STRIDED: tl.constexpr,
+        STRIDED_OUT: tl.constexpr,
         SPLIT2: tl.constexpr,
         SPLIT4: tl.constexpr,
         LOADS_FIRST: tl.constexpr,
@@ -410,6 +411,12 @@ if _HAS_TRITON:
         mode: chunk ``r`` is chunk ``c = r % chunks_per_row`` of the row
         ``q = r // chunks_per_row = (i0*n1 + i1)*n2 + i2``, at ``i0*s0 + i1*s1 + i2*s2 + c*N``
         in ``x`` (int32 offsets unless ``WIDE``: the largest offset needs int64).
+        ``STRIDED_OUT`` (with ``STRIDED``): the same decomposition addresses ``out`` instead,
+        and ``x`` is read flat: for a dense ``x`` whose memory order is not its logical order
+        (the projection's ``(B, S, H, D).transpose(1, 2)`` view), chunks are taken in memory
+        order, so each tile's loads are one contiguous block and its stores are scattered
+        (measured faster at decode sizes than scattered loads: a load's latency is on the
+        tile's critical path, a store's is not).
         ``LOADS_FIRST`` (every program has exactly one tile): build the resident ``W`` after
         issuing the tile's loads instead of before the loop, so that the matrix generation
         overlaps the load latency (decode-sized calls are latency-bound).
@@ -442,8 +449,14 @@ if _HAS_TRITON:
                     i0 = i0.to(tl.int64)
                     i1 = i1.to(tl.int64)
                     i2 = i2.to(tl.int64)
-                x_row = i0 * s0 + i1 * s1 + i2 * s2 + c * N
-                x_tile = x_ptr
+                if STRIDED_OUT:  # x flat (memory order), out at the decomposed offsets
+                    x_row = o_row
+                    x_tile = x_ptr + start
+                    o_row = i0 * s0 + i1 * s1 + i2 * s2 + c * N
+                    o_ptr = out_ptr
+                else:
+                    x_row = i0 * s0 + i1 * s1 + i2 * s2 + c * N
+                    x_tile = x_ptr
             else:
                 x_row = o_row
                 x_tile = x_ptr + start
@@ -586,6 +599,58 @@ def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int, int] | None:
     return n1, n2, s0, s1, s2
 
 
+class _OutRows(tuple):
+    """A :func:`_row_layout`-style ``(n1, n2, s0, s1, s2)`` that addresses the *output*'s rows
+    in ``x``'s memory order (the kernel's ``STRIDED_OUT``: x is read flat); see
+    :func:`_dense_layout`."""
+
+    __slots__ = ()
+
+
+def _dense_layout(x: torch.Tensor) -> _OutRows | None:
+    """For a dense ``x`` (no gaps, no overlap, last dim innermost) whose memory order differs
+    from its logical order: where each of its rows, taken in memory order, goes in the
+    contiguous output, as :class:`_OutRows`; None otherwise (contiguous, or not dense: then
+    :func:`_row_layout` addresses x instead).
+
+    Why: reading such an x through its strides (the projection's ``(B, S, H, D).transpose(1,
+    2)`` view at decode) makes every tile load scattered rows, and a load's latency is on the
+    tile's critical path; reading x in memory order makes each tile's loads one contiguous
+    block and scatters the stores instead (H100, decode, d = 128: 2.00 vs 2.15 us at 64
+    tokens with contiguous stores, benchmarks/results/decode_layout_h100_session11_call3.json).
+    """
+    d = x.shape[-1]
+    if x.stride(-1) != 1 and d != 1:
+        return None
+    out_strides = []
+    step = d
+    for sz in reversed(x.shape[:-1]):  # the contiguous output's strides
+        out_strides.append(step)
+        step *= sz
+    out_strides.reverse()
+    dims = sorted(((st, sz, ost) for sz, st, ost in zip(x.shape[:-1], x.stride()[:-1],
+                                                         out_strides) if sz != 1), reverse=True)
+    expect = d  # dense: strides, innermost first, are the running products of the sizes
+    for st, sz, _ in reversed(dims):
+        if st != expect:
+            return None
+        expect *= sz
+    merged: list[tuple[int, int]] = []  # (size, out stride), memory order, collapsed
+    for _, sz, ost in dims:
+        if merged and merged[-1][1] == ost * sz:
+            merged[-1] = (merged[-1][0] * sz, ost)
+        else:
+            merged.append((sz, ost))
+    if len(merged) <= 1:  # memory order is the logical order: x is (effectively) contiguous
+        return None
+    if len(merged) > 3:
+        return None
+    while len(merged) < 3:
+        merged.insert(0, (1, 0))
+    (_, s0), (n1, s1), (n2, s2) = merged
+    return _OutRows((n1, n2, s0, s1, s2))
+
+
 _FLAT = None  # layout marker: x is contiguous
 #: Strided offsets at or above this use int64 index math (a knob so tests can force it).
 _WIDE_OFFSETS = 2**31
@@ -614,9 +679,10 @@ def _rows_plan(
 ) -> _RowsPlan:
     numel = x.numel()
     strided = layout is not None
+    strided_out = type(layout) is _OutRows
     n1, n2, s0, s1, s2 = layout if strided else (1, 1, 0, 0, 0)
     wide = False
-    if strided:  # int64 index math only when an offset into x can reach 2**31
+    if strided:  # int64 index math only when an offset into x (or out) can reach 2**31
         d = x.shape[-1]
         n0 = numel // (d * n1 * n2)
         wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
@@ -628,7 +694,8 @@ def _rows_plan(
     scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2)
     meta = dict(
         N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
-        STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2, SPLIT4=sylvester and cfg.nb == 4,
+        STRIDED=strided, STRIDED_OUT=strided_out, SPLIT2=sylvester and cfg.nb == 2,
+        SPLIT4=sylvester and cfg.nb == 4,
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
     )  # fmt: skip
@@ -857,7 +924,7 @@ def _dispatch(
     dot_f32: bool,
 ) -> None:
     contiguous = x.is_contiguous()
-    layout = _FLAT if contiguous else _row_layout(x)
+    layout = _FLAT if contiguous else (_dense_layout(x) or _row_layout(x))
     if layout is None and not contiguous:  # no strided form: copy, never planned by layout
         _run(x.contiguous(), out, w, scale, block, sylvester, dot_f32, _FLAT)
         return

@@ -62,7 +62,8 @@ def combine(runs: list[tuple[str, dict]]) -> list[dict]:
             entry = table.setdefault(key, {"mode": row["mode"], "batch": row["batch"],
                                            "runs": []})
             entry["runs"].append({"first": first, **{k: row.get(k) for k in (
-                *RATIOS, "error", "sdpa_tok_s", "hadamard_kq_tok_s")}})
+                *RATIOS, "error", "sdpa_tok_s", "hadamard_kq_tok_s", "sdpa_prefill_ms",
+                "hadamard_kq_prefill_ms", "sdpa_samples", "hadamard_kq_samples")}})
     out = []
     for entry in table.values():
         errors = [r["error"] for r in entry["runs"] if r.get("error")]
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print({k: v for k, v in row.items() if k != "runs"}, flush=True)
         for run in row["runs"]:
-            print("   ", run, flush=True)
+            print("   ", {k: v for k, v in run.items() if not k.endswith("_samples")}, flush=True)
 
 
 if __name__ == "__main__":

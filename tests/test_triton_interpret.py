@@ -81,7 +81,8 @@ if not IN_INTERPRETER:
 
     # Ahead-of-time compilation for an H100 (sm_90) without a GPU: catches kernels that the
     # interpreter accepts but the compiler rejects, shared-memory overflows and register
-    # spills. (rows kernel cases: n, x dtype, W dtype or None for Sylvester, strided, wide.)
+    # spills. (rows kernel cases: n, x dtype, W dtype or None for Sylvester, strided -- False,
+    # True (x through its strides) or "out" (x in memory order, STRIDED_OUT) --, wide.)
     AOT_ROWS = [
         (16, "bf16", None, False, False),
         (64, "bf16", None, False, False),
@@ -90,6 +91,8 @@ if not IN_INTERPRETER:
         (128, "fp16", "fp16", False, False),
         (256, "bf16", None, True, False),
         (128, "bf16", None, True, True),
+        (128, "bf16", None, "out", False),
+        (256, "bf16", None, "out", True),
         (8, "fp32", None, False, False),
         (96, "bf16", "fp32", False, False),
         (256, "fp32", "fp32", False, False),
@@ -222,7 +225,8 @@ if not IN_INTERPRETER:
                     sig.update(s0="i64", s1="i64", s2="i64")
                 const = dict(
                     N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
-                    SYLVESTER=sylvester, STRIDED=strided, SPLIT2=sylvester and cfg.nb == 2,
+                    SYLVESTER=sylvester, STRIDED=bool(strided), STRIDED_OUT=strided == "out",
+                    SPLIT2=sylvester and cfg.nb == 2,
                     SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
                     WIDE=wide, DOT_F32=dot_f32,
                     EMULATE_RTNE=False,
@@ -508,6 +512,9 @@ else:
         layout = tk._dense_layout(x)
         # memory order (b, s, h); the contiguous output's strides are (3*5*64, 5*64, 64)
         assert type(layout) is tk._OutRows and tuple(layout) == (5, 3, 3 * 5 * 64, 64, 5 * 64)
+        # never equal to the plain tuple that would address x with the same values
+        assert layout != tuple(layout) and hash(layout) != hash(tuple(layout))
+        assert layout == tk._OutRows(tuple(layout))
         one_token = rand(1, 1, 32, 128, dtype=torch.float16).transpose(1, 2)  # decode, T = 1
         assert tk._dense_layout(one_token) is None  # size-1 dims: effectively contiguous
         for not_dense in ("last_dim_slice", "three_levels", "four_levels", "last_dim_strided",

@@ -602,9 +602,19 @@ def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int, int] | None:
 class _OutRows(tuple):
     """A :func:`_row_layout`-style ``(n1, n2, s0, s1, s2)`` that addresses the *output*'s rows
     in ``x``'s memory order (the kernel's ``STRIDED_OUT``: x is read flat); see
-    :func:`_dense_layout`."""
+    :func:`_dense_layout`. Never equal to a plain tuple of the same values (which addresses
+    x instead), so the two cannot be confused by a cache keyed on layouts."""
 
     __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _OutRows and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((_OutRows, tuple(self)))
 
 
 def _dense_layout(x: torch.Tensor) -> _OutRows | None:

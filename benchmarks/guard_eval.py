@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LABELS = ("sdpa", "hadamard_kq")
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import torch
+    from dynamo_overhead import first_outputs  # the graph is not run: guards are measured
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -49,16 +51,6 @@ def main(argv: list[str] | None = None) -> None:
                       num_hidden_layers=args.layers, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
     torch.set_grad_enabled(False)
-
-    def first_outputs(gm, example_inputs):  # the guards are what is measured, not the graph
-        first = []
-
-        def run(*inputs):
-            if not first:
-                first.append(gm.forward(*inputs))
-            return first[0]
-
-        return run
 
     models = {}
     for label in LABELS:

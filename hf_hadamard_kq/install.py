@@ -497,8 +497,6 @@ def _probe_forwards(model: nn.Module, recorder: _Recorder) -> Iterator[bool]:
         yield use_cache
 
 
-
-
 def _input_device(model: nn.Module) -> torch.device:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is not None and getattr(embed, "weight", None) is not None:

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -583,14 +584,26 @@ def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int, int] | None:
     """
     if x.stride(-1) != 1 and x.shape[-1] != 1:
         return None
+    return _three_levels(_collapse(zip(x.shape[:-1], x.stride()[:-1])))
+
+
+def _collapse(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(size, stride)`` pairs, outermost first, without size-1 dims and with each pair
+    merged into its outer neighbour where the two address memory as one dim."""
     dims: list[tuple[int, int]] = []
-    for sz, st in zip(x.shape[:-1], x.stride()[:-1]):
+    for sz, st in pairs:
         if sz == 1:
             continue
         if dims and dims[-1][1] == st * sz:
             dims[-1] = (dims[-1][0] * sz, st)
         else:
             dims.append((sz, st))
+    return dims
+
+
+def _three_levels(dims: list[tuple[int, int]]) -> tuple[int, int, int, int, int] | None:
+    """The kernel's ``(n1, n2, s0, s1, s2)`` for collapsed dims (:func:`_collapse`, padded
+    in place with outer size-1 levels); None when there are more than three."""
     if len(dims) > 3:
         return None
     while len(dims) < 3:
@@ -645,20 +658,11 @@ def _dense_layout(x: torch.Tensor) -> _OutRows | None:
         if st != expect:
             return None
         expect *= sz
-    merged: list[tuple[int, int]] = []  # (size, out stride), memory order, collapsed
-    for _, sz, ost in dims:
-        if merged and merged[-1][1] == ost * sz:
-            merged[-1] = (merged[-1][0] * sz, ost)
-        else:
-            merged.append((sz, ost))
+    merged = _collapse((sz, ost) for _, sz, ost in dims)  # (size, out stride), memory order
     if len(merged) <= 1:  # memory order is the logical order: x is (effectively) contiguous
         return None
-    if len(merged) > 3:
-        return None
-    while len(merged) < 3:
-        merged.insert(0, (1, 0))
-    (_, s0), (n1, s1), (n2, s2) = merged
-    return _OutRows((n1, n2, s0, s1, s2))
+    levels = _three_levels(merged)
+    return None if levels is None else _OutRows(levels)
 
 
 _FLAT = None  # layout marker: x is contiguous

@@ -8,7 +8,8 @@ layer pays for RoPE and both rotations (issue 6, targets 2 and 3).
 For Llama-3-8B heads (32 q, 8 kv) and each ``d`` in ``--d``, shapes (batch, tokens):
 decode ``(1, 1)``, ``(1, 16)``, ``(1, 64)``, ``(8, 1)``, ``(32, 1)`` and prefill ``(1, 512)``,
 ``(1, 4096)``, the q/k views of the projections ``(B, S, H, d).transpose(1, 2)`` with RoPE
-(bf16). Every ``(BLOCK_M, num_warps)`` in ``--block-m`` x ``--warps`` is timed inside a CUDA
+(bf16). Every ``(BLOCK_M, num_warps, num_stages)`` in ``--block-m`` x ``--warps`` x
+``--stages`` is timed inside a CUDA
 graph of 100 calls (bench_op's ``graph_us``) next to ``torch.clone`` of q and k (the data
 movement floor, two kernels) and transformers' own eager RoPE, and checked against a float64
 reference: RoPE rounded once to bf16, then the Sylvester product (``err_vs_floor``: max error
@@ -92,6 +93,8 @@ def main(argv=None) -> None:
     p.add_argument("--d", type=int, nargs="+", default=[128])
     p.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--stages", type=int, nargs="+", default=[3],
+                   help="triton pipelining depths (3: its default; 1: no pipelining)")
     p.add_argument("--shapes", nargs="+", default=None,
                    help="(batch, tokens) pairs as B,S (default: the list above)")
     p.add_argument("--interpret", action="store_true")
@@ -115,8 +118,9 @@ def main(argv=None) -> None:
         if not args.interpret:
             shape["clone_qk_us"] = round(graph_us(lambda t=qkcs: (t[0].clone(), t[1].clone())), 3)
             shape["rope_eager_us"] = round(graph_us(lambda t=qkcs: rope(*t)), 3)
-        for cfg in itertools.product(args.block_m, args.warps):
-            row = dict(shape, block_m=cfg[0], num_warps=cfg[1], default=cfg == default)
+        for cfg in itertools.product(args.block_m, args.warps, args.stages):
+            row = dict(shape, block_m=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
+                       default=cfg == default)
             try:
                 qo, ko = run_config(q, k, cos, sin, cfg)
                 row["err_vs_floor"] = round(max(err_vs_floor(qo, q, cos, sin),

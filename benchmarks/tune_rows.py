@@ -8,7 +8,8 @@ and the row kernel under every combination of
 * ``bn``: a resident ``H_d`` or the SPLIT2 / SPLIT4 forms (``H_d = H_2 ⊗ H_{d/2}``,
   ``H_4 ⊗ H_{d/4}``; ``bn = d / 2``, ``d / 4``),
 * ``BLOCK_M`` (tile rows) and ``num_warps`` -- each (bn, BLOCK_M, warps) is one compiled kernel,
-* programs per SM of the persistent grid (``0`` = one program per tile, not persistent).
+* programs per SM of the persistent grid (``0`` = one program per tile, not persistent),
+* ``--stages``: triton's software-pipelining depth (1 = none; 3 = triton's default).
 
 Decode (target 2: <= 2 us of GPU time in a CUDA graph): the query view ``(1, 32, T, d)`` of
 the projection for ``T`` in ``--decode-tokens``, GPU time per call inside a CUDA graph of 100
@@ -54,15 +55,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_ERR_VS_FLOOR = 1.05
 
 
-def configs(n: int, small: bool, block_ms, warps, programs_per_sm):
+def configs(n: int, small: bool, block_ms, warps, programs_per_sm, stages=(3,)):
     """(RowsConfig candidate, default RowsConfig) for a Sylvester block ``n`` with 16-bit
     operands: a resident ``H_n`` (n <= 128), or the SPLIT2 / SPLIT4 forms ``bn = n / 2``,
     ``n / 4`` (bn >= 16)."""
     default = tk.rows_config.__wrapped__(n, False, True, small)
     np2 = max(16, n)
     bns = [b for b in (np2, np2 // 2, np2 // 4) if 16 <= b <= 128]
-    for bn, block_m, num_warps, pps in itertools.product(bns, block_ms, warps, programs_per_sm):
-        yield tk.RowsConfig(bn, np2 // bn, block_m, num_warps, default.log2n, pps), default
+    for bn, block_m, num_warps, pps, st in itertools.product(bns, block_ms, warps,
+                                                            programs_per_sm, stages):
+        yield tk.RowsConfig(bn, np2 // bn, block_m, num_warps, default.log2n, pps, st), default
 
 
 def run_config(x: torch.Tensor, n: int, cfg) -> torch.Tensor:
@@ -96,6 +98,10 @@ def main(argv=None) -> None:
     p.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    p.add_argument("--stages", type=int, nargs="+", default=[3],
+                   help="triton pipelining depths (3: its default; 1: no pipelining)")
+    p.add_argument("--bn", type=int, nargs="*", default=None,
+                   help="only these sub-tile widths (default: every form)")
     p.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 16, 64],
                    help="decode sweep: (1, 32, T, d) query views, CUDA-graph time; [] to skip")
     p.add_argument("--min-mib", type=float, default=4.0)
@@ -115,13 +121,22 @@ def main(argv=None) -> None:
         shapes = [(t, h, d) for d in args.d for h in args.heads for t in args.tokens]
     rows, best = [], {}
 
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=__import__("triton").__version__)
+        (args.out / "tune_rows.json").write_text(json.dumps(
+            dict(env=env, rows=rows, best=list(best.values())), indent=1))
+
     def sweep(x: torch.Tensor, shape: dict, d: int, small: bool, time_fn, base_us) -> None:
         """Every candidate on ``x``: error vs float64, and (GPU) time vs the baseline."""
         pps_list = [0] if small else args.programs_per_sm  # a decode call is 1-2 tiles
         block_ms = [b for b in args.block_m if not small or b <= 64]
-        for cfg, default in configs(d, small, block_ms, args.warps, pps_list):
+        for cfg, default in configs(d, small, block_ms, args.warps, pps_list, args.stages):
+            if args.bn and cfg.bn not in args.bn:
+                continue
             row = dict(shape, bn=cfg.bn, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                       programs_per_sm=cfg.programs_per_sm,
+                       programs_per_sm=cfg.programs_per_sm, num_stages=cfg.num_stages,
                        default=cfg._replace(programs_per_sm=0) == default._replace(
                            programs_per_sm=0) and (small or cfg == default))
             try:
@@ -142,6 +157,7 @@ def main(argv=None) -> None:
             if not ok:
                 print("NOT OK", row, flush=True)
         if time_fn is not None:
+            save()  # after every shape: a run cut short keeps what it has
             dflt = [r for r in rows if r["default"] and r.get("pct_base") and all(
                 r[k] == v for k, v in shape.items())]
             print(shape, "base", round(base_us, 3), "us; default",
@@ -171,11 +187,7 @@ def main(argv=None) -> None:
     if args.interpret:
         print(f"{len(rows)} configurations checked under the interpreter, {len(bad)} not ok")
         raise SystemExit(1 if bad else 0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-               triton=__import__("triton").__version__)
-    (args.out / "tune_rows.json").write_text(json.dumps(
-        dict(env=env, rows=rows, best=list(best.values())), indent=1))
+    save()
 
 
 if __name__ == "__main__":

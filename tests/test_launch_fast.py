@@ -159,9 +159,9 @@ def test_hadamard_apply_uses_fast_entries_only_for_cuda_tensors(monkeypatch):
 
 def test_row_plan_keys_name_every_constexpr():
     """The launcher reuses the kernel compiled for a key: two plans with one key must launch
-    the same specialisation (constexprs and warps). ``LOADS_FIRST`` depends on the grid, not
-    only on the tiling (it was missing from the key: a later call reused the first call's
-    value -- the same result, the other build order)."""
+    the same specialisation (constexprs, warps and pipelining depth). ``LOADS_FIRST``
+    depends on the grid, not only on the tiling (it was missing from the key: a later call
+    reused the first call's value -- the same result, the other build order)."""
     seen: dict = {}
     loads_first = set()
     for rows in (1, 16, 300, 2049, 9000, 40000):
@@ -169,7 +169,7 @@ def test_row_plan_keys_name_every_constexpr():
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 x = torch.empty(rows, d, dtype=dtype)
                 plan = tk._rows_plan(x, x, dtype, d, True, dtype is torch.float32, None)
-                spec = (tuple(plan.meta.items()), plan.num_warps)
+                spec = (tuple(plan.meta.items()), plan.num_warps, plan.num_stages)
                 assert seen.setdefault(plan.key, spec) == spec, (rows, d, dtype)
                 loads_first.add((d, dtype, plan.meta["LOADS_FIRST"]))
     both = {(d, t) for d, t, v in loads_first if (d, t, not v) in loads_first}
@@ -246,7 +246,7 @@ def test_qk_fast_closure_passes_the_direct_launch_arguments(monkeypatch, rope, e
     ref_out = (torch.empty_like(q), torch.empty_like(k))
     launcher.launch(plan.grid, plan.key, -1,
                     (q, k, *ref_out, *((cos, sin) if rope else (q, q)), w),
-                    plan.scalars, plan.meta, plan.num_warps)
+                    plan.scalars, plan.meta, plan.num_warps, None, plan.num_stages)
     direct = calls[2]
     outs = slice(FIRST_ARG + 2, FIRST_ARG + 4)
     assert got[:outs.start] == direct[:outs.start] and got[outs.stop:] == direct[outs.stop:]

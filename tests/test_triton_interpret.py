@@ -116,7 +116,7 @@ if not IN_INTERPRETER:
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
     def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int,
-                     aligned_ptrs: bool = False):
+                     aligned_ptrs: bool = False, stages: int = 3):
         """``aligned_ptrs``: pointer arguments specialised as 16-byte aligned, as triton does
         at run time for aligned tensors."""
         compiler = pytest.importorskip("triton.compiler")
@@ -132,10 +132,11 @@ if not IN_INTERPRETER:
                  if aligned_ptrs and full[name].startswith("*")}
         src = compiler.ASTSource(fn, full, const, attrs=attrs)
         target = backend.GPUTarget("cuda", 90, 32)
-        return triton.compile(src, target=target, options={"num_warps": warps})
+        return triton.compile(src, target=target,
+                              options={"num_warps": warps, "num_stages": stages})
 
     def _aot_qk(d: int, xdt: str, wdt: str | None, block_m: int, loads_first: bool, align: int,
-                warps: int, rope: bool, fence: bool):
+                warps: int, rope: bool, fence: bool, stages: int = 3):
         """The fused Q/K kernel compiled for sm_90 with these constexprs (aligned pointers)."""
         from hf_hadamard_kq.ops import qk_kernel
 
@@ -147,7 +148,8 @@ if not IN_INTERPRETER:
             SYLVESTER=wdt is None, DOT_F32=xdt == "fp32" or wdt == "fp32", EMULATE_RTNE=False,
             LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence,
         )  # fmt: skip
-        return _aot_compile(qk_kernel._qk_kernel, sig, const, warps, aligned_ptrs=True)
+        return _aot_compile(qk_kernel._qk_kernel, sig, const, warps, aligned_ptrs=True,
+                            stages=stages)
 
     def _local_bytes(cubin: bytes) -> int | None:
         """Spill (local memory) bytes per thread, from the bundled cuobjdump, if present."""
@@ -231,7 +233,8 @@ if not IN_INTERPRETER:
                     WIDE=wide, DOT_F32=dot_f32,
                     EMULATE_RTNE=False,
                 )  # fmt: skip
-                k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps)
+                k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps,
+                                 stages=cfg.num_stages)
                 results.append((f"rows n={n} {xdt} W={wdt} strided={strided} {cfg} "
                                 f"loads_first={loads_first}", k))
         for m, odt in AOT_MID:
@@ -246,16 +249,16 @@ if not IN_INTERPRETER:
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             unit = 16 // (4 if xdt == "fp32" else 2)
             tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20)
-            warps = tuned[1] if tuned[0] == block_m else 4
+            warps, stages = tuned[1:] if tuned[0] == block_m else (4, 3)
             # the tuned launch (W built after the loads, 16-byte rows), and for the first case
             # also W before the loop with unaligned rows
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt) == (128, "bf16")
                                                 and block_m == 16 else [])
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
-                k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence)
+                k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages)
                 name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
-                        f"loads_first={loads_first} align={align} warps={nw}")
+                        f"loads_first={loads_first} align={align} warps={nw} stages={stages}")
                 results.append((name, k))
                 # ALIGN is what lets the compiler use 16-byte accesses (the strides are not
                 # specialised): without it every element is a separate 2- or 4-byte access
@@ -266,7 +269,7 @@ if not IN_INTERPRETER:
                     # barriers as the same kernel without RoPE (without the fence triton
                     # converted the six RoPE inputs, measured 44 vs 20 at d = 128)
                     unfenced, no_rope = (
-                        _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False)
+                        _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False, stages)
                         .asm["ptx"].count("bar.sync") for r in (True, False))
                     fenced = k.asm["ptx"].count("bar.sync")
                     assert fenced <= no_rope, (name, fenced, no_rope)
@@ -711,16 +714,20 @@ else:
         small = rows * 6 <= tk.SMALL_ROWS  # x below has rows * 3 * 2 chunks of n
         # one program per tile (small), or the persistent loop: 4 interpreter programs (large)
         pps = 0 if small else 1
-        monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (bn, 16, 4, pps))
+        stages = 1 if small else 3  # pipelining depth: carried to the launch (the
+        # interpreter itself ignores it)
+        monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (bn, 16, 4, pps, stages))
         tk.rows_config.cache_clear()
         try:
             cfg = tk.rows_config(n, False, True, small)
-            assert (cfg.bn, cfg.nb, cfg.programs_per_sm) == (bn, n // bn, pps)
+            assert (cfg.bn, cfg.nb, cfg.programs_per_sm, cfg.num_stages) == (
+                bn, n // bn, pps, stages)
             x = rand(rows, 3, 2 * n, dtype=torch.float16, seed=n + rows) * 3
             for view in (x, x.transpose(0, 1)):
                 layout = None if view.is_contiguous() else tk._row_layout(view)
                 plan = tk._rows_plan(view, view, view.dtype, n, True, False, layout)
-                assert (plan.meta["BN"], plan.meta["BLOCK_M"]) == (bn, 16)  # the entry is used
+                assert (plan.meta["BN"], plan.meta["BLOCK_M"], plan.num_stages) == (
+                    bn, 16, stages)  # the entry is used
                 # one tile per program (small: a program per tile): W is built after the loads;
                 # the persistent loop (4 interpreter programs, more tiles) builds it once before
                 assert plan.meta["LOADS_FIRST"] == small
@@ -763,9 +770,12 @@ else:
         class Recording:  # stands in for the CUDA launcher; runs the kernel interpreted
             int_key = staticmethod(lambda scalars: tuple(type(v).__name__ for v in scalars))
 
-            def launch(self, grid, key, device, tensors, scalars, meta, num_warps, int_key):
-                launches.append((grid, key, scalars, tuple(meta.items()), num_warps, int_key))
-                tk._rows_kernel[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps)
+            def launch(self, grid, key, device, tensors, scalars, meta, num_warps, int_key,
+                       num_stages):
+                launches.append((grid, key, scalars, tuple(meta.items()), num_warps, int_key,
+                                 num_stages))
+                tk._rows_kernel[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps,
+                                         num_stages=num_stages)
 
         monkeypatch.setattr(tk, "_ROWS", Recording())
         monkeypatch.setattr(tk, "_ROW_PLANS", {})

@@ -115,7 +115,8 @@ def _direct(kernel: Any):
 class CachedLauncher:
     """Per-kernel cache of compiled specialisations, launched directly.
 
-    ``launch(grid, key, tensors, scalars, meta, num_warps)``: ``tensors`` are the pointer
+    ``launch(grid, key, device, tensors, scalars, meta, num_warps, int_key, num_stages)``:
+    ``tensors`` are the pointer
     arguments (in signature order, first), ``scalars`` the int/float arguments that follow
     them, ``meta`` the constexpr keyword arguments (a dict whose insertion order is the
     signature order of the trailing constexpr parameters). ``key`` must identify ``meta``
@@ -148,8 +149,11 @@ class CachedLauncher:
         meta: dict[str, Any],
         num_warps: int,
         int_key: tuple | None = None,
+        num_stages: int | None = None,
     ) -> None:
-        """``int_key``: :meth:`int_key` of ``scalars`` when the caller already has it."""
+        """``int_key``: :meth:`int_key` of ``scalars`` when the caller already has it;
+        ``num_stages``: triton's pipelining depth (None: triton's default). ``key`` must name
+        ``num_warps`` and ``num_stages`` too (each pair is a different compiled kernel)."""
         ptrs = [t.data_ptr() for t in tensors]
         merged = 0
         for p in ptrs:
@@ -162,7 +166,10 @@ class CachedLauncher:
             full_key = (key, device, align)
         entry = None if _PLAIN else self.cache.get(full_key)
         if entry is None or hooks_active():
-            kernel = self.fn[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps)
+            opts = {"num_warps": num_warps}
+            if num_stages is not None:
+                opts["num_stages"] = num_stages
+            kernel = self.fn[(grid,)](*tensors, *scalars, **meta, **opts)
             if (entry is None and not _PLAIN and hasattr(kernel, "run")
                     and hasattr(kernel, "packed_metadata")):
                 self.cache[full_key] = (_direct(kernel), kernel, tuple(meta.values()))

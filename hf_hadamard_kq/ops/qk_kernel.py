@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .triton_kernel import (
+    DEFAULT_STAGES,
     INTERPRET,
     SMALL_ROWS,
     _cached_launcher,
@@ -269,28 +270,29 @@ def qk_supported(
 #: tokens, 0.4 slower at 64); prefill d = 128 now 32-row tiles (5.74 / 42.2 us at 512 / 4096
 #: tokens vs 6.52 / 47.5 with 64), d = 256 32 rows and 2 warps (12.6 / 83.5 us vs 18.6 / 81.2).
 #: Editing this at run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
-TUNED_QK: dict[tuple[bool, int], tuple[int, int]] = {
-    (True, 64): (16, 4),
-    (True, 128): (16, 2),
-    (True, 256): (16, 4),
-    (False, 64): (64, 4),
-    (False, 128): (32, 4),
-    (False, 256): (32, 2),
+TUNED_QK: dict[tuple[bool, int], tuple[int, int, int]] = {
+    (True, 64): (16, 4, DEFAULT_STAGES),
+    (True, 128): (16, 2, DEFAULT_STAGES),
+    (True, 256): (16, 4, DEFAULT_STAGES),
+    (False, 64): (64, 4, DEFAULT_STAGES),
+    (False, 128): (32, 4, DEFAULT_STAGES),
+    (False, 256): (32, 2, DEFAULT_STAGES),
 }
 
 
 @functools.cache
-def qk_config(d: int, rows: int) -> tuple[int, int]:
-    """``(BLOCK_M, num_warps)`` for head dim ``d`` and ``rows`` rows in the larger tensor:
-    :data:`TUNED_QK` where it has an entry; otherwise 16-row tiles with 4 warps for
-    decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill."""
+def qk_config(d: int, rows: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, num_warps, num_stages)`` for head dim ``d`` and ``rows`` rows in the larger
+    tensor: :data:`TUNED_QK` where it has an entry; otherwise 16-row tiles with 4 warps for
+    decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill, triton's default
+    pipelining depth."""
     decode = rows <= SMALL_ROWS  # the row kernel's decode-sized class (rows = heads x tokens)
     tuned = TUNED_QK.get((decode, d))
     if tuned is not None:
         return tuned
     if decode:
-        return 16, 4
-    return max(16, min(128, 8192 // d)), 4
+        return 16, 4, DEFAULT_STAGES
+    return max(16, min(128, 8192 // d)), 4, DEFAULT_STAGES
 
 
 def _align(element_size: int, strides: list[int]) -> int:
@@ -310,6 +312,7 @@ class _Plan(NamedTuple):
     meta: dict
     key: tuple
     num_warps: int
+    num_stages: int
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -333,7 +336,7 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
     b, hq, s, d = q.shape
     hk = k.shape[1]
     nq, nk = b * hq * s, b * hk * s
-    block_m, num_warps = qk_config(d, max(nq, nk))
+    block_m, num_warps, num_stages = qk_config(d, max(nq, nk))
     tq = -(-nq // block_m)
     n_tiles = tq + -(-nk // block_m)
     grid = min(n_tiles, _max_programs(q.device))
@@ -363,8 +366,8 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         qst[0], qst[1], qst[2], kst[0], kst[1], kst[2],
         qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
     )
-    key = (tuple(meta.values()), dtype, w.dtype, num_warps)
-    return _Plan(grid, scalars, meta, key, num_warps)
+    key = (tuple(meta.values()), dtype, w.dtype, num_warps, num_stages)
+    return _Plan(grid, scalars, meta, key, num_warps, num_stages)
 
 
 def _layout(q, k, matrix, cos, sin, scale) -> tuple:
@@ -428,16 +431,17 @@ def try_rotate_qk(
     else:
         tensors = (q, k, qo, ko, q, q, w)
     if _LAUNCHER is None:  # interpreter: the plain triton call
-        _qk_kernel[(plan.grid,)](*tensors, *plan.scalars, **plan.meta, num_warps=plan.num_warps)
+        _qk_kernel[(plan.grid,)](*tensors, *plan.scalars, **plan.meta, num_warps=plan.num_warps,
+                                 num_stages=plan.num_stages)
         return qo, ko
     device = q.get_device()
     if device != torch.cuda.current_device():
         with torch.cuda.device(device):
             _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
-                             plan.num_warps)
+                             plan.num_warps, None, plan.num_stages)
     else:
         _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
-                         plan.num_warps)
+                         plan.num_warps, None, plan.num_stages)
         if layout not in _FAST and (w is q or w is matrix):
             _remember_fast(layout, plan, device, cos is not None, w is q)
     return qo, ko

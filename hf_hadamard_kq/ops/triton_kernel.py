@@ -54,6 +54,11 @@ Why it is built this way
   after the tile's loads are issued, overlapping its generation with the load latency
   (measured: d = 256 prefill at 64-256 MiB +0.8-2.5 points of clone bandwidth; no change at
   decode sizes).
+* Each tiling names its software-pipelining depth (``num_stages``). triton's default (3) makes
+  the tile loop's loads asynchronous copies through a ring of shared-memory buffers; a
+  program that runs one tile (every measured tiling but the medium class) gains nothing from
+  that and loses occupancy and a staging hop. Depth 1 measured 1-7 points of clone bandwidth
+  faster at prefill sizes and 0.06-0.1 us faster at decode sizes (session 12).
 * Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
   parameters come from :func:`rows_config` / :func:`mid_config` (cached pure functions of the
   size class, block and dtypes; tiles chosen so that nothing spills on sm_90), a Sylvester
@@ -109,6 +114,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 PROGRAMS_PER_SM: int = 4
 #: Program count used under the interpreter (programs run one after another on the CPU).
 _INTERPRET_PROGRAMS: int = 4
+#: Software-pipelining depth when a tiling does not name one: triton's own CUDA default, which
+#: every launch used before session 12. At 2 or more, triton pipelines the tile loop: the
+#: loads become asynchronous copies into a ring of shared-memory buffers, one per stage — even
+#: when a program runs a single tile, where that only costs shared memory and a staging hop.
+DEFAULT_STAGES: int = 3
 
 #: Largest Sylvester block handled in one pass; larger blocks use the multi-pass path.
 MAX_ONE_PASS: int = 256
@@ -140,6 +150,7 @@ class RowsConfig(NamedTuple):
     num_warps: int
     log2n: int  # bits of the Sylvester index (0 for explicit matrices)
     programs_per_sm: int = PROGRAMS_PER_SM  # persistent grid bound; 0 = one program per tile
+    num_stages: int = DEFAULT_STAGES  # triton's software-pipelining depth (1: none)
 
 
 class MidConfig(NamedTuple):
@@ -159,34 +170,44 @@ def _next_pow2(v: int) -> int:
 SMALL_ROWS: int = 2048
 
 #: Measured tilings for Sylvester blocks with 16-bit operands, ``(n, small) -> (bn, block_m,
-#: num_warps, programs_per_sm)``; see :func:`rows_config` and benchmarks/tune_rows.py.
+#: num_warps, programs_per_sm, num_stages)``; see :func:`rows_config` and
+#: benchmarks/tune_rows.py.
 #: Measured on an H100 (session 4, benchmarks/results/tune_rows_h100*.json): at prefill sizes
 #: the split forms beat a resident H_128 (d = 128: 92-94% -> 96-98% of clone at >= 32 MiB,
 #: 72% -> 96% at 8 MiB; d = 256: 79-94% -> 92-98% with H_4 ⊗ H_64), and decode-sized calls
 #: want 16-row tiles (d = 128, one token: 3.1 -> 1.9 us in a CUDA graph); session 6
 #: (tune_rows_h100_session6_decode.json): 2 warps for d = 128 decode, 1.785 / 1.995 / 2.135 us
 #: at T = 1 / 16 / 64 vs 1.803 / 2.045 / 2.187 with 4 (an H_8 ⊗ H_16 form, bn = 16, measured
-#: 2.0-2.4 us there and was not kept). Editing this (or :data:`TUNED_16BIT_MEDIUM`) at run
-#: time needs ``rows_config.cache_clear()`` and :func:`clear_plans` (both cache its result).
-TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int]] = {
-    (64, False): (64, 64, 4, 4),
-    (64, True): (32, 16, 4, 0),
-    (128, False): (64, 64, 4, 0),
-    (128, True): (32, 16, 2, 0),
-    (256, False): (64, 16, 4, 0),
-    (256, True): (64, 16, 4, 0),
+#: 2.0-2.4 us there and was not kept). Session 12 (tune_rows_h100_session12_*.json) added the
+#: pipelining depth: triton's default (3) turns a one-tile program's loads into asynchronous
+#: copies through a 3-deep shared-memory ring, which buys nothing there and costs occupancy
+#: and a staging hop. With none (1), one program per tile: d = 64 prefill 95.7-96.5% ->
+#: 97.6-98.7% of clone, d = 128 92.7-99.2% -> 97.9-101.6% (8 warps); decode d = 128 1.687 /
+#: 1.857 / 1.978 us at T = 1 / 16 / 64 (4 warps) vs 1.786 / 1.932 / 2.039, d = 64 likewise;
+#: d = 256 prefill 94.4-99.2% -> 97.8-99.2% (16-row tiles as before); d = 256 decode is best
+#: with 2 stages (2.149 / 2.323 / 2.434 us vs 2.175 / 2.340 / 2.451).
+#: Editing this (or :data:`TUNED_16BIT_MEDIUM`) at run time needs ``rows_config.cache_clear()``
+#: and :func:`clear_plans` (both cache its result).
+TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
+    (64, False): (64, 64, 4, 0, 1),
+    (64, True): (32, 16, 4, 0, 1),
+    (128, False): (64, 64, 8, 0, 1),
+    (128, True): (32, 16, 4, 0, 1),
+    (256, False): (64, 16, 4, 0, 1),
+    (256, True): (64, 16, 4, 0, 2),
 }
 
 #: Chunk counts (inclusive) of the *medium* size class: prefill calls in this range use
 #: :data:`TUNED_16BIT_MEDIUM` where it has an entry, else the large class of TUNED_16BIT.
 MEDIUM_ROWS: tuple[int, int] = (16384, 65536)
-#: ``n -> (bn, block_m, num_warps, programs_per_sm)`` for the medium class. Measured on H100s
-#: (sessions 4 and 6, tune_rows_h100_split4.json and tune_rows_h100_session6_*.json): for
+#: ``n -> (bn, block_m, num_warps, programs_per_sm, num_stages)`` for the medium class.
+#: Measured on H100s (sessions 4 and 6, tune_rows_h100_split4.json and
+#: tune_rows_h100_session6_*.json): for
 #: d = 256, 32-row tiles on a persistent grid of 4 programs per SM reach 94.6-100.2% of clone
 #: at 16384-65536 chunks (16-32 MiB; 93.7-96.9% with the large-class tiling) but lose outside
 #: that range (90.7% at 8192 chunks, 94.5% at 131072), hence the band. Other blocks measured
 #: no consistent gain there.
-TUNED_16BIT_MEDIUM: dict[int, tuple[int, int, int, int]] = {256: (64, 32, 4, 4)}
+TUNED_16BIT_MEDIUM: dict[int, tuple[int, int, int, int, int]] = {256: (64, 32, 4, 4, 3)}
 
 
 @functools.cache
@@ -222,8 +243,8 @@ def rows_config(
     if sylvester and not dot_f32:
         tuned = (medium and TUNED_16BIT_MEDIUM.get(n)) or TUNED_16BIT.get((n, small))
     if tuned is not None:
-        bn, block_m, num_warps, pps = tuned
-        return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n, pps)
+        bn, block_m, num_warps, pps, stages = tuned
+        return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n, pps, stages)
     if dot_f32:
         bn = min(np2, 128) if np2 <= 128 else 64
         block_m = 16 if np2 >= 128 else min(128, 4096 // np2)
@@ -680,6 +701,7 @@ class _RowsPlan(NamedTuple):
     key: tuple
     int_key: tuple | None  # the launcher's key of the int scalars (None: no launcher)
     num_warps: int
+    num_stages: int
 
 
 def _rows_plan(
@@ -713,10 +735,10 @@ def _rows_plan(
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
     )  # fmt: skip
-    # every constexpr and the warps (the launcher reuses a compiled kernel by this key)
-    key = (*meta.values(), cfg.num_warps, x.dtype, w.dtype, out_dtype)
+    # every constexpr, warps and stages (the launcher reuses a compiled kernel by this key)
+    key = (*meta.values(), cfg.num_warps, cfg.num_stages, x.dtype, w.dtype, out_dtype)
     int_key = None if _ROWS is None else _ROWS.int_key(scalars)
-    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps)
+    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps, cfg.num_stages)
 
 
 def _launch_plan(plan: _RowsPlan, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
@@ -725,10 +747,10 @@ def _launch_plan(plan: _RowsPlan, x: torch.Tensor, w: torch.Tensor, out: torch.T
     layout)."""
     if _ROWS is None:  # interpreter, or no launcher: the plain triton call
         _rows_kernel[(plan.grid,)](x, w, out, *plan.scalars, scale, **plan.meta,
-                                   num_warps=plan.num_warps)
+                                   num_warps=plan.num_warps, num_stages=plan.num_stages)
         return
     _ROWS.launch(plan.grid, plan.key, x.get_device(), (x, w, out), (*plan.scalars, scale),
-                 plan.meta, plan.num_warps, plan.int_key)
+                 plan.meta, plan.num_warps, plan.int_key, plan.num_stages)
 
 
 def _launch_rows(

@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Test files are spread over the machine's cores (pytest-xdist), whole files per worker so that
+# module-scoped fixtures (checkpoints written once per file) are built once; about half the
+# wall time on a 2-core machine. PYTEST_PAR= (empty) runs everything in one process.
+PYTEST_PAR ?= -n auto --dist loadfile
+
 test: lint notebooks
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra $(PYTEST_PAR)
 
 # The notebooks, executed top to bottom (small CI settings; HKQ_FULL=1 is the documented full
 # run). Their outputs are stripped in git; nbmake does not write them back.
@@ -49,7 +54,8 @@ $(OLD_VENV)/.installed: pyproject.toml
 # transformers) with the same torch and triton in both venvs, so a second run checks nothing new
 # and costs ~1.5 min of CI (its compressed-tensors comparison is also in tests/test_op.py).
 test-oldest: $(OLD_VENV)/.installed
-	$(OLD_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider --ignore=tests/test_triton_interpret.py
+	$(OLD_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider $(PYTEST_PAR) \
+		--ignore=tests/test_triton_interpret.py
 
 demo: $(STAMP)
 	$(BIN)/hf-hadamard-kq demo

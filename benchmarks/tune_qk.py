@@ -93,8 +93,9 @@ def main(argv=None) -> None:
     p.add_argument("--d", type=int, nargs="+", default=[128])
     p.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--stages", type=int, nargs="+", default=[3],
-                   help="triton pipelining depths (3: its default; 1: no pipelining)")
+    p.add_argument("--stages", type=int, nargs="+", default=[None],
+                   help="triton pipelining depths (1: no pipelining; default: triton's own, "
+                        "what the package launches)")
     p.add_argument("--shapes", nargs="+", default=None,
                    help="(batch, tokens) pairs as B,S (default: the list above)")
     p.add_argument("--interpret", action="store_true")

@@ -9,7 +9,7 @@ and the row kernel under every combination of
   ``H_4 ⊗ H_{d/4}``; ``bn = d / 2``, ``d / 4``),
 * ``BLOCK_M`` (tile rows) and ``num_warps`` -- each (bn, BLOCK_M, warps) is one compiled kernel,
 * programs per SM of the persistent grid (``0`` = one program per tile, not persistent),
-* ``--stages``: triton's software-pipelining depth (1 = none; 3 = triton's default).
+* ``--stages``: triton's software-pipelining depth (1 = none; 3 = triton's CUDA default).
 
 Decode (target 2: <= 2 us of GPU time in a CUDA graph): the query view ``(1, 32, T, d)`` of
 the projection for ``T`` in ``--decode-tokens``, GPU time per call inside a CUDA graph of 100
@@ -55,7 +55,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_ERR_VS_FLOOR = 1.05
 
 
-def configs(n: int, small: bool, block_ms, warps, programs_per_sm, stages=(3,)):
+def configs(n: int, small: bool, block_ms, warps, programs_per_sm, stages=(1, 2, 3)):
     """(RowsConfig candidate, default RowsConfig) for a Sylvester block ``n`` with 16-bit
     operands: a resident ``H_n`` (n <= 128), or the SPLIT2 / SPLIT4 forms ``bn = n / 2``,
     ``n / 4`` (bn >= 16)."""
@@ -98,8 +98,8 @@ def main(argv=None) -> None:
     p.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[0, 1, 2, 4, 8])
-    p.add_argument("--stages", type=int, nargs="+", default=[3],
-                   help="triton pipelining depths (3: its default; 1: no pipelining)")
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3],
+                   help="triton pipelining depths (1: no pipelining; 3: triton's CUDA default)")
     p.add_argument("--bn", type=int, nargs="*", default=None,
                    help="only these sub-tile widths (default: every form)")
     p.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 16, 64],

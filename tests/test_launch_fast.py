@@ -83,6 +83,11 @@ def test_fast_closure_passes_the_direct_launch_arguments(recorded, tokens):
     tk._launch_plan(plan, x, x, out, scale)  # compiles (fake) and caches the launch
     tk._launch_plan(plan, x, x, out, scale)  # the cached direct launch
     assert calls[0][0] == "jit" and len(calls) == 2
+    # the compiling call gets the tiling's warps and pipelining depth (the measured table's)
+    cfg = tk.rows_config(128, False, True, x.numel() // 128 <= tk.SMALL_ROWS)
+    assert cfg.num_stages is not None
+    assert calls[0][3]["num_warps"] == cfg.num_warps
+    assert calls[0][3]["num_stages"] == cfg.num_stages == plan.num_stages
     direct = calls[1]
     tk._remember_fast(x, plan, 128)
     fast = tk.FAST[(x.shape, x.stride(), x.dtype, -1, 128)]
@@ -101,6 +106,20 @@ def test_fast_closure_passes_the_direct_launch_arguments(recorded, tokens):
         fast(x, s)
         assert calls[-1][scale_at] == s and type(calls[-1][scale_at]) is float
         assert calls[-1][scale_at + 1 :] == direct[scale_at + 1 :]
+
+
+def test_launcher_passes_the_pipelining_depth_only_when_named():
+    """``num_stages`` reaches the compiling call when given; None (a tiling without a measured
+    depth) passes nothing, so triton keeps its own default for the backend (3 on CUDA, 2 on
+    ROCm)."""
+    calls: list = []
+    launcher = launch_mod.CachedLauncher(_JitFunction(calls))
+    x = torch.empty(4)
+    for key, stages in (("a", 1), ("b", None), ("c", 3)):
+        launcher.launch(1, key, -1, (x,), (), {}, 4, None, stages)
+        kwargs = calls[-1][3]
+        assert kwargs.get("num_stages", "absent") == ("absent" if stages is None else stages)
+    assert [c[0] for c in calls] == ["jit"] * 3
 
 
 def test_fast_closure_refuses_other_calls(recorded, monkeypatch):

@@ -116,9 +116,10 @@ if not IN_INTERPRETER:
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
     def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int,
-                     aligned_ptrs: bool = False, stages: int = 3):
+                     aligned_ptrs: bool = False, stages: int | None = None):
         """``aligned_ptrs``: pointer arguments specialised as 16-byte aligned, as triton does
-        at run time for aligned tensors."""
+        at run time for aligned tensors; ``stages`` None: triton's default pipelining depth,
+        as the package launches it."""
         compiler = pytest.importorskip("triton.compiler")
         backend = pytest.importorskip("triton.backends.compiler")
         import triton
@@ -132,11 +133,13 @@ if not IN_INTERPRETER:
                  if aligned_ptrs and full[name].startswith("*")}
         src = compiler.ASTSource(fn, full, const, attrs=attrs)
         target = backend.GPUTarget("cuda", 90, 32)
-        return triton.compile(src, target=target,
-                              options={"num_warps": warps, "num_stages": stages})
+        options: dict[str, int] = {"num_warps": warps}
+        if stages is not None:
+            options["num_stages"] = stages
+        return triton.compile(src, target=target, options=options)
 
     def _aot_qk(d: int, xdt: str, wdt: str | None, block_m: int, loads_first: bool, align: int,
-                warps: int, rope: bool, fence: bool, stages: int = 3):
+                warps: int, rope: bool, fence: bool, stages: int | None = None):
         """The fused Q/K kernel compiled for sm_90 with these constexprs (aligned pointers)."""
         from hf_hadamard_kq.ops import qk_kernel
 
@@ -249,7 +252,7 @@ if not IN_INTERPRETER:
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             unit = 16 // (4 if xdt == "fp32" else 2)
             tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20)
-            warps, stages = tuned[1:] if tuned[0] == block_m else (4, 3)
+            warps, stages = tuned[1:] if tuned[0] == block_m else (4, None)
             # the tuned launch (W built after the loads, 16-byte rows), and for the first case
             # also W before the loop with unaligned rows
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt) == (128, "bf16")

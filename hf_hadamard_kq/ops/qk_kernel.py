@@ -42,6 +42,7 @@ from .triton_kernel import (
     _max_programs,
     _round_to,
     _w_tile,
+    stage_option,
     tl,
     triton,
 )
@@ -260,17 +261,19 @@ def qk_supported(
     return True
 
 
-#: ``(decode, d) -> (BLOCK_M, num_warps)``, measured with benchmarks/tune_qk.py on an H100
-#: (session 7, benchmarks/results/tune_qk_h100_session7*.json; bf16, RoPE, 32 q + 8 kv heads,
-#: GPU time in a CUDA graph). Decode, d = 128: 3.18-3.36 us at 1-64 tokens and batch 1-32 with
-#: 2 warps (3.20-3.93 with 4); d = 64 and 256 keep 4. Prefill (512 and 4096 tokens): 64-row
-#: tiles, 4 warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Swept again
-#: after the RoPE fence (``_fence``; session 10, benchmarks/results/tune_qk_h100_session10_d*
-#: .json, one run): decode unchanged (d = 128: 2.49-2.64 us; 8 warps 0.1 us faster at 1-16
-#: tokens, 0.4 slower at 64); prefill d = 128 now 32-row tiles (5.74 / 42.2 us at 512 / 4096
-#: tokens vs 6.52 / 47.5 with 64), d = 256 32 rows and 2 warps (12.6 / 83.5 us vs 18.6 / 81.2).
+#: ``(decode, d) -> (BLOCK_M, num_warps, num_stages)``, measured with benchmarks/tune_qk.py on an
+#: H100 (session 7, benchmarks/results/tune_qk_h100_session7*.json; bf16, RoPE, 32 q + 8 kv heads,
+#: GPU time in a CUDA graph). Decode, d = 128: 3.18-3.36 us at 1-64 tokens and batch 1-32 with 2
+#: warps (3.20-3.93 with 4); d = 64 and 256 keep 4. Prefill (512 and 4096 tokens): 64-row tiles, 4
+#: warps (d = 256: 105 us at 4096 tokens vs 249 with 32-row tiles). Swept again after the RoPE fence
+#: (``_fence``; session 10, benchmarks/results/tune_qk_h100_session10_d*.json, one run): decode
+#: unchanged (d = 128: 2.49-2.64 us; 8 warps 0.1 us faster at 1-16 tokens, 0.4 slower at 64);
+#: prefill d = 128 now 32-row tiles (5.74 / 42.2 us at 512 / 4096 tokens vs 6.52 / 47.5 with 64),
+#: d = 256 32 rows and 2 warps (12.6 / 83.5 us vs 18.6 / 81.2).
+#: Session 12 (tune_qk_h100_session12_stages.json): the pipelining depth made no difference (within
+#: 0.02 us at decode sizes, 1.7% at prefill sizes), so it stays triton's default.
 #: Editing this at run time needs ``qk_config.cache_clear()`` and :func:`clear_plans`.
-TUNED_QK: dict[tuple[bool, int], tuple[int, int, int]] = {
+TUNED_QK: dict[tuple[bool, int], tuple[int, int, int | None]] = {
     (True, 64): (16, 4, DEFAULT_STAGES),
     (True, 128): (16, 2, DEFAULT_STAGES),
     (True, 256): (16, 4, DEFAULT_STAGES),
@@ -281,11 +284,12 @@ TUNED_QK: dict[tuple[bool, int], tuple[int, int, int]] = {
 
 
 @functools.cache
-def qk_config(d: int, rows: int) -> tuple[int, int, int]:
+def qk_config(d: int, rows: int) -> tuple[int, int, int | None]:
     """``(BLOCK_M, num_warps, num_stages)`` for head dim ``d`` and ``rows`` rows in the larger
     tensor: :data:`TUNED_QK` where it has an entry; otherwise 16-row tiles with 4 warps for
-    decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill, triton's default
-    pipelining depth."""
+    decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill; the pipelining depth is
+    triton's default for the backend (None) everywhere: session 12 measured no effect of it on
+    this kernel (tune_qk --stages)."""
     decode = rows <= SMALL_ROWS  # the row kernel's decode-sized class (rows = heads x tokens)
     tuned = TUNED_QK.get((decode, d))
     if tuned is not None:
@@ -312,7 +316,7 @@ class _Plan(NamedTuple):
     meta: dict
     key: tuple
     num_warps: int
-    num_stages: int
+    num_stages: int | None
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -432,7 +436,7 @@ def try_rotate_qk(
         tensors = (q, k, qo, ko, q, q, w)
     if _LAUNCHER is None:  # interpreter: the plain triton call
         _qk_kernel[(plan.grid,)](*tensors, *plan.scalars, **plan.meta, num_warps=plan.num_warps,
-                                 num_stages=plan.num_stages)
+                                 **stage_option(plan.num_stages))
         return qo, ko
     device = q.get_device()
     if device != torch.cuda.current_device():

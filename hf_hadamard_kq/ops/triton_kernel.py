@@ -54,11 +54,13 @@ Why it is built this way
   after the tile's loads are issued, overlapping its generation with the load latency
   (measured: d = 256 prefill at 64-256 MiB +0.8-2.5 points of clone bandwidth; no change at
   decode sizes).
-* Each tiling names its software-pipelining depth (``num_stages``). triton's default (3) makes
-  the tile loop's loads asynchronous copies through a ring of shared-memory buffers; a
-  program that runs one tile (every measured tiling but the medium class) gains nothing from
-  that and loses occupancy and a staging hop. Depth 1 measured 1-7 points of clone bandwidth
-  faster at prefill sizes and 0.06-0.1 us faster at decode sizes (session 12).
+* Each measured tiling names its software-pipelining depth (``num_stages``; the others keep
+  triton's default for the backend). triton's CUDA default (3) makes the tile loop's loads
+  asynchronous copies through a ring of shared-memory buffers; at prefill sizes a program
+  that runs one tile (every measured tiling but the medium class) gains nothing from that
+  and loses occupancy and a staging hop: depth 1 measured 1-7 points of clone bandwidth
+  faster. At decode sizes the best depth was 1 for d = 64 and 128 (d = 128 also moved from 2
+  to 4 warps; together 0.06-0.1 us faster) and 2 for d = 256 (session 12).
 * Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
   parameters come from :func:`rows_config` / :func:`mid_config` (cached pure functions of the
   size class, block and dtypes; tiles chosen so that nothing spills on sm_90), a Sylvester
@@ -114,11 +116,12 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 PROGRAMS_PER_SM: int = 4
 #: Program count used under the interpreter (programs run one after another on the CPU).
 _INTERPRET_PROGRAMS: int = 4
-#: Software-pipelining depth when a tiling does not name one: triton's own CUDA default, which
-#: every launch used before session 12. At 2 or more, triton pipelines the tile loop: the
-#: loads become asynchronous copies into a ring of shared-memory buffers, one per stage — even
-#: when a program runs a single tile, where that only costs shared memory and a staging hop.
-DEFAULT_STAGES: int = 3
+#: Software-pipelining depth when a tiling does not name one: None, triton's own default for
+#: the backend (3 on CUDA, 2 on ROCm in triton 3.x), which every launch used before session
+#: 12. At 2 or more, triton pipelines the tile loop: the loads become asynchronous copies into
+#: a ring of shared-memory buffers, one per stage — even when a program runs a single tile,
+#: where that only costs shared memory and a staging hop.
+DEFAULT_STAGES: int | None = None
 
 #: Largest Sylvester block handled in one pass; larger blocks use the multi-pass path.
 MAX_ONE_PASS: int = 256
@@ -150,7 +153,8 @@ class RowsConfig(NamedTuple):
     num_warps: int
     log2n: int  # bits of the Sylvester index (0 for explicit matrices)
     programs_per_sm: int = PROGRAMS_PER_SM  # persistent grid bound; 0 = one program per tile
-    num_stages: int = DEFAULT_STAGES  # triton's software-pipelining depth (1: none)
+    num_stages: int | None = DEFAULT_STAGES  # triton's pipelining depth (1: none; None: its
+    # default for the backend)
 
 
 class MidConfig(NamedTuple):
@@ -701,7 +705,7 @@ class _RowsPlan(NamedTuple):
     key: tuple
     int_key: tuple | None  # the launcher's key of the int scalars (None: no launcher)
     num_warps: int
-    num_stages: int
+    num_stages: int | None
 
 
 def _rows_plan(
@@ -741,13 +745,18 @@ def _rows_plan(
     return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps, cfg.num_stages)
 
 
+def stage_option(num_stages: int | None) -> dict:
+    """The launch keyword for a pipelining depth: none for None (triton's backend default)."""
+    return {} if num_stages is None else {"num_stages": num_stages}
+
+
 def _launch_plan(plan: _RowsPlan, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
                  scale: float) -> None:
     """One row-kernel launch as ``plan`` describes it (``_rows_plan`` of these tensors'
     layout)."""
     if _ROWS is None:  # interpreter, or no launcher: the plain triton call
         _rows_kernel[(plan.grid,)](x, w, out, *plan.scalars, scale, **plan.meta,
-                                   num_warps=plan.num_warps, num_stages=plan.num_stages)
+                                   num_warps=plan.num_warps, **stage_option(plan.num_stages))
         return
     _ROWS.launch(plan.grid, plan.key, x.get_device(), (x, w, out), (*plan.scalars, scale),
                  plan.meta, plan.num_warps, plan.int_key, plan.num_stages)

@@ -750,7 +750,7 @@ else:
         tk.rows_config.cache_clear()
         try:
             assert tk.rows_config(256, False, True, False, True) == tk.RowsConfig(
-                *(64, 4, 32, 4, 8, 4))
+                *(64, 4, 32, 4, 8, 4, 3))  # the medium table: depth 3
             assert tk.rows_config(128, False, True, False, True) == tk.rows_config(128, False, True)
             assert tk.rows_config(256, True, True, False, True) == tk.rows_config(256, True, True)
             for rows, block_m in ((240, 32), (180, 16), (320, 16)):  # in / below / above band

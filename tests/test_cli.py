@@ -1,13 +1,20 @@
-"""``hf-hadamard-kq`` end to end: subprocesses on the llm-compressor fixtures (and copies of
-them made in tmp_path: sharded, without transform_config, with a corrupted matrix)."""
+"""``hf-hadamard-kq`` end to end on the llm-compressor fixtures (and copies of them made in
+tmp_path: sharded, without transform_config, with a corrupted matrix).
+
+The commands run in-process through ``main`` (output and exit status as a subprocess would
+see them; each child process would import torch and transformers again, ~7 s apiece on the CI
+machine); ``test_entry_point_in_a_subprocess`` runs the module as a program once."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -27,13 +34,42 @@ HD64 = FIXTURES / "llama_r3_hadamard_hd64"
 R3_NAME = "model.layers.0.self_attn.R3_q_attn.weight"
 
 
-def cli(*args, check=True):
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "hf_hadamard_kq.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, check=True) -> Result:
+    """``hf-hadamard-kq *args`` in this process: stdout, stderr and the exit status that
+    ``python -m hf_hadamard_kq.cli`` would give (``SystemExit("text")``: status 1, the text
+    on stderr, as the interpreter does)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+    proc = Result(code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def test_entry_point_in_a_subprocess():
+    """The module runs as a program (``python -m``) and its help lists every command."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    top = subprocess.run([sys.executable, "-m", "hf_hadamard_kq.cli", "--help"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert top.returncode == 0, top.stderr
+    for command in ("inspect", "demo", "eval", "bench"):
+        assert command in top.stdout
 
 
 def copy_checkpoint(src, dst, *, config_edit=None, tensors_edit=None, shards=1):
@@ -67,6 +103,7 @@ def copy_checkpoint(src, dst, *, config_edit=None, tensors_edit=None, shards=1):
 
 def test_help_on_every_command(capsys):
     top = cli("--help")
+    assert top.returncode == 0
     for command in ("inspect", "demo", "eval", "bench"):
         assert command in top.stdout
     for command in ("inspect", "demo", "eval", "bench"):

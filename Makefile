@@ -27,7 +27,8 @@ lint: $(STAMP)
 # module-scoped fixtures (checkpoints written once per file) are built once. On the 2-core
 # development machine (warm inductor cache) the oldest-stack suite took 276 s this way and 427 s
 # in one process. PYTEST_PAR= (empty) runs everything in one process.
-PYTEST_PAR ?= -n auto --dist loadfile
+# --no-loadscope-reorder keeps the file order that tests/conftest.py sets (longest files first).
+PYTEST_PAR ?= -n auto --dist loadfile --no-loadscope-reorder
 
 test: lint notebooks
 	$(BIN)/python -m pytest -q -ra $(PYTEST_PAR)
@@ -59,12 +60,19 @@ $(OLD_VENV)/.installed: pyproject.toml
 #   lines, no transformers or compressed-tensors code path of the package);
 # - the quanto-backed QuantizedCache case: optimum-quanto builds its C++ extension into each
 #   venv on first use (~50 s on the CI machine); the oldest stack's QuantizedCache is still
-#   checked through its other backends (hqq, and fp8 where it exists).
+#   checked through its other backends (hqq, and fp8 where it exists);
+# - test_native_matches_float64: the native form of the op alone, eager and compiled, against
+#   float64 (no transformers or compressed-tensors code).
+# The torch.compile sweeps over every architecture run on tests/tiny_models.py's
+# representatives here (--compile-archs representative); every architecture still runs
+# eagerly (test_architectures.py, test_integration.py, ...) and compiled in `make test`.
 test-oldest: $(OLD_VENV)/.installed
 	$(OLD_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider $(PYTEST_PAR) \
+		--compile-archs representative \
 		--ignore=tests/test_triton_interpret.py \
 		--ignore=tests/test_bench_balanced.py --ignore=tests/test_bench_variant.py \
-		--deselect "tests/test_backends_caches.py::test_quantized_cache[quanto]"
+		--deselect "tests/test_backends_caches.py::test_quantized_cache[quanto]" \
+		--deselect tests/test_native_compile.py::test_native_matches_float64
 
 demo: $(STAMP)
 	$(BIN)/hf-hadamard-kq demo

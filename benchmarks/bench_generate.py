@@ -198,7 +198,25 @@ def main(argv=None) -> None:
                              "compiled models in one process, and the second-built, "
                              "second-compiled copy runs slower even when both are plain sdpa: "
                              "benchmarks/bench_balanced.py runs both orders")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed generate runs per label before the timed ones (the "
+                             "first compiles, in static mode; the others alternate like the "
+                             "timed runs). In session 13's first A/A run both processes began "
+                             "with a slower stretch (99-107 tok/s for the first 2-7 static "
+                             "runs, ~110 later); a longer warm-up did not remove slow "
+                             "stretches later in a run (BENCHMARKS.md)")
+    parser.add_argument("--pointwise-autotune", choices=["on", "off"], default="on",
+                        help="inductor's timing of launch configurations for each pointwise "
+                             "kernel at compile time (static mode). 'on' is torch's default; "
+                             "each compilation then picks its own configurations, so two "
+                             "compiled copies of one model can differ by ~1 %% (BENCHMARKS.md, "
+                             "session 10). 'off' takes inductor's heuristic configuration, the "
+                             "same for both labels: a deterministic comparison")
     args = parser.parse_args(argv)
+    if args.pointwise_autotune == "off":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.autotune_pointwise = False
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")
     args.ckpt = args.ckpt or args.out / "ckpt"
@@ -214,7 +232,8 @@ def main(argv=None) -> None:
                tp=args.tp, torch=torch.__version__, transformers=transformers.__version__,
                layers=args.layers, tiny=args.tiny, prompt=args.prompt,
                new_tokens=args.new_tokens, compile_rotation=args.compile_rotation,
-               two_models=args.two_models, first=args.first, control=args.control)
+               two_models=args.two_models, first=args.first, control=args.control,
+               pointwise_autotune=args.pointwise_autotune, warmup=args.warmup)
     if rank == 0:
         print(env, flush=True)
     if args.two_models and args.tp > 1:
@@ -263,6 +282,9 @@ def main(argv=None) -> None:
                     m = pick(label)
                     timed_generate(m, prompt, args.new_tokens, mode)
                     timed_prefill(m, prompt)
+                for _ in range(args.warmup - 1):  # then alternating, as the timed runs
+                    for label in labels:
+                        timed_generate(pick(label), prompt, args.new_tokens, mode)
                 for rep in range(args.reps):
                     # alternate which goes first, so a drift within a pair cancels out
                     order = labels if rep % 2 == 0 else labels[::-1]

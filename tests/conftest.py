@@ -11,8 +11,45 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+#: The test files that take longest on the CPU CI machine (cold caches: ~250, ~200, ~140 and
+#: ~120 s of one worker's time in `make test`), longest first. They run before every other
+#: file, so that with pytest-xdist's ``--dist loadfile --no-loadscope-reorder`` (Makefile) they
+#: start at once on separate workers and the short files fill in around them. xdist's default
+#: order (most tests first) sent test_triton_interpret.py, which has few tests, to a worker
+#: last, and the other worker sat idle for most of its ~200 s.
+LONGEST_FIRST = (
+    "test_native_compile.py",
+    "test_triton_interpret.py",
+    "test_traced.py",
+    "test_backends_caches.py",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--compile-archs", choices=("all", "representative"), default="all",
+        help="architectures of the torch.compile sweeps (tests taking a compile_arch "
+             "argument): every architecture of tests/tiny_models.ARCHS (default), or "
+             "tiny_models.COMPILE_REPRESENTATIVES (the oldest-stack CI run, where every "
+             "architecture still runs eagerly)")
+
+
+def pytest_generate_tests(metafunc):
+    """``compile_arch``: the architectures named by ``--compile-archs``."""
+    if "compile_arch" in metafunc.fixturenames:
+        from tests import tiny_models as tm
+
+        which = metafunc.config.getoption("--compile-archs")
+        names = list(tm.ARCHS) if which == "all" else list(tm.COMPILE_REPRESENTATIVES)
+        metafunc.parametrize("compile_arch", names)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The ``gpu`` marker skips cleanly where no CUDA/ROCm device exists."""
+    """Run the longest test files first (:data:`LONGEST_FIRST`; the order within each file and
+    of the other files is kept). The ``gpu`` marker skips cleanly where no CUDA/ROCm device
+    exists."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU (run on the device machine)")

@@ -123,15 +123,14 @@ def test_native_decode_step_traces_without_the_custom_op(name, native_mode):
     assert tm.max_diff(out_native.logits, out_op.logits) < 1e-5
 
 
-#: Architectures whose decode step the sweep below compiles with inductor: one per attention
-#: feature that changes what the native rotation sits next to (GQA, sliding window with
-#: logit softcapping, partial rotary with fused QKV, q/k norms before RoPE). The others are
-#: traced by dynamo and AOTAutograd (functionalization of the static-cache writes,
-#: decompositions) and run without inductor's code generation: the per-architecture part of
-#: the check is what dynamo traces; inductor's lowering of the rotation is the same code for
-#: every architecture, and inductor compiles cost 5-20 s each on a 2-core CI machine with a
-#: cold cache against ~2 s for the trace.
-INDUCTOR_ARCHS = ("llama", "gemma2", "gpt_neox", "qwen3")
+#: Architectures whose decode step the sweep below compiles with inductor
+#: (tiny_models.COMPILE_REPRESENTATIVES: one per attention feature that changes what the native
+#: rotation sits next to). The others are traced by dynamo and AOTAutograd (functionalization
+#: of the static-cache writes, decompositions) and run without inductor's code generation:
+#: the per-architecture part of the check is what dynamo traces; inductor's lowering of the
+#: rotation is the same code for every architecture, and inductor compiles cost 5-20 s each on
+#: a 2-core CI machine with a cold cache against ~2 s for the trace.
+INDUCTOR_ARCHS = tm.COMPILE_REPRESENTATIVES
 
 
 def test_inductor_archs_are_in_the_matrix():
@@ -139,8 +138,7 @@ def test_inductor_archs_are_in_the_matrix():
     assert set(INDUCTOR_ARCHS) <= set(tm.ARCHS)
 
 
-@pytest.mark.parametrize("name", list(tm.ARCHS))
-def test_native_decode_step_caches_rotated_keys(name, native_mode):
+def test_native_decode_step_caches_rotated_keys(compile_arch, native_mode):
     """Every architecture of the matrix, compiled (fullgraph) decode step with the native
     form -- inductor for :data:`INDUCTOR_ARCHS`, AOTAutograd's eager backend for the rest:
     same logits as the plain model, and -- since logits cannot show a missing rotation (q
@@ -148,6 +146,7 @@ def test_native_decode_step_caches_rotated_keys(name, native_mode):
     times the float64 Hadamard matrix, including what the compiled step wrote."""
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
+    name = compile_arch
     plain, ours = tm.base_model(name), tm.rotated(name)
     p_in, o_in = _decode_step_inputs(plain), _decode_step_inputs(ours)
     assert torch.equal(p_in["input_ids"], o_in["input_ids"])

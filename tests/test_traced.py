@@ -280,12 +280,13 @@ def test_probe_withdraws_the_route_from_a_forward_that_makes_its_own_cos(monkeyp
     tm.assert_keys_rotated(cache_of(o_in), cache_of(p_in), block=HEAD_DIM)
 
 
-@pytest.mark.parametrize("name", list(tm.ARCHS))
-def test_every_architecture_compiled(name):
+def test_every_architecture_compiled(compile_arch):
     """Every architecture of the matrix: the probe gives the route exactly to the fused
     layers without a stored matrix; a compiled prefill and decode give the plain logits and
     keys rotated once (head dim 16 here: the route's fallback, the model's RoPE and two
-    rotations, runs instead of the op)."""
+    rotations, runs instead of the op). ``--compile-archs representative`` narrows the
+    sweep (conftest.py)."""
+    name = compile_arch
     plain = tm.base_model(name)
     ours = tm.rotated(name)
     modules = list(attention_modules(ours).values())

@@ -88,6 +88,13 @@ ARCHS: dict[str, Arch] = {
                               "`attention` module name"),
 }
 
+#: One architecture per attention feature that changes what a compiled rotation sits next to:
+#: GQA (llama), sliding window with logit softcapping (gemma2), partial rotary with a fused QKV
+#: projection (gpt_neox), q/k norms before RoPE (qwen3), interleaved RoPE with q/k LayerNorm
+#: (cohere). The compile sweeps run on all of :data:`ARCHS` by default and on these with
+#: ``--compile-archs representative`` (conftest.py).
+COMPILE_REPRESENTATIVES = ("llama", "gemma2", "gpt_neox", "qwen3", "cohere")
+
 #: Architectures refused at load, and the words the error must contain.
 REFUSED: dict[str, tuple[str, dict[str, Any], str]] = {
     "deepseek_v3": ("DeepseekV3Config", dict(

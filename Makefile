@@ -62,7 +62,11 @@ $(OLD_VENV)/.installed: pyproject.toml
 #   venv on first use (~50 s on the CI machine); the oldest stack's QuantizedCache is still
 #   checked through its other backends (hqq, and fp8 where it exists);
 # - test_native_matches_float64: the native form of the op alone, eager and compiled, against
-#   float64 (no transformers or compressed-tensors code).
+#   float64 (no transformers or compressed-tensors code);
+# - flex_attention on CPU (~45 s of compiling flex's CPU template): the GPU tests run flex on
+#   this stack (test_flex_backend_gpu, transformers 5.17 on the device);
+# - inductor's code for the RoPE table (test_inductor_computes_cos_and_sin_once_for_every_layer:
+#   the op's layout tag, a torch-level property; ~30 s, it compiles with caches disabled).
 # The torch.compile sweeps over every architecture run on tests/tiny_models.py's
 # representatives here (--compile-archs representative); every architecture still runs
 # eagerly (test_architectures.py, test_integration.py, ...) and compiled in `make test`.
@@ -72,7 +76,9 @@ test-oldest: $(OLD_VENV)/.installed
 		--ignore=tests/test_triton_interpret.py \
 		--ignore=tests/test_bench_balanced.py --ignore=tests/test_bench_variant.py \
 		--deselect "tests/test_backends_caches.py::test_quantized_cache[quanto]" \
-		--deselect tests/test_native_compile.py::test_native_matches_float64
+		--deselect tests/test_native_compile.py::test_native_matches_float64 \
+		--deselect tests/test_backends_caches.py::test_flex_backend_cpu \
+		--deselect tests/test_traced.py::test_inductor_computes_cos_and_sin_once_for_every_layer
 
 demo: $(STAMP)
 	$(BIN)/hf-hadamard-kq demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,22 @@ import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist every core already runs a worker; inductor's default pool of compile
+    # subprocesses (one per core, each importing torch) then only competes with the other
+    # workers. In-process compilation measured faster on the 2-core development machine:
+    # the oldest-stack suite from a cold cache in 340 s against 378 s (one run each).
+    import torch._inductor.config as _inductor_config
+
+    _inductor_config.compile_threads = 1
+
 
 #: The test files that take longest on the CPU CI machine (cold caches: ~250, ~200, ~140 and
 #: ~120 s of one worker's time in `make test`), longest first. They run before every other
 #: file, so that with pytest-xdist's ``--dist loadfile --no-loadscope-reorder`` (Makefile) they
 #: start at once on separate workers and the short files fill in around them. xdist's default
-#: order (most tests first) sent test_triton_interpret.py, which has few tests, to a worker
-#: last, and the other worker sat idle for most of its ~200 s.
+#: order (files with most tests first) hands out test_triton_interpret.py, ~200 s in three
+#: tests, last of all, so that it ran at the end while the other worker had nothing left.
 LONGEST_FIRST = (
     "test_native_compile.py",
     "test_triton_interpret.py",

@@ -1,0 +1,117 @@
+"""Where the host time of one eager single-tensor rotation goes (decode size, CUDA).
+
+Issue 6 asks for <= 8 us of host time per rotation; on the lent H100 hosts ``torch.clone`` of
+the same tensor alone takes 7-12 us. This splits our call into its parts, each timed the same
+way (back-to-back calls, one sync at the end, per-call mean; rounds interleave the parts so
+that host drift hits all of them), to show how much is Python of ours and how much is the
+allocation and the launch that any implementation pays:
+
+* ``clone``: ``x.clone()`` (torch's own allocation + one copy kernel), the reference;
+* ``empty_like``: the output allocation alone;
+* ``hadamard_apply``: the whole call the model hooks make;
+* ``fast_closure``: the cached per-layout closure alone (no dispatch checks, no key lookup);
+* ``launch_only``: triton's C launcher with the closure's arguments into a preallocated
+  output (no allocation, no Python of ours);
+* ``key_lookup``: building the layout key and the dict lookup (no launch);
+* ``device_and_hook_checks``: the closure's per-call device and launch-hook checks.
+
+Usage (GPU machine): ``python benchmarks/host_breakdown.py --out results/x.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_hadamard_kq.ops import launch as launch_mod
+from hf_hadamard_kq.ops import op as op_mod
+from hf_hadamard_kq.ops import triton_kernel as tk
+
+
+def per_call_us(fn, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def parts_for(tokens: int) -> tuple[dict, torch.Tensor]:
+    """The timed callables for a query (1, 32, tokens, 128) in the projection's view."""
+    x = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    scale = 1 / math.sqrt(128)
+    for _ in range(3):  # plan, launcher cache entry, fast-path closure
+        op_mod.hadamard_apply(x, scale, None, 128)
+    device = x.get_device()
+    key = (x.shape, x.stride(), x.dtype, device, 128)
+    fast = tk.FAST.get(key)
+    if fast is None:
+        raise SystemExit(f"no fast-path closure for {key}: this triton has no direct launcher")
+    plan = tk._ROW_PLANS[(x.shape, x.stride(), x.dtype, True, device, 128)]
+    launch, function, coop, pdl, packed, meta_values = tk._ROWS.direct_parts(
+        plan.key, device, plan.meta, plan.int_key)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    xp, op = x.data_ptr(), out.data_ptr()
+    args = (*plan.scalars, float(scale), *meta_values)
+    stream = tk._ROWS._stream(device)
+    table = tk.FAST
+    current_device, hooks_active = tk._current_device, launch_mod.hooks_active
+    contiguous = torch.contiguous_format
+    parts = {
+        "clone": lambda: x.clone(),
+        "empty_like": lambda: torch.empty_like(x, memory_format=contiguous),
+        "hadamard_apply": lambda: op_mod.hadamard_apply(x, scale, None, 128),
+        "fast_closure": lambda: fast(x, scale),
+        "launch_only": lambda: launch(plan.grid, 1, 1, stream, function, coop, pdl, None, None,
+                                      packed, None, None, None, xp, xp, op, *args),
+        "key_lookup": lambda: table.get((x.shape, x.stride(), x.dtype, x.get_device(), 128)),
+        "device_and_hook_checks": lambda: current_device() != device or hooks_active(),
+    }
+    # the closure timed here computes the rotation (torch's fp32 path, bf16 tolerances)
+    torch.testing.assert_close(fast(x, scale), op_mod.torch_hadamard(x, scale, None, 128))
+    return parts, x
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("host_breakdown.py needs a GPU")
+    import triton
+
+    rows = []
+    for tokens in (1, 16, 64):
+        parts, _ = parts_for(tokens)
+        samples: dict[str, list[float]] = {name: [] for name in parts}
+        for fn in parts.values():  # warm-up
+            per_call_us(fn, 200)
+        for _ in range(args.rounds):
+            for name, fn in parts.items():
+                samples[name].append(per_call_us(fn, args.calls))
+        row = {"tokens": tokens}
+        for name, values in samples.items():
+            row[f"{name}_us"] = round(statistics.median(values), 2)
+            row[f"{name}_us_all"] = [round(v, 2) for v in values]
+        rows.append(row)
+        print({k: v for k, v in row.items() if not k.endswith("_all")}, flush=True)
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=triton.__version__, calls=args.calls, rounds=args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -58,8 +58,9 @@ $(OLD_VENV)/.installed: pyproject.toml
 # - tests/test_triton_interpret.py loads the kernel file alone (no transformers), so a second
 #   run checks nothing new and costs ~3 min of CI (its compressed-tensors comparison is also in
 #   tests/test_op.py, which runs in both);
-# - the benchmark scripts' own tests (tests/test_bench_*.py: their statistics and command
-#   lines, no transformers or compressed-tensors code path of the package);
+# - the benchmark scripts' own tests (tests/test_bench_*.py: their statistics, command lines
+#   and a tiny end-to-end run of bench_generate.py on 5.24; the GPU machine runs the scripts
+#   themselves on 5.17);
 # - the quanto-backed QuantizedCache case: optimum-quanto builds its C++ extension into each
 #   venv on first use (~50 s on the CI machine); the oldest stack's QuantizedCache is still
 #   checked through its other backends (hqq, and fp8 where it exists);
@@ -68,7 +69,8 @@ $(OLD_VENV)/.installed: pyproject.toml
 # - flex_attention on CPU (~45 s of compiling flex's CPU template): the GPU tests run flex on
 #   this stack (test_flex_backend_gpu, transformers 5.17 on the device);
 # - inductor's code for the RoPE table (test_inductor_computes_cos_and_sin_once_for_every_layer:
-#   the op's layout tag, a torch-level property; ~30 s, it compiles with caches disabled).
+#   what the op's layout tag makes inductor do with one tiny Llama; ~30 s, it compiles with
+#   caches disabled).
 # The torch.compile sweeps over every architecture run on tests/tiny_models.py's
 # representatives here (--compile-archs representative); every architecture still runs
 # eagerly (test_architectures.py, test_integration.py, ...) and compiled in `make test`.

@@ -213,6 +213,8 @@ def main(argv=None) -> None:
                              "session 10). 'off' takes inductor's heuristic configuration, the "
                              "same for both labels: a deterministic comparison")
     args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first warm-up run compiles)")
     if args.pointwise_autotune == "off":
         import torch._inductor.config as inductor_config
 
@@ -282,8 +284,8 @@ def main(argv=None) -> None:
                     m = pick(label)
                     timed_generate(m, prompt, args.new_tokens, mode)
                     timed_prefill(m, prompt)
-                for _ in range(args.warmup - 1):  # then alternating, as the timed runs
-                    for label in labels:
+                for i in range(args.warmup - 1):  # then alternating, as the timed runs
+                    for label in labels if i % 2 else labels[::-1]:
                         timed_generate(pick(label), prompt, args.new_tokens, mode)
                 for rep in range(args.reps):
                     # alternate which goes first, so a drift within a pair cancels out

@@ -320,15 +320,28 @@ def test_environment_variable_bogus_is_refused(monkeypatch):
 
 
 def test_environment_variable_is_read_at_import():
-    """A fresh interpreter takes ``MODE`` from the environment when the module is imported
-    (one child: each start imports torch, ~7 s on the CI machine; the values themselves are
-    checked in-process above)."""
+    """A fresh interpreter takes ``MODE`` from the environment when the module is imported,
+    and the import itself fails on a bad value (one child: each start imports torch, ~7 s on
+    the CI machine; the child reloads the module for the second case)."""
+    code = (
+        "import importlib, os\n"
+        "import hf_hadamard_kq.ops.native as n\n"
+        "print(n.MODE)\n"
+        f"os.environ[{native.COMPILE_ENV!r}] = 'bogus'\n"
+        "try:\n"
+        "    importlib.reload(n)\n"
+        "except ValueError as exc:\n"
+        "    print('refused:', exc)\n"
+        "else:\n"
+        "    print('accepted:', n.MODE)\n"
+    )
     env = dict(os.environ, **{native.COMPILE_ENV: "native"})
-    code = "import hf_hadamard_kq.ops.native as n; print(n.MODE)"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "native"
+    first, second = res.stdout.strip().splitlines()
+    assert first == "native"
+    assert second.startswith("refused: HF_HADAMARD_KQ_COMPILE='bogus'"), second
 
 
 @pytest.fixture

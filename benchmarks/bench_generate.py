@@ -203,8 +203,8 @@ def main(argv=None) -> None:
                              "first compiles, in static mode; the others alternate like the "
                              "timed runs). In session 13's first A/A run both processes began "
                              "with a slower stretch (99-107 tok/s for the first 2-7 static "
-                             "runs, ~110 later); a longer warm-up did not remove slow "
-                             "stretches later in a run (BENCHMARKS.md)")
+                             "runs, ~110 later); four warm-up runs did not remove the slow "
+                             "runs (call 2; BENCHMARKS.md)")
     parser.add_argument("--pointwise-autotune", choices=["on", "off"], default="on",
                         help="inductor's timing of launch configurations for each pointwise "
                              "kernel at compile time (static mode). 'on' is torch's default; "

@@ -46,7 +46,7 @@ def per_call_us(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def parts_for(tokens: int) -> tuple[dict, torch.Tensor]:
+def parts_for(tokens: int) -> dict:
     """The timed callables for a query (1, 32, tokens, 128) in the projection's view."""
     x = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
     scale = 1 / math.sqrt(128)
@@ -79,7 +79,7 @@ def parts_for(tokens: int) -> tuple[dict, torch.Tensor]:
     }
     # the closure timed here computes the rotation (torch's fp32 path, bf16 tolerances)
     torch.testing.assert_close(fast(x, scale), op_mod.torch_hadamard(x, scale, None, 128))
-    return parts, x
+    return parts
 
 
 def main(argv=None) -> None:
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
     rows = []
     for tokens in (1, 16, 64):
-        parts, _ = parts_for(tokens)
+        parts = parts_for(tokens)
         samples: dict[str, list[float]] = {name: [] for name in parts}
         for fn in parts.values():  # warm-up
             per_call_us(fn, 200)

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -34,14 +33,7 @@ HD64 = FIXTURES / "llama_r3_hadamard_hd64"
 R3_NAME = "model.layers.0.self_attn.R3_q_attn.weight"
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli(*args, check=True) -> Result:
+def cli(*args, check=True) -> subprocess.CompletedProcess:
     """``hf-hadamard-kq *args`` in this process: stdout, stderr and the exit status that
     ``python -m hf_hadamard_kq.cli`` would give (``SystemExit("text")``: status 1, the text
     on stderr, as the interpreter does)."""
@@ -56,7 +48,7 @@ def cli(*args, check=True) -> Result:
             else:
                 print(exc.code, file=sys.stderr)
                 code = 1
-    proc = Result(code, out.getvalue(), err.getvalue())
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

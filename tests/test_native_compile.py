@@ -123,27 +123,25 @@ def test_native_decode_step_traces_without_the_custom_op(name, native_mode):
     assert tm.max_diff(out_native.logits, out_op.logits) < 1e-5
 
 
-#: Architectures whose decode step the sweep below compiles with inductor
-#: (tiny_models.COMPILE_REPRESENTATIVES: one per attention feature that changes what the native
-#: rotation sits next to). The others are traced by dynamo and AOTAutograd (functionalization
-#: of the static-cache writes, decompositions) and run without inductor's code generation:
-#: the per-architecture part of the check is what dynamo traces; inductor's lowering of the
-#: rotation is the same code for every architecture, and inductor compiles cost 5-20 s each on
-#: a 2-core CI machine with a cold cache against ~2 s for the trace.
-INDUCTOR_ARCHS = tm.COMPILE_REPRESENTATIVES
-
-
-def test_inductor_archs_are_in_the_matrix():
-    """A renamed architecture must not silently drop out of the inductor-compiled set."""
-    assert set(INDUCTOR_ARCHS) <= set(tm.ARCHS)
+def test_compile_representatives_are_in_the_matrix():
+    """A renamed architecture must not silently drop out of the inductor-compiled set below
+    (nor out of the oldest-stack run's sweeps)."""
+    assert set(tm.COMPILE_REPRESENTATIVES) <= set(tm.ARCHS)
 
 
 def test_native_decode_step_caches_rotated_keys(compile_arch, native_mode):
     """Every architecture of the matrix, compiled (fullgraph) decode step with the native
-    form -- inductor for :data:`INDUCTOR_ARCHS`, AOTAutograd's eager backend for the rest:
-    same logits as the plain model, and -- since logits cannot show a missing rotation (q
-    and k rotated alike cancel in q.k^T) -- the static cache holds the plain model's keys
-    times the float64 Hadamard matrix, including what the compiled step wrote."""
+    form: same logits as the plain model, and -- since logits cannot show a missing rotation
+    (q and k rotated alike cancel in q.k^T) -- the static cache holds the plain model's keys
+    times the float64 Hadamard matrix, including what the compiled step wrote.
+
+    inductor compiles tiny_models.COMPILE_REPRESENTATIVES (one per attention feature that
+    changes what the native rotation sits next to); the others are traced by dynamo and
+    AOTAutograd (functionalization of the static-cache writes, decompositions) and run without
+    inductor's code generation: the per-architecture part of the check is what dynamo traces;
+    inductor's lowering of the rotation is the same code for every architecture, and inductor
+    compiles cost 5-20 s each on a 2-core CI machine with a cold cache against ~2 s for the
+    trace."""
     from tests.test_compile_offload_autograd import _decode_step_inputs
 
     name = compile_arch
@@ -154,7 +152,7 @@ def test_native_decode_step_caches_rotated_keys(compile_arch, native_mode):
     before = [k.clone() for k in tm.cache_keys(o_in[name_])]
     with torch.no_grad():
         want = plain(**p_in).logits
-        backend = "inductor" if name in INDUCTOR_ARCHS else "aot_eager"
+        backend = "inductor" if name in tm.COMPILE_REPRESENTATIVES else "aot_eager"
         got = torch.compile(ours, backend=backend, fullgraph=True)(**o_in).logits
     assert tm.max_diff(got, want) < 1e-5
     for k_ours, k_before in zip(tm.cache_keys(o_in[name_]), before):

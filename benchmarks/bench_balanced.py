@@ -11,11 +11,13 @@ process's ratios and their order-balanced combination: the geometric mean of the
 ratio of each order. A bias that favours whichever copy comes first multiplies one order's
 ratio by ``b`` and the other's by ``1 / b``, so it cancels; the rotation's own cost does not.
 ``--control`` runs the same design as an A/A check (both copies plain sdpa): its balanced
-ratio should be ~1.
+ratio should be ~1. ``--script lockstep`` runs ``bench_lockstep.py`` instead (the two
+copies' ``generate`` calls alternate at every token, which takes the host's slow stretches
+out of the ratio; the order bias stays, hence both orders here too).
 
 Usage (GPU machine): ``python benchmarks/bench_balanced.py --out results/balanced -- --modes
-static --batch 1 --reps 14`` (everything after ``--`` goes to bench_generate.py, which must
-not be given ``--two-models``, ``--first`` or ``--out``).
+static --batch 1 --reps 14`` (everything after ``--`` goes to the script, which must not be
+given ``--two-models``, ``--first`` or ``--out``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ ORDERS = ("sdpa", "hadamard_kq")
 #: bench_generate.py row fields combined here (ratios: hadamard_kq relative to sdpa, > 1 is
 #: hadamard_kq faster).
 RATIOS = ("ratio_tok_s", "ratio_tok_s_paired_median", "ratio_prefill")
+#: ``--script``: the benchmark run per process, and the ratios of its rows to combine.
+SCRIPTS = {
+    "generate": ("bench_generate.py", RATIOS),
+    "lockstep": ("bench_lockstep.py", (*RATIOS, "ratio_decode", "ratio_step_paired_median")),
+}
 _OWN = ("--two-models", "--first", "--out")
 
 
@@ -50,11 +57,12 @@ def balanced(ratios_by_first: dict[str, list[float]]) -> float:
     return math.exp(statistics.fmean(logs))
 
 
-def combine(runs: list[tuple[str, dict]]) -> list[dict]:
+def combine(runs: list[tuple[str, dict]], ratios: tuple[str, ...] = RATIOS) -> list[dict]:
     """Per (mode, batch): each process's ratios by order, and the balanced ratios.
 
-    ``runs``: ``(first, bench_generate.json content)`` per process. A row with an error in
-    any process is reported as an error (never combined from the other order alone)."""
+    ``runs``: ``(first, bench_generate.json or bench_lockstep.json content)`` per process;
+    ``ratios``: the row fields to combine. A row with an error in any process is reported
+    as an error (never combined from the other order alone)."""
     table: dict[tuple, dict] = {}
     for first, data in runs:
         for row in data["rows"]:
@@ -62,7 +70,7 @@ def combine(runs: list[tuple[str, dict]]) -> list[dict]:
             entry = table.setdefault(key, {"mode": row["mode"], "batch": row["batch"],
                                            "runs": []})
             entry["runs"].append({"first": first, **{k: row.get(k) for k in (
-                *RATIOS, "error", "sdpa_tok_s", "hadamard_kq_tok_s", "sdpa_prefill_ms",
+                *ratios, "error", "sdpa_tok_s", "hadamard_kq_tok_s", "sdpa_prefill_ms",
                 "hadamard_kq_prefill_ms", "sdpa_samples", "hadamard_kq_samples")}})
     out = []
     for entry in table.values():
@@ -70,7 +78,7 @@ def combine(runs: list[tuple[str, dict]]) -> list[dict]:
         if errors:
             entry["error"] = errors[0]
         else:
-            for name in RATIOS:
+            for name in ratios:
                 by_first = {f: [r[name] for r in entry["runs"] if r["first"] == f]
                             for f in ORDERS}
                 entry[f"balanced_{name}"] = round(balanced(by_first), 4)
@@ -89,26 +97,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=1, help="processes per order")
     parser.add_argument("--control", action="store_true",
                         help="A/A: both copies plain sdpa (bench_generate.py --control)")
+    parser.add_argument("--script", choices=sorted(SCRIPTS), default="generate",
+                        help="generate: bench_generate.py --two-models (whole generate runs "
+                             "alternate); lockstep: bench_lockstep.py (the two copies' "
+                             "generate calls alternate at every token)")
     args = parser.parse_args(argv)
     clash = [a for a in rest if a.split("=")[0] in _OWN]
     if clash:
         raise SystemExit(f"bench_balanced.py sets {clash[0]} itself; leave it out")
     if args.pairs < 1:
         raise SystemExit("--pairs must be >= 1")
+    script, ratios = SCRIPTS[args.script]
+    two_models = ["--two-models"] if args.script == "generate" else []
     runs = []
     for pair in range(args.pairs):
         for first in (ORDERS if pair % 2 == 0 else ORDERS[::-1]):
             out = args.out / f"pair{pair}_{first}_first"
-            cmd = [sys.executable, str(HERE / "bench_generate.py"), "--two-models",
+            cmd = [sys.executable, str(HERE / script), *two_models,
                    "--first", first, "--out", str(out), *rest]
             if args.control:
                 cmd.append("--control")
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-            runs.append((first, json.loads((out / "bench_generate.json").read_text())))
-    rows = combine(runs)
+            result = out / script.replace(".py", ".json")
+            runs.append((first, json.loads(result.read_text())))
+    rows = combine(runs, ratios)
     env = dict(runs[0][1]["env"], first="both (balanced)", pairs=args.pairs,
-               control=args.control)
+               control=args.control, script=script)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_balanced.json").write_text(json.dumps({"env": env, "rows": rows},
                                                              indent=1))

@@ -23,15 +23,16 @@ so this method does not cancel it: ``bench_balanced.py --script lockstep`` runs 
 
 Both worker threads are pinned to one CPU core (``--cpu``, default the last core this process
 may use): the first lockstep runs on an H200 host (session 14) showed the copies' steps
-differing by up to 8 % *within* one run, for several runs in a row, in one process and not in
-the other; a per-thread difference that persists over stretches is where the OS put each
-thread, and two threads on one core share that placement.
+differing by up to 8 % *within* one run, for several runs in a row, mostly in one process; a
+per-thread difference that persists over stretches is presumably where the OS put each
+thread, and two threads on one core share that placement (pinned, the per-run ratios mostly
+stayed within ±1 %).
 
 cudagraph trees keep one tree manager per thread; each copy always runs in its own worker
 thread (warm-up and compile included), so a copy's graphs are never recorded again because
 the other copy ran. They are recorded again for a new set of static-input addresses:
-transformers 5.17's ``generate`` allocates a new StaticCache per call, and every replay then
-checks the recordings in turn; ``--persistent-cache`` passes a cache kept per copy instead
+transformers' ``generate`` (5.17, 5.24) allocates a new StaticCache per call, and every replay
+then checks the recordings in turn; ``--persistent-cache`` passes a cache kept per copy instead
 (per run: recordings in ``cudagraph_events``, root graphs per copy in ``graph_roots``). In an
 A/A run (``--control``) the two copies have one structure, dynamo's guards let both run one
 compiled entry, and its tree holds a root per copy.
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import collections
 import faulthandler
+import itertools
 import json
 import os
 import queue
@@ -61,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import CudagraphEvents, build_model, sync
 
 import hf_hadamard_kq
+from hf_hadamard_kq.research import cache_kwarg
 
 LABELS = ("sdpa", "hadamard_kq")
 
@@ -138,14 +141,16 @@ class TimedCall:
 
     def __call__(self, *args, **kwargs):
         if not self.spans:  # a static input of the graphs: a new address is a new recording
-            self.cache_ptrs.append(cache_pointers(kwargs.get("past_key_values")))
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # 5.17 / 5.24 name
+            self.cache_ptrs.append(cache_pointers(cache))
         start = time.perf_counter()
-        if self.profiler is not None:  # per thread: it sees only this copy's calls
-            self.profiler.enable()
+        profiler = self.profiler  # read once: the main thread may reset it after a timeout
+        if profiler is not None:  # per thread: it sees only this copy's calls
+            profiler.enable()
             try:
                 out = self.fn(*args, **kwargs)
             finally:
-                self.profiler.disable()
+                profiler.disable()
         else:
             out = self.fn(*args, **kwargs)
         self.spans.append((start, time.perf_counter()))
@@ -192,13 +197,17 @@ def run_generate(model, label: str, lockstep: Lockstep, prompt, new_tokens: int,
                  static: bool, persistent: bool = False) -> dict:
     """One ``generate`` in lockstep with the other copy; its timings (seconds).
 
-    ``persistent`` (static mode): pass the model's own StaticCache, made once and reset
-    before each call, instead of letting ``generate`` allocate a new one per call (what
-    transformers 5.17 does): its tensors then keep their addresses, so cudagraph trees record
-    the decode step once. A new address for a static input is a new recording, and each
-    replay checks every recorded sibling in turn."""
+    ``persistent`` (static mode): pass the model's own StaticCache, made once per (batch,
+    length) and reset before each call, instead of letting ``generate`` allocate a new one
+    per call (what transformers 5.17 and 5.24 do): its tensors then keep their addresses, so
+    cudagraph trees record the decode step once. A new address for a static input is a new
+    recording, and each replay checks every recorded sibling in turn.
+
+    Everything before the timed ``generate`` (the cache reset's kernels included) runs in
+    this copy's turn, never while the other copy is timed."""
     from transformers import LogitsProcessorList, StaticCache
 
+    lockstep.wait_turn(label)
     timed = time_compiled_call(model)
     if timed is not None:
         timed.spans.clear()
@@ -207,16 +216,15 @@ def run_generate(model, label: str, lockstep: Lockstep, prompt, new_tokens: int,
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0, logits_processor=LogitsProcessorList([baton]))
     if static and persistent:
-        length = prompt.shape[1] + new_tokens
+        shape = (prompt.shape[0], prompt.shape[1] + new_tokens)
         made_for, cache = model.__dict__.get("_lockstep_cache", (None, None))
-        if made_for != length:
-            cache = StaticCache(config=model.config, max_cache_len=length)
-            model._lockstep_cache = (length, cache)
+        if made_for != shape:
+            cache = StaticCache(config=model.config, max_cache_len=shape[1])
+            model._lockstep_cache = (shape, cache)
         cache.reset()  # in place: the tensors keep their addresses
-        kwargs["past_key_values"] = cache
+        kwargs[cache_kwarg(model)] = cache  # "cache" on transformers >= 5.24
     elif static:
         kwargs["cache_implementation"] = "static"
-    lockstep.wait_turn(label)
     sync()
     start = time.perf_counter()
     out = model.generate(prompt, **kwargs)
@@ -230,6 +238,9 @@ def run_generate(model, label: str, lockstep: Lockstep, prompt, new_tokens: int,
     tail = end - baton.resumes[-1]
     result = dict(active=prefill + sum(steps) + tail, steps=steps, prefill=prefill, tail=tail,
                   marks=baton.marks, tokens=out[:, prompt.shape[1]:].tolist(),
+                  spans=[(start, baton.marks[0]),
+                         *zip(baton.resumes[:-1], baton.marks[1:]),
+                         (baton.resumes[-1], end)],
                   sync_waits=[m - s for m, s in zip(baton.marks[1:], baton.sync_starts[1:])])
     if timed is not None and len(timed.spans) == new_tokens - 1:  # one per decode step
         result["call_host"] = [b - a for a, b in timed.spans]
@@ -253,12 +264,18 @@ class Worker:
     def _loop(self) -> None:
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})  # this thread only (Linux: 0 = caller)
+        setup_error = None
+        try:
+            _init_cudagraph_tls()
+        except BaseException as e:  # reported with the first job, never a silent dead thread
+            setup_error = e
         while True:
             job = self.jobs.get()
             if job is None:
                 return
             try:
-                _init_cudagraph_tls()
+                if setup_error is not None:
+                    raise setup_error
                 result = run_generate(self.model, self.label, self.lockstep, *job)
             except BaseException as e:  # reported by the main thread
                 self.lockstep.finish(self.label, failed=True)
@@ -300,8 +317,9 @@ def lockstep_pair(workers: dict[str, Worker], lockstep: Lockstep, first: str, jo
             results[label] = w.results.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             faulthandler.dump_traceback(all_threads=True)
+            cause = next((r for r in results.values() if isinstance(r, BaseException)), None)
             raise TimeoutError(f"lockstep pair not done after {timeout} s "
-                               "(every thread's stack is printed above)") from None
+                               "(every thread's stack is printed above)") from cause
     errors = [r for r in results.values() if isinstance(r, BaseException)]
     if errors:  # the cause first, not the other copy's stop
         raise min(errors, key=lambda e: isinstance(e, OtherCopyFailed))
@@ -310,14 +328,19 @@ def lockstep_pair(workers: dict[str, Worker], lockstep: Lockstep, first: str, jo
 
 
 def check_alternation(results: dict[str, dict], first: str) -> None:
-    """The hand-offs of the two copies must interleave strictly, ``first``'s leading: else
-    the two copies ran at once or one ran several steps alone, and the pairing is wrong."""
-    events = sorted((t, label) for label, r in results.items() for t in r["marks"])
-    order = [label for _, label in events]
+    """Each copy's timed spans (``generate`` start to its first hand-off, each turn, the last
+    turn to its return) must alternate strictly with the other's, ``first``'s leading, and
+    never overlap: else the two copies ran at once or one ran several steps alone, and
+    neither the times nor the pairing mean what they say."""
+    spans = sorted((a, b, label) for label, r in results.items() for a, b in r["spans"])
+    order = [label for _, _, label in spans]
     second = LABELS[1 - LABELS.index(first)]
-    expected = [first, second] * (len(order) // 2)
-    if order != expected:
+    if order != [first, second] * (len(order) // 2) or len(order) % 2:
         raise RuntimeError(f"the copies did not alternate at every token: {order[:12]}...")
+    for (_, end, label), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            raise RuntimeError(f"{other}'s timed span began before {label}'s ended: the "
+                               "copies ran at the same time")
 
 
 def summarize(mode: str, batch: int, new_tokens: int, runs: list[dict]) -> dict:

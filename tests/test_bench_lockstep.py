@@ -47,14 +47,18 @@ def test_runs_alternate_token_by_token_and_exclude_the_waits(tmp_path):
             assert row[key] > 0
 
 
-def test_alternation_check_rejects_a_copy_running_alone():
-    good = {"sdpa": {"marks": [1.0, 3.0]}, "hadamard_kq": {"marks": [2.0, 4.0]}}
+def test_alternation_check_rejects_a_copy_running_alone_or_at_once():
+    good = {"sdpa": {"spans": [(0, 1), (2, 3)]}, "hadamard_kq": {"spans": [(1, 2), (3, 4)]}}
     bench_lockstep.check_alternation(good, "sdpa")
     with pytest.raises(RuntimeError, match="did not alternate"):
         bench_lockstep.check_alternation(good, "hadamard_kq")
-    bad = {"sdpa": {"marks": [1.0, 2.0]}, "hadamard_kq": {"marks": [3.0, 4.0]}}
+    alone = {"sdpa": {"spans": [(0, 1), (1, 2)]}, "hadamard_kq": {"spans": [(2, 3), (3, 4)]}}
     with pytest.raises(RuntimeError, match="did not alternate"):
-        bench_lockstep.check_alternation(bad, "sdpa")
+        bench_lockstep.check_alternation(alone, "sdpa")
+    # the right order of starts, but the second copy began before the first's turn ended
+    overlap = {"sdpa": {"spans": [(0, 1.5), (2, 3)]}, "hadamard_kq": {"spans": [(1, 2), (3, 4)]}}
+    with pytest.raises(RuntimeError, match="same time"):
+        bench_lockstep.check_alternation(overlap, "sdpa")
 
 
 def test_hand_over_excludes_the_other_copys_time():
@@ -78,10 +82,10 @@ def test_hand_over_excludes_the_other_copys_time():
         t.join(timeout=30)
         assert not t.is_alive()
     fast = batons["sdpa"]
-    steps = [m - r for m, r in zip(fast.marks[1:], fast.resumes[:-1])]
-    assert max(steps) < 0.04, steps  # the other copy's 50 ms is not in sdpa's steps
     waits = [r - m for m, r in zip(fast.marks, fast.resumes)]
-    assert min(waits[:2]) >= 0.045  # it was waiting for the other copy meanwhile
+    assert min(waits[:2]) >= 0.045  # sdpa waited while the other copy slept 50 ms
+    steps = [m - r for m, r in zip(fast.marks[1:], fast.resumes[:-1])]
+    assert max(steps) < min(waits[:2]) / 2, (steps, waits)  # and its steps hold none of it
 
 
 class _Failing:
@@ -104,7 +108,7 @@ def test_a_failing_copy_stops_the_other(monkeypatch):
                "hadamard_kq": bench_lockstep.Worker("hadamard_kq", _Failing(), lockstep)}
     prompt = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="boom"):  # the cause, not the other copy's stop
-        bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", (prompt, 4, False))
+        bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", (prompt, 4, False), timeout=30)
     for w in workers.values():
         w.jobs.put(None)
         w.thread.join(timeout=30)
@@ -177,8 +181,10 @@ class _FakeCompiled:
     """A model whose generate runs ``_compiled_call`` once per decode step, as transformers'
     static-cache generate does; the hadamard_kq one does extra Python in that call."""
 
-    def __init__(self, extra: bool) -> None:
+    def __init__(self, extra: bool, sleep: float = 0.0) -> None:
         self._compiled_call = _extra_work if extra else (lambda: 0)
+        if sleep:
+            self._compiled_call = lambda: time.sleep(sleep)
 
     def generate(self, prompt, logits_processor, max_new_tokens, **kwargs):
         logits_processor[0](None, None)  # the prefill's token
@@ -194,9 +200,9 @@ def test_cprofile_names_the_python_only_one_copy_runs(tmp_path, monkeypatch):
     models = {"sdpa": _FakeCompiled(False), "hadamard_kq": _FakeCompiled(True)}
     workers = {lb: bench_lockstep.Worker(lb, models[lb], lockstep) for lb in models}
     job = (torch.zeros(1, 2, dtype=torch.long), 5, True)
-    result = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", job)
+    result = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", job, timeout=30)
     assert len(result["hadamard_kq"]["call_host"]) == 4  # one compiled call per decode step
-    report = bench_lockstep.profile_calls(models, workers, lockstep, "sdpa", job, 60, tmp_path)
+    report = bench_lockstep.profile_calls(models, workers, lockstep, "sdpa", job, 30, tmp_path)
     (row,) = [r for r in report["count_differs"] if "_extra_work" in r["function"]]
     assert (row["ncalls_sdpa"], row["ncalls_hadamard_kq"]) == (0, 4)
     assert (tmp_path / "cprofile_hadamard_kq.prof").exists()
@@ -217,10 +223,12 @@ def test_a_kept_cache_generates_what_generates_own_cache_does():
     lockstep = bench_lockstep.Lockstep()
     workers = {lb: bench_lockstep.Worker(lb, models[lb], lockstep) for lb in models}
     prompt = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
-    fresh = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", (prompt, 5, True, False))
+    fresh = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", (prompt, 5, True, False),
+                                         timeout=60)
     seen = set()
     for _ in range(2):
-        kept = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", (prompt, 5, True, True))
+        kept = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", (prompt, 5, True, True),
+                                            timeout=60)
         for lb in bench_lockstep.LABELS:
             assert kept[lb]["tokens"] == fresh[lb]["tokens"]
         cache = models["hadamard_kq"]._lockstep_cache[1]
@@ -228,3 +236,39 @@ def test_a_kept_cache_generates_what_generates_own_cache_does():
     assert len(seen) == 1  # one cache, its tensors at one address, reused by both runs
     for w in workers.values():
         w.jobs.put(None)
+
+
+def test_run_generate_steps_hold_only_their_own_copys_work(monkeypatch):
+    """The script's own step formula: with the other copy sleeping 40 ms per step, sdpa's
+    steps stay far below 40 ms, its active time leaves the other's out, and the sleeping
+    copy's steps hold its sleep."""
+    monkeypatch.setattr(bench_lockstep, "sync", lambda: None)
+    lockstep = bench_lockstep.Lockstep()
+    models = {"sdpa": _FakeCompiled(False), "hadamard_kq": _FakeCompiled(False, sleep=0.04)}
+    workers = {lb: bench_lockstep.Worker(lb, models[lb], lockstep) for lb in models}
+    job = (torch.zeros(1, 2, dtype=torch.long), 5, True)
+    t0 = time.perf_counter()
+    result = bench_lockstep.lockstep_pair(workers, lockstep, "sdpa", job, timeout=30)
+    wall = time.perf_counter() - t0
+    slow, fast = result["hadamard_kq"], result["sdpa"]
+    assert min(slow["steps"]) >= 0.039 and len(fast["steps"]) == 4
+    assert max(fast["steps"]) < min(slow["steps"]) / 2, (fast["steps"], slow["steps"])
+    assert fast["active"] < wall - slow["active"] + 0.005  # the two never counted twice
+    for w in workers.values():
+        w.jobs.put(None)
+
+
+def test_a_kept_cache_is_made_per_batch_size():
+    """--persistent-cache with several batch sizes: each gets its own cache (the shape)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_generate import build_model
+
+    model = build_model(1, "cpu", tiny=True)
+    lockstep = bench_lockstep.Lockstep()
+    for batch in (1, 2):
+        prompt = torch.randint(3, 200, (batch, 4), generator=torch.Generator().manual_seed(0))
+        lockstep.start("sdpa")
+        lockstep.finished.add("hadamard_kq")  # no other copy: never wait for it
+        out = bench_lockstep.run_generate(model, "sdpa", lockstep, prompt, 3, True, True)
+        assert len(out["tokens"]) == batch
+        assert model._lockstep_cache[0] == (batch, 7)

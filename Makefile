@@ -34,7 +34,9 @@ lint: $(STAMP)
 # each worker compile in-process. PYTEST_PAR= (empty) runs everything in one process.
 # Measured on the 2-core development machine, fresh clone, cold inductor and triton caches
 # (session 13): `bash .ci/run` 1028 s (`make test`'s suite 538 s, `make test-oldest` 276 s, the
-# rest venvs, lint and notebooks), against 1421 s (698 s and 474 s) at the session's start.
+# rest venvs, lint and notebooks), against 1421 s (698 s and 474 s) at the session's start;
+# the CI machine then took 821 s. Session 14 (test_bench_lockstep.py added): 1063 s (539 s and
+# 294 s).
 PYTEST_PAR ?= -n auto --dist loadfile --no-loadscope-reorder
 
 test: lint notebooks

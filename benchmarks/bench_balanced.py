@@ -35,10 +35,12 @@ ORDERS = ("sdpa", "hadamard_kq")
 #: bench_generate.py row fields combined here (ratios: hadamard_kq relative to sdpa, > 1 is
 #: hadamard_kq faster).
 RATIOS = ("ratio_tok_s", "ratio_tok_s_paired_median", "ratio_prefill")
-#: ``--script``: the benchmark run per process, and the ratios of its rows to combine.
+#: ``--script``: the benchmark run per process, the arguments it always gets (besides
+#: ``--first`` and ``--out``), and the ratios of its rows to combine.
 SCRIPTS = {
-    "generate": ("bench_generate.py", RATIOS),
-    "lockstep": ("bench_lockstep.py", (*RATIOS, "ratio_decode", "ratio_step_paired_median")),
+    "generate": ("bench_generate.py", ("--two-models",), RATIOS),
+    "lockstep": ("bench_lockstep.py", (),
+                 (*RATIOS, "ratio_decode", "ratio_step_paired_median")),
 }
 _OWN = ("--two-models", "--first", "--out")
 
@@ -107,13 +109,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench_balanced.py sets {clash[0]} itself; leave it out")
     if args.pairs < 1:
         raise SystemExit("--pairs must be >= 1")
-    script, ratios = SCRIPTS[args.script]
-    two_models = ["--two-models"] if args.script == "generate" else []
+    script, script_args, ratios = SCRIPTS[args.script]
     runs = []
     for pair in range(args.pairs):
         for first in (ORDERS if pair % 2 == 0 else ORDERS[::-1]):
             out = args.out / f"pair{pair}_{first}_first"
-            cmd = [sys.executable, str(HERE / script), *two_models,
+            cmd = [sys.executable, str(HERE / script), *script_args,
                    "--first", first, "--out", str(out), *rest]
             if args.control:
                 cmd.append("--control")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import faulthandler
 import itertools
 import json
@@ -66,6 +67,10 @@ import hf_hadamard_kq
 from hf_hadamard_kq.research import cache_kwarg
 
 LABELS = ("sdpa", "hadamard_kq")
+
+
+def other_label(label: str) -> str:
+    return LABELS[1 - LABELS.index(label)]
 
 
 class OtherCopyFailed(RuntimeError):
@@ -94,7 +99,7 @@ class Lockstep:
 
     def hand_over(self, label: str) -> None:
         """Give the turn to the other copy (unless it finished) and wait for it back."""
-        other = LABELS[1 - LABELS.index(label)]
+        other = other_label(label)
         with self.cond:
             if other not in self.finished:
                 self.turn = other
@@ -104,7 +109,7 @@ class Lockstep:
     def finish(self, label: str, failed: bool = False) -> None:
         with self.cond:
             self.finished.add(label)
-            self.turn = LABELS[1 - LABELS.index(label)]
+            self.turn = other_label(label)
             self.stopped = self.stopped or failed
             self.cond.notify_all()
 
@@ -137,21 +142,17 @@ class TimedCall:
         self.fn = fn
         self.spans: list[tuple[float, float]] = []
         self.profiler = None  # a cProfile.Profile for --cprofile's extra run
-        self.cache_ptrs: list[tuple[int, ...]] = []  # per generate: where its cache lives
+        self.cache_ptrs: tuple[int, ...] | None = None  # where this generate's cache lives
 
     def __call__(self, *args, **kwargs):
         if not self.spans:  # a static input of the graphs: a new address is a new recording
             cache = kwargs.get("past_key_values", kwargs.get("cache"))  # 5.17 / 5.24 name
-            self.cache_ptrs.append(cache_pointers(cache))
+            self.cache_ptrs = cache_pointers(cache)
         start = time.perf_counter()
-        profiler = self.profiler  # read once: the main thread may reset it after a timeout
-        if profiler is not None:  # per thread: it sees only this copy's calls
-            profiler.enable()
-            try:
-                out = self.fn(*args, **kwargs)
-            finally:
-                profiler.disable()
-        else:
+        # read once: the main thread may reset it after a timeout. Per thread: a profiler
+        # enabled here sees only this copy's calls
+        profiler = self.profiler
+        with profiler if profiler is not None else contextlib.nullcontext():
             out = self.fn(*args, **kwargs)
         self.spans.append((start, time.perf_counter()))
         return out
@@ -211,7 +212,7 @@ def run_generate(model, label: str, lockstep: Lockstep, prompt, new_tokens: int,
     timed = time_compiled_call(model)
     if timed is not None:
         timed.spans.clear()
-        timed.cache_ptrs.clear()
+        timed.cache_ptrs = None
     baton = Baton(label, lockstep)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0, logits_processor=LogitsProcessorList([baton]))
@@ -244,7 +245,7 @@ def run_generate(model, label: str, lockstep: Lockstep, prompt, new_tokens: int,
                   sync_waits=[m - s for m, s in zip(baton.marks[1:], baton.sync_starts[1:])])
     if timed is not None and len(timed.spans) == new_tokens - 1:  # one per decode step
         result["call_host"] = [b - a for a, b in timed.spans]
-        result["cache_ptrs"] = timed.cache_ptrs[-1]
+        result["cache_ptrs"] = timed.cache_ptrs
         result["graph_roots"] = cudagraph_roots()
     return result
 
@@ -334,7 +335,7 @@ def check_alternation(results: dict[str, dict], first: str) -> None:
     neither the times nor the pairing mean what they say."""
     spans = sorted((a, b, label) for label, r in results.items() for a, b in r["spans"])
     order = [label for _, _, label in spans]
-    second = LABELS[1 - LABELS.index(first)]
+    second = other_label(first)
     if order != [first, second] * (len(order) // 2) or len(order) % 2:
         raise RuntimeError(f"the copies did not alternate at every token: {order[:12]}...")
     for (_, end, label), (start, _, other) in itertools.pairwise(spans):
@@ -357,14 +358,13 @@ def summarize(mode: str, batch: int, new_tokens: int, runs: list[dict]) -> dict:
     row["ratio_tok_s"] = round(row["hadamard_kq_tok_s"] / row["sdpa_tok_s"], 4)
     row["ratio_tok_s_paired_median"] = round(statistics.median(
         h / s for h, s in zip(tok["hadamard_kq"], tok["sdpa"])), 4)
-    per_run = [sum(r["sdpa"]["steps"]) / sum(r["hadamard_kq"]["steps"]) for r in runs]
-    row["ratio_decode_per_run"] = [round(v, 4) for v in per_run]
+    sums = [(sum(r["sdpa"]["steps"]), sum(r["hadamard_kq"]["steps"])) for r in runs]
+    row["ratio_decode_per_run"] = [round(s / h, 4) for s, h in sums]
     # per run, the median step of each: robust to a step that recorded a CUDA graph again
     row["ratio_median_step_per_run"] = [round(
         statistics.median(r["sdpa"]["steps"]) / statistics.median(r["hadamard_kq"]["steps"]), 4)
         for r in runs]
-    row["ratio_decode"] = round(sum(sum(r["sdpa"]["steps"]) for r in runs)
-                                / sum(sum(r["hadamard_kq"]["steps"]) for r in runs), 4)
+    row["ratio_decode"] = round(sum(s for s, _ in sums) / sum(h for _, h in sums), 4)
     row["ratio_step_paired_median"] = round(statistics.median(
         s / h for r in runs for s, h in zip(r["sdpa"]["steps"], r["hadamard_kq"]["steps"])), 4)
     row["ratio_prefill"] = round(row["sdpa_prefill_ms"] / row["hadamard_kq_prefill_ms"], 4)
@@ -486,7 +486,7 @@ def main(argv=None) -> None:
     for a, b in zip(built_first.state_dict().values(), built_second.state_dict().values()):
         if not torch.equal(a, b):
             raise SystemExit("the two copies differ; cannot compare them")
-    other = LABELS[1 - LABELS.index(args.first)]
+    other = other_label(args.first)
     models = {args.first: built_first, other: built_second}
     if not args.control:
         hf_hadamard_kq.apply_r3(models["hadamard_kq"])

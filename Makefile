@@ -76,9 +76,11 @@ $(OLD_VENV)/.installed: pyproject.toml
 #   float64 (no transformers or compressed-tensors code);
 # - flex_attention on CPU (~45 s of compiling flex's CPU template): the GPU tests run flex on
 #   this stack (test_flex_backend_gpu, transformers 5.17 on the device);
-# - inductor's code for the RoPE table (test_inductor_computes_cos_and_sin_once_for_every_layer:
-#   what the op's layout tag makes inductor do with one tiny Llama; ~30 s, it compiles with
-#   caches disabled).
+# - inductor's code for the RoPE table and the cache writes
+#   (test_inductor_computes_cos_and_sin_once_for_every_layer: what the op's layout tag makes
+#   inductor do with one tiny Llama, and that kv_store writes the cache in place; ~30 s, it
+#   compiles with caches disabled). tests/test_kv_store.py runs in both (5.17's StaticLayer
+#   is the one the GPU machine has).
 # The torch.compile sweeps over every architecture run on tests/tiny_models.py's
 # representatives here (--compile-archs representative); every architecture still runs
 # eagerly (test_architectures.py, test_integration.py, ...) and compiled in `make test`.

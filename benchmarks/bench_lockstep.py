@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import CudagraphEvents, build_model, sync
 
 import hf_hadamard_kq
+from hf_hadamard_kq import cache as hkq_cache
 from hf_hadamard_kq.research import cache_kwarg
 
 LABELS = ("sdpa", "hadamard_kq")
@@ -466,7 +467,16 @@ def main(argv=None) -> None:
                              "the functions whose call counts or times differ most")
     parser.add_argument("--pair-timeout", type=float, default=900.0,
                         help="seconds one lockstep pair (compile included) may take")
+    parser.add_argument("--pointwise-autotune", choices=["on", "off"], default="on",
+                        help="as bench_generate.py's: 'off' gives every pointwise kernel "
+                             "inductor's heuristic launch configuration instead of the one "
+                             "its compile-time timing picks (which differs between the two "
+                             "copies' compilations: BENCHMARKS.md, session 15)")
     args = parser.parse_args(argv)
+    if args.pointwise_autotune == "off":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.autotune_pointwise = False
     if args.warmup < 1 or args.reps < 1 or args.new_tokens < 2:
         parser.error("--warmup and --reps must be >= 1 and --new-tokens >= 2")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -479,7 +489,8 @@ def main(argv=None) -> None:
                layers=args.layers, tiny=args.tiny, prompt=args.prompt,
                new_tokens=args.new_tokens, compile_rotation=args.compile_rotation,
                first=args.first, control=args.control, warmup=args.warmup, reps=args.reps,
-               method="lockstep", persistent_cache=args.persistent_cache)
+               method="lockstep", persistent_cache=args.persistent_cache,
+               kv_store=hkq_cache.KV_STORE, pointwise_autotune=args.pointwise_autotune)
     print(env, flush=True)
     built_first = build_model(args.layers, args.device, args.tiny)
     built_second = build_model(args.layers, args.device, args.tiny)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_generate import build_model
 
 import hf_hadamard_kq
+from hf_hadamard_kq.cache import KV_STORE
 
 STEPS = 6
 FIRST = 20  # the first profiled compiled call
@@ -71,10 +72,11 @@ def main() -> None:
         model.generate(prompt, **kw)
         torch.cuda.synchronize()
         walls.append(round(128 / (time.perf_counter() - start), 2))
-    res = dict(label=label, form=form, pkg=hf_hadamard_kq.__file__,
+    res = dict(label=label, form=form, pkg=hf_hadamard_kq.__file__, kv_store=KV_STORE,
                kernel_us_per_step=round(total, 1), tok_s=walls,
                kernels=[(k[:100], round(t, 2), c) for k, t, c in rows[:40]])
-    print(label, form, "kernel us/step", round(total, 1), "tok/s", walls, flush=True)
+    print(label, form, "kv_store", KV_STORE, "kernel us/step", round(total, 1), "tok/s", walls,
+          flush=True)
     for k, t, c in rows[:14]:
         print(f"   {t:9.2f} us  x{c:5.1f}  {k[:110]}")
     Path(out).write_text(json.dumps(res, indent=1))

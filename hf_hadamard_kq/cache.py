@@ -22,8 +22,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from transformers.cache_utils import StaticCache, StaticLayer
 
 from . import fused as fused_mod
+from .ops.kv_store import kv_store
 from .ops.op import hadamard_apply
 from .plan import Rotation
 from .specs import KV_QUANTIZER_ATTR, MARKERS, SLOT_ATTR, SPECS, LayerSpec, Markers, mark, unmark
@@ -36,6 +38,10 @@ CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 #: Set by install.probe_pattern during its check forward; None otherwise (one global read
 #: per update on the hot path).
 PROBE = None
+
+#: Set to 1 (before import) to keep transformers' own two cache writes in compiled static-cache
+#: steps instead of the one-kernel ``kv_store`` (for A/B measurements; see :func:`_store_static`).
+NO_KV_STORE_ENV = "HF_HADAMARD_KQ_NO_KV_STORE"
 
 
 def _record(owner, event: str = "k_rotated") -> None:
@@ -60,16 +66,19 @@ def _rotate_key(key_states: torch.Tensor, rotation: Rotation, owner: Any) -> tor
     return rotate(key_states, rotation, owner)
 
 
-def _marked_key(key_states: torch.Tensor, markers: Markers, owner: Any) -> torch.Tensor:
+def _marked_key(key_states: torch.Tensor, markers: Markers,
+                owner: Any) -> tuple[torch.Tensor, bool]:
     """The key to store in a marked call (its ``cos`` was marked by the pre-hook): the RoPE
-    wrapper's rotated output, unmarked. Anything else is a key that was replaced after RoPE
-    or never went through it (fused.py, "Under torch.compile"): an error, never a guess."""
-    if type(key_states) is markers.k:
+    wrapper's rotated output, unmarked, and whether the fused Q/K op made it (``k_op``).
+    Anything else is a key that was replaced after RoPE or never went through it (fused.py,
+    "Under torch.compile"): an error, never a guess."""
+    kind = type(key_states)
+    if kind is markers.k_op or kind is markers.k:
         if PROBE is not None:
             _record(owner, "k_marked")
-        return unmark(key_states)
+        return unmark(key_states), kind is markers.k_op
     fused_mod.mismatch(owner, "key")  # raises, except while probing
-    return unmark(key_states)
+    return unmark(key_states), False
 
 
 def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
@@ -94,6 +103,74 @@ def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _store_check() -> bool:
+    """Whether ``StaticLayer.update`` still does what :func:`_store_static` does in its place:
+    run both on a small CPU cache (two updates, of 3 and 1 positions) and compare the keys, the
+    values and ``cumulative_length``. Why: the replacement reads the layer's attributes, so a
+    transformers release that changed the layer's bookkeeping must turn it off rather than
+    write elsewhere; checked once, at import."""
+    import os
+
+    if os.environ.get(NO_KV_STORE_ENV) == "1":
+        return False
+    gen = torch.Generator().manual_seed(0)
+    theirs, ours = StaticLayer(max_cache_len=6), StaticLayer(max_cache_len=6)
+    try:
+        for length in (3, 1):
+            k = torch.randn(2, 3, length, 4, generator=gen)
+            v = torch.randn(2, 3, length, 5, generator=gen)
+            theirs.update(k, v)
+            if not ours.is_initialized:
+                ours.update(k, v)
+                continue
+            kv_store(ours.keys, ours.values, k, v, ours.cumulative_length)
+            ours.cumulative_length.add_(length)
+        return (
+            torch.equal(theirs.keys, ours.keys)
+            and torch.equal(theirs.values, ours.values)
+            and int(theirs.cumulative_length) == int(ours.cumulative_length) == 4
+        )
+    except Exception:  # an attribute this module reads is gone: keep transformers' update
+        return False
+
+
+#: Whether compiled static-cache steps write keys and values with ``kv_store`` (see
+#: :func:`_store_static`); False when :data:`NO_KV_STORE_ENV` is set or the check fails.
+KV_STORE: bool = _store_check()
+
+
+def _store_static(cache: Any, key_states: torch.Tensor, value_states: torch.Tensor,
+                  args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``cache.update(key_states, value_states, layer_idx)`` for an initialized layer of a
+    plain :class:`StaticCache` in a traced (marked) call, with one ``kv_store`` kernel instead
+    of the layer's two ``index_copy_`` (ops/kv_store.py says why); None for anything else
+    (the caller then calls the cache's own ``update``).
+
+    The caller uses it only for a key the fused Q/K op made (the ``k_op`` marker): a key
+    rotated in plain torch ops (the ``native`` form) is left to the layer's own write, which
+    inductor can fuse the rotation into. Exact classes only: a subclass may store
+    differently (the sliding-window layers' rolling slots); offloading moves layers between
+    devices around the update; and a key or value that needs a gradient keeps the layer's
+    ``index_copy_`` (the op has no autograd formula). ``start`` is read before
+    ``cumulative_length`` advances, as the layer itself does.
+    """
+    if not KV_STORE or type(cache) is not StaticCache:
+        return None
+    # the op has no autograd: a value (or key) that needs a gradient keeps index_copy_'s
+    if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+        return None
+    layer_idx = args[0] if args else kwargs.get("layer_idx")
+    if type(layer_idx) is not int or cache.offloading:
+        return None
+    layer = cache.layers[layer_idx]
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    keys, values = layer.keys, layer.values
+    kv_store(keys, values, key_states, value_states, layer.cumulative_length)
+    layer.cumulative_length.add_(key_states.shape[-2])
+    return keys, values
+
+
 class RotatingCacheView:
     """Stands in for the real cache during one attention call; rotates keys on update."""
 
@@ -113,8 +190,13 @@ class RotatingCacheView:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         marked = self._hkq_marked
         if marked is not None:
-            key_states = _marked_key(key_states, marked, self._hkq_owner)
-            keys, values = self._hkq_cache.update(key_states, value_states, *args, **kwargs)
+            key_states, from_op = _marked_key(key_states, marked, self._hkq_owner)
+            stored = None
+            if from_op:
+                stored = _store_static(self._hkq_cache, key_states, value_states, args, kwargs)
+            if stored is None:
+                stored = self._hkq_cache.update(key_states, value_states, *args, **kwargs)
+            keys, values = stored
             return mark(keys, marked.keys), values
         key_states = _rotate_key(key_states, self._hkq_rotation, self._hkq_owner)
         return self._hkq_cache.update(key_states, value_states, *args, **kwargs)
@@ -143,7 +225,7 @@ class RotateOnlyCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         marked = self._hkq_marked
         if marked is not None:
-            key = _marked_key(key_states, marked, self._hkq_owner)
+            key, _ = _marked_key(key_states, marked, self._hkq_owner)
             return mark(key, marked.keys), value_states
         return _rotate_key(key_states, self._hkq_rotation, self._hkq_owner), value_states
 

@@ -208,7 +208,8 @@ def _rotate_each(q, k, fused: FusedRotation, matrix):
 def _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot: int):
     """A marked call (module docstring, "Under torch.compile"): q and k rotated once, as
     the slot's markers. ``rope_rotate_qk`` (ops/qk_op.py) is one graph node and one launch of
-    the fused kernel on CUDA; other tensors take the model's RoPE and the planned rotation."""
+    the fused kernel on CUDA (its key is marked ``k_op``: the cache view may then write it
+    with ``kv_store``); other tensors take the model's RoPE and the planned rotation."""
     from .ops import native
     from .ops.qk_kernel import qk_supported
     from .ops.qk_op import rope_rotate_qk
@@ -232,6 +233,7 @@ def _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot: int):
         and qk_supported(q, k, None, cos, sin, any_device=True)
     ):
         q, k = rope_rotate_qk(q, k, cos, sin, rotation.scale, None)
+        return mark(q, markers.q), mark(k, markers.k_op)
     else:
         q, k = original(q, k, cos, sin, *args, **kwargs)
         if type(q) is not torch.Tensor or type(k) is not torch.Tensor:

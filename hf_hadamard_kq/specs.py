@@ -79,20 +79,24 @@ class Markers:
     """The marker types of one traced slot (fused.py, "Under torch.compile"):
 
     ``cos``: the pre-hook marked the call's ``cos`` (this call takes the marked route);
-    ``q``/``k``: the RoPE wrapper's outputs, rotated once; ``keys``: what the cache view
-    returns in a marked call (tells the attention function that the call was marked)."""
+    ``q``/``k``: the RoPE wrapper's outputs, rotated once; ``k_op``: the wrapper's key when
+    the fused Q/K op (``rope_rotate_qk``) made it, which the cache view may write into a static
+    cache with ``kv_store`` (cache._store_static; a key in plain torch ops is left to the
+    cache's own write, which inductor can fuse it into); ``keys``: what the cache view returns
+    in a marked call (tells the attention function that the call was marked)."""
 
     slot: int
     cos: type
     q: type
     k: type
+    k_op: type
     keys: type
 
     @classmethod
     def for_slot(cls, slot: int) -> Markers:
         return cls(slot, **{
             role: type(f"HadamardKQ{role.capitalize()}{slot}", (Marker,), {"hkq_slot": slot})
-            for role in ("cos", "q", "k", "keys")
+            for role in ("cos", "q", "k", "k_op", "keys")
         })
 
 

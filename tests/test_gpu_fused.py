@@ -255,14 +255,17 @@ def test_compiled_static_generate_with_fused_layers(form, monkeypatch):
     with the ``native`` form the model's RoPE and plain-torch rotations). A static-cache
     compiled generate (inductor, CUDA graphs) gives the eager model's tokens (fp32) and its
     cache holds the float64 rotation of the plain model's keys."""
+    from hf_hadamard_kq.ops import kv_store
     from hf_hadamard_kq.specs import SLOT_ATTR, SPECS
     from tests import tiny_models as tm
     from tests.conftest import compile_rotation
 
-    marked = []
+    marked, stores = [], []
     inner = fused_mod._marked_pair
     monkeypatch.setattr(fused_mod, "_marked_pair",
                         lambda *a: marked.append(a[-1]) or inner(*a))
+    launch = kv_store._launch
+    monkeypatch.setattr(kv_store, "_launch", lambda *a: stores.append(1) or launch(*a))
     path = FIXTURES / "llama_r3_hadamard_hd64"
     with compile_rotation(form):
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hadamard_kq",
@@ -279,7 +282,55 @@ def test_compiled_static_generate_with_fused_layers(form, monkeypatch):
         ref = plain.generate(x, cache_implementation="static", return_dict_in_generate=True,
                              **kw)
     assert marked  # traced (the count is per trace, not per step)
+    # the cache writes: the kv_store kernel where the key came from the fused op (auto); with
+    # the native form the layer's own index_copy_ (not counted per step: CUDA graphs replay)
+    assert bool(stores) == (form == "auto")
     assert torch.equal(eager, plain.generate(x, **kw))
     assert torch.equal(static.sequences, eager)
     assert torch.equal(ref.sequences, eager)
     tm.assert_keys_rotated(static.past_key_values, ref.past_key_values, block=64, atol=1e-4)
+    for a, b in zip(static.past_key_values.layers, ref.past_key_values.layers):
+        assert int(a.cumulative_length) == int(b.cumulative_length)
+        scale = b.values.abs().max().item()
+        assert (a.values - b.values).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_store_kernel_equals_index_copy(dtype):
+    """The one-kernel cache write (ops/kv_store.py) against the layer's own two
+    ``index_copy_``: decode and prefill sizes, the projections' transposed views, a start
+    past 0, and inside a CUDA graph replayed after ``start`` moved (the position is read on
+    the device, as in a compiled decode step)."""
+    from hf_hadamard_kq.ops import kv_store
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for b, h, s, d, length, start in ((1, 8, 1, 128, 640, 512), (2, 8, 37, 128, 64, 3),
+                                      (4, 2, 1, 64, 16, 15)):
+        keys = torch.randn(b, h, length, d, generator=g, device=DEV).to(dtype)
+        values = torch.randn(b, h, length, d, generator=g, device=DEV).to(dtype)
+        k = torch.randn(b, s, h, d, generator=g, device=DEV).to(dtype).transpose(1, 2)
+        v = torch.randn(b, s, h, d, generator=g, device=DEV).to(dtype).transpose(1, 2)
+        pos = torch.tensor(start, device=DEV)
+        assert kv_store.kernel_takes(keys, values, k, v, pos)
+        want_k, want_v = keys.clone(), values.clone()
+        index = torch.arange(s, device=DEV) + start
+        want_k.index_copy_(2, index, k)
+        want_v.index_copy_(2, index, v)
+        torch.ops.hadamard_kq.kv_store(keys, values, k, v, pos)
+        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    keys, values = torch.zeros(1, 8, 32, 128, device=DEV, dtype=dtype), torch.zeros(
+        1, 8, 32, 128, device=DEV, dtype=dtype)
+    k = torch.randn(1, 8, 1, 128, generator=g, device=DEV).to(dtype)
+    pos = torch.tensor(0, device=DEV)
+    graph = torch.cuda.CUDAGraph()
+    torch.ops.hadamard_kq.kv_store(keys, values, k, k, pos)  # warm-up (compiles the kernel)
+    with torch.cuda.graph(graph):
+        torch.ops.hadamard_kq.kv_store(keys, values, k, k, pos)
+    for step in range(1, 4):
+        pos.fill_(step)
+        graph.replay()
+    torch.cuda.synchronize()
+    for step in range(4):
+        assert torch.equal(keys[:, :, step], k[:, :, 0]) and torch.equal(values[:, :, step],
+                                                                          k[:, :, 0])
+    assert not keys[:, :, 4:].any()

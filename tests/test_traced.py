@@ -157,6 +157,7 @@ def test_compiled_step_is_one_graph_with_one_op_per_layer():
     assert len(graphs) == 1
     assert op_nodes(graphs, "rope_rotate_qk") == 2
     assert op_nodes(graphs, "hadamard_transform") == 0
+    assert op_nodes(graphs, "kv_store") == 2 and op_nodes(graphs, "index_copy") == 0
     assert (got - want).abs().max() < 1e-5
     tm.assert_keys_rotated(cache_of(o_in), cache_of(p_in), block=HEAD_DIM)
 
@@ -174,10 +175,11 @@ def _top_level_args(text: str) -> list[str]:
 
 def test_inductor_computes_cos_and_sin_once_for_every_layer():
     """With inductor, every layer's ``rope_rotate_qk`` reads the same ``cos`` and ``sin``
-    buffers. Why: under an exact-stride layout constraint inductor gave each op its own copy
-    of the (cheap, not realized) RoPE table, one more kernel per two layers in the CUDA graph
-    (BENCHMARKS.md, session 10); the op is tagged ``flexible_layout``. The logits and the
-    keys are still checked, since the kernel now takes whatever layout inductor chooses."""
+    buffers, and every layer's ``kv_store`` writes the cache in place. Why: under an
+    exact-stride layout constraint inductor gave each op its own copy of the (cheap, not
+    realized) RoPE table, one more kernel per two layers in the CUDA graph (BENCHMARKS.md,
+    session 10); the op is tagged ``flexible_layout``. The logits and the keys are still
+    checked, since the kernel now takes whatever layout inductor chooses."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -191,9 +193,16 @@ def test_inductor_computes_cos_and_sin_once_for_every_layer():
             got, codes = run_and_get_code(lambda: compiled(**o_in).logits)
     finally:
         torch._dynamo.reset()
-    calls = re.findall(r"rope_rotate_qk\.default\((.*)\)", "\n".join(codes))
+    code = "\n".join(codes)
+    calls = re.findall(r"rope_rotate_qk\.default\((.*)\)", code)
     tables = {tuple(_top_level_args(args)[2:4]) for args in calls}
     assert len(calls) == 3 and len(tables) == 1, calls
+    # the cache writes (ops/kv_store.py): one op per layer, writing the graph's input cache
+    # tensors in place (inductor re-inplaced the functionalized mutation: no copy of a cache)
+    stores = [_top_level_args(a) for a in re.findall(r"kv_store\.default\((.*)\)", code)]
+    assert len(stores) == 3 and all(re.fullmatch(r"arg\d+_1", a[0]) and
+                                    re.fullmatch(r"arg\d+_1", a[1]) for a in stores), stores
+    assert "index_copy" not in code and ".copy_(" not in code
     with torch.no_grad():
         want = plain(**p_in).logits
     assert (got - want).abs().max() < 1e-5

@@ -278,6 +278,16 @@ if not IN_INTERPRETER:
                     assert fenced <= no_rope, (name, fenced, no_rope)
                     assert unfenced > fenced, (name, "the fence no longer changes the code",
                                                unfenced, fenced)
+        from hf_hadamard_kq.ops import kv_store
+
+        for dt, dk, dv in (("bf16", 128, 128), ("fp32", 64, 96)):
+            sig = {n: ty[dt] for n in ("k_ptr", "v_ptr", "keys_ptr", "values_ptr")}
+            sig["start_ptr"] = "*i64"
+            bdk, bdv = 1 << (dk - 1).bit_length(), 1 << (dv - 1).bit_length()
+            const = dict(DK=dk, DV=dv, BLOCK_DK=bdk, BLOCK_DV=bdv, BLOCK_MK=2048 // bdk,
+                         BLOCK_MV=2048 // bdv)
+            k = _aot_compile(kv_store._kv_store_kernel, sig, const, 4, aligned_ptrs=True)
+            results.append((f"kv_store {dt} DK={dk} DV={dv}", k))
         for name, k in results:
             assert k.metadata.shared <= SMEM_LIMIT_SM90, (name, k.metadata.shared)
             spill = _local_bytes(k.asm["cubin"])
@@ -946,3 +956,74 @@ else:
         assert qk_kernel.try_rotate_qk(q, k, 0.125, w.t(), cos, sin) is None
         with pytest.raises(ValueError, match="not supported by the fused kernel"):
             qk_kernel.rotate_qk(q, k, 0.125, w.t(), cos, sin)
+
+    # ------------------------------------------------------------------------------------------
+    # kv_store (ops/kv_store.py): a static cache layer's key and value writes in one kernel
+
+    def _kv_case(dtype, b, h, hv, length, s, dk, dv, layout, seed):
+        g = torch.Generator().manual_seed(seed)
+
+        def new(heads, d):
+            if layout == "transposed":  # (B, S, H, D).transpose(1, 2), as the projections give
+                return torch.randn(b, s, heads, d, generator=g).to(dtype).transpose(1, 2)
+            return torch.randn(b, heads, s, d, generator=g).to(dtype)
+
+        keys = torch.randn(b, h, length, dk, generator=g).to(dtype)
+        values = torch.randn(b, hv, length, dv, generator=g).to(dtype)
+        return keys, values, new(h, dk), new(hv, dv)
+
+    @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    def test_kv_store_equals_index_copy(dtype: torch.dtype, layout: str) -> None:
+        """The kernel writes exactly what StaticLayer.update's two index_copy_ write (decode,
+        prefill-sized, several batches and heads, a value head dim that is not a power of
+        two, a start past 0), and nothing else of the cache."""
+        from hf_hadamard_kq.ops import kv_store
+
+        cases = [(1, 8, 8, 16, 1, 128, 128, 5), (2, 3, 3, 12, 5, 32, 48, 4),
+                 (3, 2, 4, 40, 33, 64, 64, 0)]
+        for i, (b, h, hv, length, s, dk, dv, start) in enumerate(cases):
+            keys, values, k, v = _kv_case(dtype, b, h, hv, length, s, dk, dv, layout, seed=i)
+            pos = torch.tensor(start, dtype=torch.int64)
+            assert kv_store.kernel_takes(keys, values, k, v, pos)
+            want_k, want_v = keys.clone(), values.clone()
+            index = torch.arange(s) + start
+            want_k.index_copy_(2, index, k)
+            want_v.index_copy_(2, index, v)
+            kv_store._launch(keys, values, k, v, pos)
+            assert torch.equal(keys, want_k), (i, "keys")
+            assert torch.equal(values, want_v), (i, "values")
+
+    def test_kv_store_outside_the_cache_writes_nothing_there() -> None:
+        """Positions past the cache's end, or before its start (a negative length after too
+        large a ``crop``), are masked: the positions inside are written, no memory around the
+        cache is touched (the cache is a view into a larger buffer)."""
+        from hf_hadamard_kq.ops import kv_store
+
+        buf = torch.zeros(2, 2, 12, 32)
+        keys, values = buf[:, :, 3:9], torch.zeros(2, 2, 6, 32)
+        k, v = torch.ones(2, 2, 4, 32), torch.full((2, 2, 4, 32), 2.0)
+        kv_store._launch(keys, values, k, v, torch.tensor(4))
+        assert bool((keys[:, :, 4:] == 1).all()) and bool((values[:, :, 4:] == 2).all())
+        assert bool((keys[:, :, :4] == 0).all()) and bool((buf[:, :, 9:] == 0).all())
+        keys.zero_()
+        values.zero_()
+        kv_store._launch(keys, values, k, v, torch.tensor(-2))
+        assert bool((keys[:, :, :2] == 1).all()) and bool((values[:, :, :2] == 2).all())
+        assert bool((keys[:, :, 2:] == 0).all()) and bool((buf[:, :, :3] == 0).all())
+
+    def test_kv_store_refuses() -> None:
+        from hf_hadamard_kq.ops import kv_store
+
+        keys, values, k, v = _kv_case(torch.float32, 1, 2, 2, 8, 1, 32, 32, "contiguous", 0)
+        pos = torch.tensor(3)
+        assert kv_store.kernel_takes(keys, values, k, v, pos)
+        assert not kv_store.kernel_takes(keys, values, k.half(), v, pos)  # dtype
+        assert not kv_store.kernel_takes(keys, values, k, v, pos.int())  # int32 start
+        assert not kv_store.kernel_takes(keys, values, k[:, :1], v, pos)  # heads
+        assert not kv_store.kernel_takes(keys, values, k, v[..., :16], pos)  # head dim
+        assert not kv_store.kernel_takes(keys, values, k[0], v, pos)  # 3-d
+        assert not kv_store.kernel_takes(keys, values, k, v[:, :, :0], pos)  # lengths differ
+        strided = torch.randn(1, 2, 1, 64)[..., ::2]
+        assert not kv_store.kernel_takes(keys, values, strided, v, pos)  # last stride 2
+

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--head-dim", type=int, default=16,
+                        help="32 or more puts the layers on the fused Q/K op (and, with a "
+                             "static cache, kv_store); 16 (the default) on the native form")
     args = parser.parse_args(argv)
 
     import torch
@@ -46,10 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
     import hf_hadamard_kq
+    from hf_hadamard_kq.cache import KV_STORE
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=128, hidden_size=4 * args.head_dim, intermediate_size=128,
                       num_hidden_layers=args.layers, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+                      num_key_value_heads=2, head_dim=args.head_dim,
+                      max_position_embeddings=64)
     torch.set_grad_enabled(False)
 
     models = {}
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = {label: len(str(entries[label][0]).splitlines()) for label in LABELS}
     median = {label: round(statistics.median(v), 1) for label, v in times.items()}
     print(json.dumps({
-        "layers": args.layers, "torch": torch.__version__, "guard_lines": lines,
+        "layers": args.layers, "head_dim": args.head_dim, "torch": torch.__version__,
+        "kv_store": KV_STORE, "guard_lines": lines,
         "us_per_call_median": median,
         "us_per_call_range": {k: [round(min(v), 1), round(max(v), 1)] for k, v in times.items()},
         "extra_us_per_call": round(median["hadamard_kq"] - median["sdpa"], 1),

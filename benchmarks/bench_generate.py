@@ -162,6 +162,25 @@ def timed_prefill(model, prompt) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def add_pointwise_autotune(parser: argparse.ArgumentParser) -> None:
+    """``--pointwise-autotune on|off`` (this script and bench_lockstep.py)."""
+    parser.add_argument("--pointwise-autotune", choices=["on", "off"], default="on",
+                        help="inductor's timing of launch configurations for each pointwise "
+                             "kernel at compile time (static mode). 'on' is torch's default; "
+                             "each compilation then picks its own configurations, so two "
+                             "compiled copies of one model can differ by ~1 %% (BENCHMARKS.md, "
+                             "sessions 10 and 15). 'off' takes inductor's heuristic "
+                             "configuration, the same for both labels: a deterministic "
+                             "comparison")
+
+
+def apply_pointwise_autotune(args: argparse.Namespace) -> None:
+    if args.pointwise_autotune == "off":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.autotune_pointwise = False
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -205,20 +224,11 @@ def main(argv=None) -> None:
                              "with a slower stretch (99-107 tok/s for the first 2-7 static "
                              "runs, ~110 later); four warm-up runs did not remove the slow "
                              "runs (call 2; BENCHMARKS.md)")
-    parser.add_argument("--pointwise-autotune", choices=["on", "off"], default="on",
-                        help="inductor's timing of launch configurations for each pointwise "
-                             "kernel at compile time (static mode). 'on' is torch's default; "
-                             "each compilation then picks its own configurations, so two "
-                             "compiled copies of one model can differ by ~1 %% (BENCHMARKS.md, "
-                             "session 10). 'off' takes inductor's heuristic configuration, the "
-                             "same for both labels: a deterministic comparison")
+    add_pointwise_autotune(parser)
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first warm-up run compiles)")
-    if args.pointwise_autotune == "off":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.autotune_pointwise = False
+    apply_pointwise_autotune(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_generate.py needs a GPU (or --device cpu --tiny to check it)")
     args.ckpt = args.ckpt or args.out / "ckpt"

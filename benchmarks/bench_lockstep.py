@@ -61,7 +61,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_generate import CudagraphEvents, build_model, sync
+from bench_generate import (
+    CudagraphEvents,
+    add_pointwise_autotune,
+    apply_pointwise_autotune,
+    build_model,
+    sync,
+)
 
 import hf_hadamard_kq
 from hf_hadamard_kq import cache as hkq_cache
@@ -467,16 +473,9 @@ def main(argv=None) -> None:
                              "the functions whose call counts or times differ most")
     parser.add_argument("--pair-timeout", type=float, default=900.0,
                         help="seconds one lockstep pair (compile included) may take")
-    parser.add_argument("--pointwise-autotune", choices=["on", "off"], default="on",
-                        help="as bench_generate.py's: 'off' gives every pointwise kernel "
-                             "inductor's heuristic launch configuration instead of the one "
-                             "its compile-time timing picks (which differs between the two "
-                             "copies' compilations: BENCHMARKS.md, session 15)")
+    add_pointwise_autotune(parser)
     args = parser.parse_args(argv)
-    if args.pointwise_autotune == "off":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.autotune_pointwise = False
+    apply_pointwise_autotune(args)
     if args.warmup < 1 or args.reps < 1 or args.new_tokens < 2:
         parser.error("--warmup and --reps must be >= 1 and --new-tokens >= 2")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -19,6 +19,7 @@ rotated here. Either way each key is rotated exactly once.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -109,8 +110,6 @@ def _store_check() -> bool:
     values and ``cumulative_length``. Why: the replacement reads the layer's attributes, so a
     transformers release that changed the layer's bookkeeping must turn it off rather than
     write elsewhere; checked once, at import."""
-    import os
-
     if os.environ.get(NO_KV_STORE_ENV) == "1":
         return False
     gen = torch.Generator().manual_seed(0)
@@ -191,9 +190,8 @@ class RotatingCacheView:
         marked = self._hkq_marked
         if marked is not None:
             key_states, from_op = _marked_key(key_states, marked, self._hkq_owner)
-            stored = None
-            if from_op:
-                stored = _store_static(self._hkq_cache, key_states, value_states, args, kwargs)
+            stored = (_store_static(self._hkq_cache, key_states, value_states, args, kwargs)
+                      if from_op else None)
             if stored is None:
                 stored = self._hkq_cache.update(key_states, value_states, *args, **kwargs)
             keys, values = stored

@@ -234,16 +234,15 @@ def _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot: int):
     ):
         q, k = rope_rotate_qk(q, k, cos, sin, rotation.scale, None)
         return mark(q, markers.q), mark(k, markers.k_op)
-    else:
-        q, k = original(q, k, cos, sin, *args, **kwargs)
-        if type(q) is not torch.Tensor or type(k) is not torch.Tensor:
-            raise FusedRotationMismatchError(
-                "hf_hadamard_kq: the model's apply_rotary_pos_emb returned "
-                f"{type(q).__name__}/{type(k).__name__}, not tensors, in a call marked for "
-                f"rotation at RoPE time. Workaround: set {DISABLE_ENV}=1 before loading."
-            )
-        q = hadamard_apply(q, rotation.scale, None, rotation.block)
-        k = hadamard_apply(k, rotation.scale, None, rotation.block)
+    q, k = original(q, k, cos, sin, *args, **kwargs)
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+        raise FusedRotationMismatchError(
+            "hf_hadamard_kq: the model's apply_rotary_pos_emb returned "
+            f"{type(q).__name__}/{type(k).__name__}, not tensors, in a call marked for "
+            f"rotation at RoPE time. Workaround: set {DISABLE_ENV}=1 before loading."
+        )
+    q = hadamard_apply(q, rotation.scale, None, rotation.block)
+    k = hadamard_apply(k, rotation.scale, None, rotation.block)
     return mark(q, markers.q), mark(k, markers.k)
 
 

@@ -18,7 +18,11 @@ calls the original unchanged unless an installed layer is mid-forward). Per call
    ``(rope(q) H, rope(k) H)``, recording that this module's q/k were rotated and which tensors
    it returned;
 3. ``cache.update`` (cache.py) skips its rotation for that module only if the key it receives
-   *is* the returned key; the attention function (attention.py) likewise for the query.
+   *is* the returned key; the attention function (attention.py) likewise for the query;
+4. our forward post-hook (:func:`handoff_post_hook`) checks that both took their tensor. They
+   ignore the thread's state when they run under torch.compile inside an eagerly run module
+   (only the attention function compiled, say), and then rotate a second time: that forward
+   is an error, never a silently twice-rotated query or key.
 
 Anything else falls back to the general path in the same call: no armed module (the layer
 never called the wrapper, e.g. NoPE layers), extra arguments (mrope), a head dim other than
@@ -75,6 +79,8 @@ from .specs import marker_slot
 #: Module ``__dict__`` key of an attention module's fused rotation: a :class:`FusedRotation`,
 #: or absent (general path only).
 FUSED_ATTR = "_hadamard_kq_fused"
+#: Module ``__dict__`` key of the handle of a fused-eligible layer's :func:`handoff_post_hook`.
+HANDOFF_HOOK_ATTR = "_hadamard_kq_handoff_hook"
 #: Attribute marking our wrapper (holds the original function).
 ORIGINAL_ATTR = "_hadamard_kq_original"
 #: Set to 1 to install only the general path (rotation in cache.update + attention function).
@@ -342,6 +348,50 @@ def unpatch_module(module_name: str) -> None:
 
 class FusedRotationMismatchError(RuntimeError):
     """A tensor rotated at RoPE time was replaced before the cache / attention function."""
+
+
+class FusedHandoffError(RuntimeError):
+    """A query or key rotated at RoPE time did not reach the eager cache update / attention
+    function of its layer (they ran under torch.compile, or not at all)."""
+
+
+def handoff_post_hook(module: Any, args: tuple, output: Any) -> None:
+    """Forward post-hook of a fused-eligible layer: the query and key its RoPE call rotated
+    (eagerly) must have been taken by the eager cache update and attention function.
+
+    Why: those two recognise the wrapper's tensors through the thread's state, which traced
+    code does not read (module docstring). A cache update or attention function compiled on
+    its own, inside a module that runs eagerly, therefore rotates the tensor a second time;
+    the state still holds it afterwards, and this hook turns that into an error instead of a
+    wrong output. An exception inside the forward skips the hook; the next pre-hook clears
+    the state. Traced calls carry their hand-off in types (checked where they arrive)."""
+    if torch.compiler.is_dynamo_compiling():
+        return
+    state = STATE
+    state.armed = None
+    if state.done is not module and state.k_out is None:
+        return
+    missed = [what for what, tensor in (("key", state.k_out), ("query", state.q_out))
+              if tensor is not None]
+    reset()
+    probe = PROBE
+    if probe is not None and id(module) in probe.names:
+        return  # a layer of the model being probed: the probe's event checks report it
+    fused = module.__dict__.get(FUSED_ATTR)
+    name = getattr(fused, "name", type(module).__name__)
+    places = " and ".join(
+        {"key": "the KV cache update", "query": "the attention function"}[w] for w in missed)
+    it, they = ("them", "They") if len(missed) > 1 else ("it", "It")
+    raise FusedHandoffError(
+        f"hf_hadamard_kq: layer '{name}' ({type(module).__name__}) rotated its "
+        f"{' and '.join(missed)} at RoPE time in eager code, but {places} did not receive "
+        f"{it} in eager code. {they} ran under torch.compile while the attention module "
+        f"itself ran eagerly (compiled code rotates {it} a second time), or did not run. This "
+        "forward's output, and the keys it wrote to the cache, are wrong: discard them. "
+        "Compile the whole model, a decoder layer or the attention module instead of only "
+        f"the attention function or cache update, or set {DISABLE_ENV}=1 before loading (no "
+        "rotation at RoPE time)."
+    )
 
 
 def mismatch(module: Any, what: str) -> None:

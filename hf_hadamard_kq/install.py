@@ -288,6 +288,10 @@ def _install_module(module: nn.Module, name: str, layer: Optional[LayerPlan],
         # view wraps it, so keys are rotated *before* they are quantized.
         hooks.append(module.register_forward_pre_hook(
             cache_mod.key_rotation_pre_hook, with_kwargs=True))
+    if spec.fused:
+        handle = module.register_forward_hook(fused_mod.handoff_post_hook)
+        hooks.append(handle)
+        module.__dict__[fused_mod.HANDOFF_HOOK_ATTR] = handle
 
 
 def _install_fused(module: nn.Module, name: str, layer: Optional[LayerPlan],
@@ -333,6 +337,7 @@ def remove_plan(model: nn.Module) -> None:
         specs_mod.detach(module)
         module.__dict__.pop(EAGER_ATTR, None)
         module.__dict__.pop(fused_mod.FUSED_ATTR, None)
+        module.__dict__.pop(fused_mod.HANDOFF_HOOK_ATTR, None)
         for name in MATRIX_BUFFERS.values():
             module._buffers.pop(name, None)
 
@@ -401,7 +406,7 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
             changed = _changed_after_rope(recorder.events)
             if changed:
                 for name in changed:
-                    modules[name].__dict__.pop(fused_mod.FUSED_ATTR, None)
+                    _withdraw_fused(modules[name])
                 withdrawn.extend(changed)
                 return withdrawn
             _check_events(recorder.events, plan, modules, use_cache)
@@ -419,7 +424,7 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
         # general path on every call: drop the fused marker (no arming, honest describe())
         for name, module in modules.items():
             if name not in fused_seen:
-                module.__dict__.pop(fused_mod.FUSED_ATTR, None)
+                _withdraw_fused(module)
     finally:
         attn_mod.PROBE = None
         cache_mod.PROBE = None
@@ -428,6 +433,15 @@ def probe_pattern(model: nn.Module, plan: ModelPlan) -> list[str]:
         for handle in probe_hooks:
             handle.remove()
     return withdrawn
+
+
+def _withdraw_fused(module: nn.Module) -> None:
+    """The layer takes the general path from now on: no rotation at RoPE time, and no
+    hand-off check after its forward (its post-hook would only cost host time and guards)."""
+    module.__dict__.pop(fused_mod.FUSED_ATTR, None)
+    handle = module.__dict__.pop(fused_mod.HANDOFF_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
 
 
 def _set_traced(module: nn.Module, traced: bool) -> None:

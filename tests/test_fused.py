@@ -163,6 +163,125 @@ def test_change_after_rope_at_run_time_raises(r3_hd16, monkeypatch):
     fused_mod.reset()
 
 
+def _reference(path, x):
+    plain = load_unrotated(path)
+    with torch.no_grad():
+        return plain(x, **with_cache(plain, DynamicCache(config=plain.config))).logits
+
+
+def test_attention_function_compiled_alone_is_an_error(r3_hd16, monkeypatch):
+    """Only the attention function compiled, the layer eager: the RoPE wrapper rotated the
+    query eagerly, the compiled function does not read the thread's state and rotates it
+    again (wrong logits, seen before the post-hook existed). The layer's post-hook must raise,
+    naming the layer and the query; after it the eager model is right again."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = load_r3(r3_hd16)
+    x = ids()
+    want = _reference(r3_hd16, x)
+    impl = model.config._attn_implementation
+    ours = ALL_ATTENTION_FUNCTIONS[impl]
+    torch._dynamo.reset()
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, impl,
+                        torch.compile(ours, backend="eager"))
+    try:
+        with torch.no_grad(), pytest.raises(fused_mod.FusedHandoffError) as err:
+            model(x, **with_cache(model, DynamicCache(config=model.config)))
+    finally:
+        torch._dynamo.reset()
+    assert "layer 'model.layers.0.self_attn'" in str(err.value)
+    assert "rotated its query" in str(err.value) and "the attention function" in str(err.value)
+    assert fused_mod.STATE.done is None and fused_mod.STATE.q_out is None
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, impl, ours)
+    with torch.no_grad():
+        got = model(x, **with_cache(model, DynamicCache(config=model.config))).logits
+    assert (got - want).abs().max() < ATOL
+
+
+def test_cache_update_compiled_alone_is_an_error(r3_hd16, monkeypatch):
+    """Only the cache view's update compiled: it rotates the key the RoPE wrapper already
+    rotated. The post-hook raises naming the key and the cache update."""
+    from hf_hadamard_kq import cache as cache_mod
+
+    model = load_r3(r3_hd16)
+    torch._dynamo.reset()
+    monkeypatch.setattr(cache_mod.RotatingCacheView, "update",
+                        torch.compile(cache_mod.RotatingCacheView.update, backend="eager"))
+    try:
+        with torch.no_grad(), pytest.raises(fused_mod.FusedHandoffError,
+                                            match="rotated its key at RoPE time.*KV cache"):
+            model(ids(), **with_cache(model, DynamicCache(config=model.config)))
+    finally:
+        torch._dynamo.reset()
+    assert fused_mod.STATE.k_out is None
+
+
+def test_exception_inside_a_layer_leaves_no_false_handoff_error(r3_hd16, monkeypatch):
+    """An exception between RoPE and the attention function (here: the inner backend fails
+    once) skips the post-hook and leaves the state set; the next forward's pre-hook clears it,
+    so a retry runs normally instead of reporting a double rotation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = load_r3(r3_hd16)
+    x = ids()
+    want = _reference(r3_hd16, x)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("simulated")
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", failing_once)
+    with torch.no_grad():
+        with pytest.raises(MemoryError):
+            model(x, **with_cache(model, DynamicCache(config=model.config)))
+        got = model(x, **with_cache(model, DynamicCache(config=model.config))).logits
+    assert (got - want).abs().max() < ATOL
+
+
+def test_handoff_post_hook_only_on_fused_layers(r3_hd16):
+    """Fused layers carry the post-hook; layers the probe moved to the general path (StableLM's
+    partial rotary) do not, and remove_r3 takes it off."""
+    from tests.tiny_models import rotated
+
+    def hooked(model):
+        return [fused_mod.handoff_post_hook in m._forward_hooks.values()
+                for m in model.modules() if fused_mod.HANDOFF_HOOK_ATTR in m.__dict__
+                or fused_mod.handoff_post_hook in getattr(m, "_forward_hooks", {}).values()]
+
+    model = load_r3(r3_hd16)
+    layers = attention_layers(model)
+    assert all(fused_mod.handoff_post_hook in m._forward_hooks.values() for m in layers)
+    hf_hadamard_kq.remove_r3(model, "sdpa")
+    assert not any(m._forward_hooks for m in layers)
+    assert not any(fused_mod.HANDOFF_HOOK_ATTR in m.__dict__ for m in layers)
+    assert hooked(rotated("stablelm")) == []
+
+
+def test_handoff_left_over_during_another_models_probe_raises(r3_hd16):
+    """The post-hook defers to the load probe only for the probed model's own layers."""
+    from hf_hadamard_kq.install import _Recorder
+
+    model = load_r3(r3_hd16)
+    layer = attention_layers(model)[0]
+    try:
+        for names, raises in (({id(layer): "l0"}, False), ({}, True)):
+            fused_mod.PROBE = _Recorder(names)
+            fused_mod.STATE.done, fused_mod.STATE.q_out = layer, torch.zeros(1)
+            if raises:
+                with pytest.raises(fused_mod.FusedHandoffError, match="rotated its query"):
+                    fused_mod.handoff_post_hook(layer, (), None)
+            else:
+                fused_mod.handoff_post_hook(layer, (), None)
+            assert fused_mod.STATE.done is None
+    finally:
+        fused_mod.PROBE = None
+        fused_mod.reset()
+
+
 def test_stale_arm_never_rotates_another_model(r3_hd16):
     """An armed state left behind (e.g. by an exception between our pre-hook and RoPE) must
     not rotate another model's RoPE call: the wrapper checks its caller is the armed module."""

@@ -387,7 +387,7 @@ def test_failure_mid_install_leaves_nothing_and_a_retry_rotates_once(monkeypatch
         hf_hadamard_kq.apply_r3(model, cfg, seed=1)
     assert len(calls) == 2
     for module in install.attention_modules(model).values():
-        assert not module._forward_pre_hooks
+        assert not module._forward_pre_hooks and not module._forward_hooks
         assert specs.SLOT_ATTR not in module.__dict__
         assert not [n for n in module._buffers if n.startswith("_hadamard_kq")]
     with torch.no_grad():

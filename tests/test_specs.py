@@ -139,14 +139,16 @@ def test_compiled_step_guards_few_lines_per_layer():
     layer are host time per token. With the plan read from per-layer closures and objects, a
     rotated layer added 52 guard-tree lines to the plain layer's ~216 (torch 2.13); with the
     slot table it adds one int and the pre-hook's own: 15 on the marked route (19 while the
-    pre-hook read the layer's RoPE home from the module instead of its slot)."""
+    pre-hook read the layer's RoPE home from the module instead of its slot), and 10 more for
+    the hand-off post-hook of a fused-eligible layer (fused.handoff_post_hook: the hooks dict,
+    the hook's code, its always-called entry): 25."""
     try:
         plain = _guard_lines(4, False) - _guard_lines(2, False)
         ours = _guard_lines(4, True) - _guard_lines(2, True)
     finally:
         torch._dynamo.reset()
     extra_per_layer = (ours - plain) / 2
-    assert 0 < extra_per_layer <= 15, (plain / 2, ours / 2)
+    assert 0 < extra_per_layer <= 25, (plain / 2, ours / 2)
 
 
 def test_collection_while_attaching_keeps_the_shared_entry(monkeypatch):

@@ -90,6 +90,9 @@ def _reference(x: torch.Tensor, d: int, matrix=None) -> torch.Tensor:
     return (x.double().reshape(-1, d) @ h / math.sqrt(d)).reshape(x.shape)
 
 
+SIZE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def bench_sizes(timer: Timer, rows: list[dict], dtypes, min_bytes: int) -> None:
     dao = _dao()
     shapes = [(t, h, d) for d in (64, 128, 256) for h in (8, 32) for t in (1024, 4096, 16384)]
@@ -116,7 +119,11 @@ def bench_sizes(timer: Timer, rows: list[dict], dtypes, min_bytes: int) -> None:
                 row[f"{name}_us"] = round(us, 2)
                 row[f"{name}_GBps"] = round(2 * nbytes / us / 1e3, 1)
                 if name != "clone":
-                    row[f"{name}_err_vs_floor"] = round(_err_ratio(fn(), ref), 3)
+                    out = fn()
+                    row[f"{name}_err_vs_floor"] = round(_err_ratio(out, ref), 3)
+                    if dtype is torch.float32:  # the floor is tiny there: relative error
+                        row[f"{name}_rel_err"] = float(
+                            (out.double() - ref).abs().max() / ref.abs().max())
             row["ours_pct_clone"] = round(100 * row["clone_us"] / row["ours_us"], 1)
             rows.append(row)
             print(row, flush=True)
@@ -259,6 +266,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--min-mib", type=float, default=4.0)
     parser.add_argument("--only", choices=["all", "decode", "prefill"], default="all")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(SIZE_DTYPES), default=None,
+                        help="only the prefill size table, in these dtypes (default: the "
+                             "whole benchmark, its size table in bfloat16 and float16)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_op.py needs a CUDA/ROCm GPU; on CPU run the test suite instead")
@@ -271,10 +281,13 @@ def main(argv=None) -> None:
     print(env, flush=True)
     timer = Timer(args.reps)
     rows: list[dict] = []
-    if args.only in ("all", "prefill"):
+    if args.dtypes:
+        bench_sizes(timer, rows, [SIZE_DTYPES[n] for n in args.dtypes],
+                    int(args.min_mib * 2**20))
+    elif args.only in ("all", "prefill"):
         bench_sizes(timer, rows, (torch.bfloat16, torch.float16), int(args.min_mib * 2**20))
         bench_large_and_matrix(timer, rows)
-    if args.only in ("all", "decode"):
+    if args.only in ("all", "decode") and not args.dtypes:
         bench_decode(rows)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with open(args.out / "bench_op.csv", "w", newline="") as f:

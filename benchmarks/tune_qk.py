@@ -8,14 +8,19 @@ layer pays for RoPE and both rotations (issue 6, targets 2 and 3).
 For Llama-3-8B heads (32 q, 8 kv) and each ``d`` in ``--d``, shapes (batch, tokens):
 decode ``(1, 1)``, ``(1, 16)``, ``(1, 64)``, ``(8, 1)``, ``(32, 1)`` and prefill ``(1, 512)``,
 ``(1, 4096)``, the q/k views of the projections ``(B, S, H, d).transpose(1, 2)`` with RoPE
-(bf16). Every ``(BLOCK_M, num_warps, num_stages)`` in ``--block-m`` x ``--warps`` x
+(bf16; ``--dtype`` float16 / float32 for the other operand types). Every ``(BLOCK_M,
+num_warps, num_stages)`` in ``--block-m`` x ``--warps`` x
 ``--stages`` is timed inside a CUDA
 graph of 100 calls (bench_op's ``graph_us``) next to ``torch.clone`` of q and k (the data
 movement floor, two kernels) and transformers' own eager RoPE, and checked against a float64
 reference: RoPE rounded once to bf16, then the Sylvester product (``err_vs_floor``: max error
 over the error of one rounding of the exact result; the kernel rounds RoPE in fp32 first, so
 up to 2 is expected). ``LOADS_FIRST`` follows from the grid, as in the package. Nothing in
-the package changes; the current defaults are marked ``default``.
+the package changes; the current defaults are marked ``default``. Each configuration's first
+call is timed too (``first_call_s``: triton compiles it there unless its cache already holds
+it; set ``TRITON_CACHE_DIR`` to an empty folder to time compilation), and per shape the
+general path's GPU time (``rope_then_rows_us``: transformers' RoPE, then one rotation per
+tensor), what a layer runs where the fused kernel is not used.
 
 Usage (GPU machine)::
 
@@ -33,6 +38,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 if "--interpret" in sys.argv:
@@ -45,11 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tune_rows
 
+import hf_hadamard_kq as hadamard_kq
 from hf_hadamard_kq.ops import qk_kernel
 
 SHAPES = [(1, 1), (1, 16), (1, 64), (8, 1), (32, 1), (1, 512), (1, 4096)]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: error bound: RoPE rounded to fp32 then bf16, then the product rounded once
 MAX_ERR_VS_FLOOR = 2.0
+#: fp32 outputs: max error over the largest magnitude (tests/reference.py's bound)
+MAX_REL_ERR_F32 = 1e-5
 
 
 def make_inputs(b: int, s: int, d: int, device: str, dtype=torch.bfloat16, hq=32, hk=8):
@@ -68,6 +78,16 @@ def rope_ref(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat((-xd[..., half:], xd[..., :half]), -1)
     return (xd * c + rot * s).to(x.dtype)
+
+
+def rel_err(out, x, cos, sin) -> float:
+    """max |out - ref| / max |ref| (fp32 outputs: their floor is tiny and the accumulation
+    order dominates, so they are held to 1e-5 of the largest magnitude, as in the tests)."""
+    n = x.shape[-1]
+    y = rope_ref(x, cos, sin).double()
+    ref = (y.reshape(-1, n) @ tune_rows.sylvester(n, torch.float64, x.device)
+           / math.sqrt(n)).reshape(y.shape)
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def err_vs_floor(out, x, cos, sin) -> float:
@@ -98,8 +118,10 @@ def main(argv=None) -> None:
                         "what the package launches)")
     p.add_argument("--shapes", nargs="+", default=None,
                    help="(batch, tokens) pairs as B,S (default: the list above)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--interpret", action="store_true")
     args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
     if args.interpret:
         device, shapes = "cpu", [(1, 1), (2, 3)]
     else:
@@ -112,18 +134,25 @@ def main(argv=None) -> None:
         rope = getattr(rope, "_hadamard_kq_original", rope)
     rows, best, bad = [], {}, 0
     for d, (b, s) in itertools.product(args.d, shapes):
-        qkcs = make_inputs(b, s, d, device)
+        qkcs = make_inputs(b, s, d, device, dtype)
         q, k, cos, sin = qkcs
-        shape = dict(batch=b, tokens=s, d=d, rows=max(q.numel(), k.numel()) // d)
-        default = qk_kernel.qk_config(d, shape["rows"])
+        shape = dict(batch=b, tokens=s, d=d, dtype=args.dtype,
+                     rows=max(q.numel(), k.numel()) // d)
+        default = qk_kernel.qk_config(d, shape["rows"], dtype is torch.float32)
         if not args.interpret:
             shape["clone_qk_us"] = round(graph_us(lambda t=qkcs: (t[0].clone(), t[1].clone())), 3)
             shape["rope_eager_us"] = round(graph_us(lambda t=qkcs: rope(*t)), 3)
+            shape["rope_then_rows_us"] = round(graph_us(
+                lambda t=qkcs: [hadamard_kq.hadamard_transform(x) for x in rope(*t)]), 3)
         for cfg in itertools.product(args.block_m, args.warps, args.stages):
             row = dict(shape, block_m=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
                        default=cfg == default)
             try:
+                start = time.perf_counter()
                 qo, ko = run_config(q, k, cos, sin, cfg)
+                if not args.interpret:
+                    torch.cuda.synchronize()
+                row["first_call_s"] = round(time.perf_counter() - start, 3)
                 row["err_vs_floor"] = round(max(err_vs_floor(qo, q, cos, sin),
                                                 err_vs_floor(ko, k, cos, sin)), 3)
                 if not args.interpret:
@@ -131,7 +160,11 @@ def main(argv=None) -> None:
             except Exception as e:  # e.g. a tiling that does not compile
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
-            ok = "error" not in row and row["err_vs_floor"] <= MAX_ERR_VS_FLOOR
+            if dtype is torch.float32 and "error" not in row:
+                row["rel_err"] = max(rel_err(qo, q, cos, sin), rel_err(ko, k, cos, sin))
+                ok = row["rel_err"] <= MAX_REL_ERR_F32
+            else:
+                ok = "error" not in row and row["err_vs_floor"] <= MAX_ERR_VS_FLOOR
             bad += not ok
             key = json.dumps(shape)
             if ok and "us" in row and (key not in best or row["us"] < best[key]["us"]):

@@ -111,7 +111,8 @@ if not IN_INTERPRETER:
         (64, "fp16", None, False, 128),
         (128, "bf16", "bf16", True, 64),
         (128, "bf16", "fp32", True, 64),
-        (128, "fp32", None, True, 64),
+        (128, "fp32", None, True, 16),  # fp32: the TUNED_QK_F32 tilings (session 16)
+        (256, "fp32", None, True, 16),
     ]
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
@@ -251,7 +252,7 @@ if not IN_INTERPRETER:
         for d, xdt, wdt, rope, block_m in AOT_QK:
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             unit = 16 // (4 if xdt == "fp32" else 2)
-            tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20)
+            tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20, dot_f32)
             warps, stages = tuned[1:] if tuned[0] == block_m else (4, None)
             # the tuned launch (W built after the loads, 16-byte rows), and for the first case
             # also W before the loop with unaligned rows
@@ -931,6 +932,27 @@ else:
         qo, ko = qk_kernel.rotate_qk(q, k, 1.5, w)  # no RoPE
         assert_matches(qo, q, d, w, 1.5)
         assert_matches(ko, k, d, w, 1.5)
+
+    @pytest.mark.parametrize("d", [128, 256])
+    def test_qk_tiling_follows_the_operand_type(d: int) -> None:
+        """fp32 operands (fp32 tensors, or a stored fp32 matrix with 16-bit tensors) take
+        TUNED_QK_F32's tiling, 16-bit ones TUNED_QK's: on an H100 the 16-bit tiling ran the
+        fp32 kernel 2x (d = 128, one token) to 45x (d = 256, 4096 tokens) slower (session
+        16). The interpreter's own fp32 dot for bf16 must not count as fp32 operands."""
+        from hf_hadamard_kq.ops import qk_kernel
+
+        for s, decode in ((1, True), (4096, False)):
+            for dtype, wdtype, fp32 in ((torch.float32, None, True),
+                                        (torch.bfloat16, torch.float32, True),
+                                        (torch.bfloat16, None, False),
+                                        (torch.float16, None, False)):
+                q, k, cos, _ = qk_inputs(dtype, d, 1, s, "contiguous", seed=0)
+                w = q if wdtype is None else torch.eye(d, dtype=wdtype)
+                plan = qk_kernel._make_plan(q, k, q, k, cos, 1.0, w)
+                table = qk_kernel.TUNED_QK_F32 if fp32 else qk_kernel.TUNED_QK
+                assert (plan.meta["BLOCK_M"], plan.num_warps) == table[decode, d][:2], \
+                    (dtype, wdtype, s)
+                assert plan.meta["DOT_F32"] == (fp32 or dtype is torch.bfloat16)
 
     def test_qk_supported_refuses() -> None:
         from hf_hadamard_kq.ops import qk_kernel

@@ -364,7 +364,11 @@ def handoff_post_hook(module: Any, args: tuple, output: Any) -> None:
     its own, inside a module that runs eagerly, therefore rotates the tensor a second time;
     the state still holds it afterwards, and this hook turns that into an error instead of a
     wrong output. An exception inside the forward skips the hook; the next pre-hook clears
-    the state. Traced calls carry their hand-off in types (checked where they arrive)."""
+    the state. Traced calls carry their hand-off in types (checked where they arrive).
+
+    During the load probe the layer's fused path is withdrawn instead (the event a replaced
+    tensor records): with its consumers compiled on their own, the general path rotates
+    each tensor exactly once, in them."""
     if torch.compiler.is_dynamo_compiling():
         return
     state = STATE
@@ -374,23 +378,27 @@ def handoff_post_hook(module: Any, args: tuple, output: Any) -> None:
     missed = [what for what, tensor in (("key", state.k_out), ("query", state.q_out))
               if tensor is not None]
     reset()
+    if not missed:  # pragma: no cover - the wrapper sets done, q_out and k_out together
+        return
     probe = PROBE
-    if probe is not None and id(module) in probe.names:
-        return  # a layer of the model being probed: the probe's event checks report it
+    if probe is not None and id(module) in probe.names:  # the model being probed
+        probe.events.extend((f"{what}_changed", probe.names[id(module)]) for what in missed)
+        return
     fused = module.__dict__.get(FUSED_ATTR)
     name = getattr(fused, "name", type(module).__name__)
     places = " and ".join(
         {"key": "the KV cache update", "query": "the attention function"}[w] for w in missed)
     it, they = ("them", "They") if len(missed) > 1 else ("it", "It")
+    keys = " and this layer's keys in the cache are rotated twice" if "key" in missed else ""
     raise FusedHandoffError(
         f"hf_hadamard_kq: layer '{name}' ({type(module).__name__}) rotated its "
         f"{' and '.join(missed)} at RoPE time in eager code, but {places} did not receive "
         f"{it} in eager code. {they} ran under torch.compile while the attention module "
         f"itself ran eagerly (compiled code rotates {it} a second time), or did not run. This "
-        "forward's output, and the keys it wrote to the cache, are wrong: discard them. "
-        "Compile the whole model, a decoder layer or the attention module instead of only "
-        f"the attention function or cache update, or set {DISABLE_ENV}=1 before loading (no "
-        "rotation at RoPE time)."
+        f"forward's output is wrong{keys}, and the cache holds this forward's keys only up to "
+        "this layer: discard both. Compile the whole model, a decoder layer or the attention "
+        "module instead of only the attention function or cache update, or set "
+        f"{DISABLE_ENV}=1 before loading (no rotation at RoPE time)."
     )
 
 

@@ -267,7 +267,8 @@ def install_plan(model: nn.Module, plan: ModelPlan, *, probe: bool = True) -> No
 
 def _install_module(module: nn.Module, name: str, layer: Optional[LayerPlan],
                     eager: Optional[Any], patched: list[str], hooks: list) -> None:
-    """One attention module: its matrices, eager function, slot and key pre-hook."""
+    """One attention module: its matrices, eager function, slot, key pre-hook and (fused
+    layers) the hand-off post-hook (fused.handoff_post_hook)."""
     if layer is not None:
         _attach_matrices(module, layer)
     if eager is not None:

@@ -217,28 +217,62 @@ def test_cache_update_compiled_alone_is_an_error(r3_hd16, monkeypatch):
 
 
 def test_exception_inside_a_layer_leaves_no_false_handoff_error(r3_hd16, monkeypatch):
-    """An exception between RoPE and the attention function (here: the inner backend fails
-    once) skips the post-hook and leaves the state set; the next forward's pre-hook clears it,
-    so a retry runs normally instead of reporting a double rotation."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """An exception between the key's hand-off and the attention function (here: the real
+    cache's update fails once, after the view took the rotated key) skips the post-hook --
+    the exception itself propagates, not a hand-off error -- and leaves the query's hand-off
+    in the state. The next forward's pre-hook clears it: a retry on the general path (an
+    input that needs a gradient, so the wrapper does not rotate and would not overwrite the
+    state) runs without a false error and gives the plain model's logits."""
+    from transformers.cache_utils import DynamicCache as Dynamic
 
     model = load_r3(r3_hd16)
+    plain = load_unrotated(r3_hd16)
+    layer = attention_layers(model)[0]
     x = ids()
-    want = _reference(r3_hd16, x)
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    update = Dynamic.update
     calls = []
 
-    def failing_once(*args, **kwargs):
+    def failing_once(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise MemoryError("simulated")
-        return sdpa(*args, **kwargs)
+        return update(self, *args, **kwargs)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", failing_once)
+    monkeypatch.setattr(Dynamic, "update", failing_once)
+    with torch.no_grad(), pytest.raises(MemoryError):
+        model(x, **with_cache(model, DynamicCache(config=model.config)))
+    assert fused_mod.STATE.done is layer and fused_mod.STATE.q_out is not None
+    embeds = model.get_input_embeddings()(x).detach().requires_grad_()
+    got = model(inputs_embeds=embeds, **with_cache(model, DynamicCache(config=model.config)))
     with torch.no_grad():
-        with pytest.raises(MemoryError):
-            model(x, **with_cache(model, DynamicCache(config=model.config)))
-        got = model(x, **with_cache(model, DynamicCache(config=model.config))).logits
+        want = plain(inputs_embeds=embeds, **with_cache(plain, DynamicCache(config=plain.config)))
+    assert (got.logits.detach() - want.logits).abs().max() < ATOL
+    assert fused_mod.STATE.done is None
+
+
+def test_attention_function_compiled_before_load_takes_the_general_path(r3_hd16,
+                                                                          monkeypatch):
+    """The attention function compiled on its own before the model is loaded: the load
+    probe's forward sees the hand-off missed and withdraws the fused path (as for a tensor
+    replaced after RoPE); the general path then rotates the query once, inside the compiled
+    function, and the model gives the plain model's logits."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    x = ids()
+    want = _reference(r3_hd16, x)
+    impl = "hadamard_kq"
+    ours = ALL_ATTENTION_FUNCTIONS[impl]
+    torch._dynamo.reset()
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, impl,
+                        torch.compile(ours, backend="eager"))
+    try:
+        model = load_r3(r3_hd16)
+        assert not any(fused_mod.FUSED_ATTR in m.__dict__ for m in attention_layers(model))
+        assert not any(m._forward_hooks for m in attention_layers(model))
+        with torch.no_grad():
+            got = model(x, **with_cache(model, DynamicCache(config=model.config))).logits
+    finally:
+        torch._dynamo.reset()
     assert (got - want).abs().max() < ATOL
 
 
@@ -262,20 +296,23 @@ def test_handoff_post_hook_only_on_fused_layers(r3_hd16):
 
 
 def test_handoff_left_over_during_another_models_probe_raises(r3_hd16):
-    """The post-hook defers to the load probe only for the probed model's own layers."""
+    """During a load probe the post-hook records a withdrawal for the probed model's own
+    layers and still raises for any other model's."""
     from hf_hadamard_kq.install import _Recorder
 
     model = load_r3(r3_hd16)
     layer = attention_layers(model)[0]
     try:
         for names, raises in (({id(layer): "l0"}, False), ({}, True)):
-            fused_mod.PROBE = _Recorder(names)
+            fused_mod.PROBE = recorder = _Recorder(names)
             fused_mod.STATE.done, fused_mod.STATE.q_out = layer, torch.zeros(1)
             if raises:
                 with pytest.raises(fused_mod.FusedHandoffError, match="rotated its query"):
                     fused_mod.handoff_post_hook(layer, (), None)
-            else:
+                assert recorder.events == []
+            else:  # the probed model's layer: an event that withdraws its fused path
                 fused_mod.handoff_post_hook(layer, (), None)
+                assert recorder.events == [("query_changed", "l0")]
             assert fused_mod.STATE.done is None
     finally:
         fused_mod.PROBE = None

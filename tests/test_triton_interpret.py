@@ -100,19 +100,22 @@ if not IN_INTERPRETER:
         (256, "bf16", "bf16", False, False),
     ]
     AOT_MID = [(16, "bf16"), (128, "fp32")]
-    # fused Q/K kernel cases: d, x dtype, W dtype or None, RoPE, BLOCK_M (decode 16 / prefill)
+    # fused Q/K kernel cases: d, x dtype, W dtype or None, RoPE, BLOCK_M, decode-sized call
+    # (the size class whose tuned warps apply when BLOCK_M is the tuned one)
     AOT_QK = [
-        (128, "bf16", None, True, 16),
-        (128, "bf16", None, True, 64),
-        (128, "bf16", None, True, 32),  # the tuned prefill tiling (session 10)
-        (256, "bf16", None, True, 16),
-        (256, "bf16", None, True, 64),
-        (256, "bf16", None, True, 32),
-        (64, "fp16", None, False, 128),
-        (128, "bf16", "bf16", True, 64),
-        (128, "bf16", "fp32", True, 64),
-        (128, "fp32", None, True, 16),  # fp32: the TUNED_QK_F32 tilings (session 16)
-        (256, "fp32", None, True, 16),
+        (128, "bf16", None, True, 16, True),
+        (128, "bf16", None, True, 64, False),
+        (128, "bf16", None, True, 32, False),  # the tuned prefill tiling (session 10)
+        (256, "bf16", None, True, 16, True),
+        (256, "bf16", None, True, 64, False),
+        (256, "bf16", None, True, 32, False),
+        (64, "fp16", None, False, 128, False),
+        (128, "bf16", "bf16", True, 64, False),
+        (128, "bf16", "fp32", True, 64, False),
+        # fp32 tensors: the TUNED_QK_F32 tilings (session 16), decode and prefill
+        (128, "fp32", None, True, 16, True),
+        (128, "fp32", None, True, 16, False),
+        (256, "fp32", None, True, 16, True),
     ]
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
@@ -249,15 +252,15 @@ if not IN_INTERPRETER:
             results.append((f"mid m={m} {odt}", k))
         from hf_hadamard_kq.ops import qk_kernel
 
-        for d, xdt, wdt, rope, block_m in AOT_QK:
+        for d, xdt, wdt, rope, block_m, decode in AOT_QK:
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             unit = 16 // (4 if xdt == "fp32" else 2)
-            tuned = qk_kernel.qk_config(d, 32 if block_m == 16 else 1 << 20, dot_f32)
+            tuned = qk_kernel.qk_config(d, 32 if decode else 1 << 20, xdt == "fp32")
             warps, stages = tuned[1:] if tuned[0] == block_m else (4, None)
             # the tuned launch (W built after the loads, 16-byte rows), and for the first case
             # also W before the loop with unaligned rows
-            variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt) == (128, "bf16")
-                                                and block_m == 16 else [])
+            variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt, wdt) == (
+                128, "bf16", None) and block_m == 16 else [])
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
                 k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages)
@@ -935,15 +938,15 @@ else:
 
     @pytest.mark.parametrize("d", [128, 256])
     def test_qk_tiling_follows_the_operand_type(d: int) -> None:
-        """fp32 operands (fp32 tensors, or a stored fp32 matrix with 16-bit tensors) take
-        TUNED_QK_F32's tiling, 16-bit ones TUNED_QK's: on an H100 the 16-bit tiling ran the
-        fp32 kernel 2x (d = 128, one token) to 45x (d = 256, 4096 tokens) slower (session
-        16). The interpreter's own fp32 dot for bf16 must not count as fp32 operands."""
+        """fp32 tensors take TUNED_QK_F32's tiling, 16-bit ones TUNED_QK's (also with a
+        stored fp32 matrix, whose FMA tiling was not measured): on an H100 the 16-bit tiling
+        ran the fp32 kernel 2x (d = 128, one token) to 45x (d = 256, 4096 tokens) slower
+        (session 16). The interpreter's own fp32 dot for bf16 must not count as fp32."""
         from hf_hadamard_kq.ops import qk_kernel
 
         for s, decode in ((1, True), (4096, False)):
             for dtype, wdtype, fp32 in ((torch.float32, None, True),
-                                        (torch.bfloat16, torch.float32, True),
+                                        (torch.bfloat16, torch.float32, False),
                                         (torch.bfloat16, None, False),
                                         (torch.float16, None, False)):
                 q, k, cos, _ = qk_inputs(dtype, d, 1, s, "contiguous", seed=0)
@@ -952,7 +955,8 @@ else:
                 table = qk_kernel.TUNED_QK_F32 if fp32 else qk_kernel.TUNED_QK
                 assert (plan.meta["BLOCK_M"], plan.num_warps) == table[decode, d][:2], \
                     (dtype, wdtype, s)
-                assert plan.meta["DOT_F32"] == (fp32 or dtype is torch.bfloat16)
+                assert plan.meta["DOT_F32"] == (fp32 or wdtype is not None
+                                                or dtype is torch.bfloat16)
 
     def test_qk_supported_refuses() -> None:
         from hf_hadamard_kq.ops import qk_kernel

@@ -282,9 +282,8 @@ TUNED_QK: dict[tuple[bool, int], tuple[int, int, int | None]] = {
     (False, 256): (32, 2, DEFAULT_STAGES),
 }
 
-#: The same for fp32 operands (``DOT_F32``: fp32 tensors, or a stored fp32 matrix with 16-bit
-#: tensors), which the kernel multiplies with FMAs, not tensor cores: ``(decode, d) ->
-#: (BLOCK_M, num_warps, num_stages)``. Session 16 (benchmarks/results/
+#: The same for fp32 tensors, which the kernel multiplies with FMAs, not tensor cores:
+#: ``(decode, d) -> (BLOCK_M, num_warps, num_stages)``. Session 16 (benchmarks/results/
 #: tune_qk_f32_h100_session16*.json; fp32, RoPE, 32 q + 8 kv heads, GPU time in a CUDA graph):
 #: at d = 256 the 16-bit tilings above were far too slow (cause not investigated; too few
 #: warps for the FMA work is the obvious candidate) -- 15.3 ms at 4096 tokens and 129 us at
@@ -293,7 +292,10 @@ TUNED_QK: dict[tuple[bool, int], tuple[int, int, int | None]] = {
 #: (4.3-4.6 s). d = 128: one token 5.98 -> 3.07 us (8 warps); 4096 / 512 tokens 123.6 / 18.9
 #: -> 111.1 / 15.0 us (16 rows, 4 warps; 32 rows and 8 warps: 116.6 / 13.9). d = 64 keeps the
 #: 16-bit tilings (one token: 2.25 us, within 0.04 of the best; its prefill tiling, 64 rows,
-#: was not in the sweep).
+#: was not in the sweep). 16-bit tensors with a stored fp32 matrix (also FMAs) keep
+#: :data:`TUNED_QK`'s tilings: neither was measured for them (tune_qk sweeps Sylvester
+#: rotations), and these lost the 16-byte accesses there (d = 128, 16 rows, 8 warps: compiled
+#: for sm_90, no ``ld.global.v4``).
 TUNED_QK_F32: dict[tuple[bool, int], tuple[int, int, int | None]] = {
     (True, 128): (16, 8, DEFAULT_STAGES),
     (False, 128): (16, 4, DEFAULT_STAGES),
@@ -303,15 +305,15 @@ TUNED_QK_F32: dict[tuple[bool, int], tuple[int, int, int | None]] = {
 
 
 @functools.cache
-def qk_config(d: int, rows: int, dot_f32: bool = False) -> tuple[int, int, int | None]:
+def qk_config(d: int, rows: int, fp32: bool = False) -> tuple[int, int, int | None]:
     """``(BLOCK_M, num_warps, num_stages)`` for head dim ``d`` and ``rows`` rows in the larger
-    tensor (``dot_f32``: fp32 operands, :data:`TUNED_QK_F32` first): :data:`TUNED_QK` where it
+    tensor (``fp32``: fp32 tensors, :data:`TUNED_QK_F32` first): :data:`TUNED_QK` where it
     has an entry; otherwise 16-row tiles with 4 warps for
     decode-sized calls and ``8192 / d`` rows (64 at 128) for prefill; the pipelining depth is
     triton's default for the backend (None) everywhere: session 12 measured no effect of it on
     this kernel (tune_qk --stages)."""
     decode = rows <= SMALL_ROWS  # the row kernel's decode-sized class (rows = heads x tokens)
-    tuned = (dot_f32 and TUNED_QK_F32.get((decode, d))) or TUNED_QK.get((decode, d))
+    tuned = (fp32 and TUNED_QK_F32.get((decode, d))) or TUNED_QK.get((decode, d))
     if tuned is not None:
         return tuned
     if decode:
@@ -362,9 +364,9 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
     nq, nk = b * hq * s, b * hk * s
     sylvester = w is q
     dtype = q.dtype
-    fma = dtype is torch.float32 or w.dtype is not dtype  # fp32 operands on the GPU
-    dot_f32 = fma or (INTERPRET and dtype is torch.bfloat16)
-    block_m, num_warps, num_stages = qk_config(d, max(nq, nk), fma)
+    dot_f32 = dtype is torch.float32 or w.dtype is not dtype or (
+        INTERPRET and dtype is torch.bfloat16)
+    block_m, num_warps, num_stages = qk_config(d, max(nq, nk), dtype is torch.float32)
     tq = -(-nq // block_m)
     n_tiles = tq + -(-nk // block_m)
     grid = min(n_tiles, _max_programs(q.device))

@@ -83,10 +83,7 @@ def rope_ref(x, cos, sin):
 def rel_err(out, x, cos, sin) -> float:
     """max |out - ref| / max |ref| (fp32 outputs: their floor is tiny and the accumulation
     order dominates, so they are held to 1e-5 of the largest magnitude, as in the tests)."""
-    n = x.shape[-1]
-    y = rope_ref(x, cos, sin).double()
-    ref = (y.reshape(-1, n) @ tune_rows.sylvester(n, torch.float64, x.device)
-           / math.sqrt(n)).reshape(y.shape)
+    ref = tune_rows.reference(rope_ref(x, cos, sin), x.shape[-1])
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 

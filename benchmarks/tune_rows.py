@@ -80,9 +80,14 @@ def run_config(x: torch.Tensor, n: int, cfg) -> torch.Tensor:
         tk.clear_plans()
 
 
+def reference(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The exact rotation of ``x``'s ``n``-blocks: float64, normalised Sylvester matrix."""
+    return (x.double().reshape(-1, n) @ sylvester(n, torch.float64, x.device)
+            / math.sqrt(n)).reshape(x.shape)
+
+
 def err_vs_floor(out: torch.Tensor, x: torch.Tensor, n: int) -> float:
-    ref = (x.double().reshape(-1, n) @ sylvester(n, torch.float64, x.device)
-           / math.sqrt(n)).reshape(x.shape)
+    ref = reference(x, n)
     err = (out.double() - ref).abs().max().item()
     floor = (ref.to(out.dtype).double() - ref).abs().max().item()
     return err / floor if floor > 0 else float("nan")

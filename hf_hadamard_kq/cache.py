@@ -104,6 +104,17 @@ def rotate(x: torch.Tensor, rotation: Rotation, module: Any) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _store_layer(layer: StaticLayer, key_states: torch.Tensor,
+                 value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`_store_static` does in place of an initialized ``StaticLayer.update`` (and
+    what :func:`_store_check` compares with it): one ``kv_store`` at ``cumulative_length``,
+    read before it advances, as the layer itself does."""
+    keys, values = layer.keys, layer.values
+    kv_store(keys, values, key_states, value_states, layer.cumulative_length)
+    layer.cumulative_length.add_(key_states.shape[-2])
+    return keys, values
+
+
 def _store_check() -> bool:
     """Whether ``StaticLayer.update`` still does what :func:`_store_static` does in its place:
     run both on a small CPU cache (two updates, of 3 and 1 positions) and compare the keys, the
@@ -122,8 +133,7 @@ def _store_check() -> bool:
             if not ours.is_initialized:
                 ours.update(k, v)
                 continue
-            kv_store(ours.keys, ours.values, k, v, ours.cumulative_length)
-            ours.cumulative_length.add_(length)
+            _store_layer(ours, k, v)
         return (
             torch.equal(theirs.keys, ours.keys)
             and torch.equal(theirs.values, ours.values)
@@ -150,8 +160,7 @@ def _store_static(cache: Any, key_states: torch.Tensor, value_states: torch.Tens
     inductor can fuse the rotation into. Exact classes only: a subclass may store
     differently (the sliding-window layers' rolling slots); offloading moves layers between
     devices around the update; and a key or value that needs a gradient keeps the layer's
-    ``index_copy_`` (the op has no autograd formula). ``start`` is read before
-    ``cumulative_length`` advances, as the layer itself does.
+    ``index_copy_`` (the op has no autograd formula).
     """
     if not KV_STORE or type(cache) is not StaticCache:
         return None
@@ -164,10 +173,7 @@ def _store_static(cache: Any, key_states: torch.Tensor, value_states: torch.Tens
     layer = cache.layers[layer_idx]
     if type(layer) is not StaticLayer or not layer.is_initialized:
         return None
-    keys, values = layer.keys, layer.values
-    kv_store(keys, values, key_states, value_states, layer.cumulative_length)
-    layer.cumulative_length.add_(key_states.shape[-2])
-    return keys, values
+    return _store_layer(layer, key_states, value_states)
 
 
 class RotatingCacheView:

@@ -380,12 +380,9 @@ def handoff_post_hook(module: Any, args: tuple, output: Any) -> None:
     reset()
     if not missed:  # pragma: no cover - the wrapper sets done, q_out and k_out together
         return
-    probe = PROBE
-    if probe is not None and id(module) in probe.names:  # the model being probed
-        probe.events.extend((f"{what}_changed", probe.names[id(module)]) for what in missed)
+    if _withdraw_in_probe(module, missed):
         return
-    fused = module.__dict__.get(FUSED_ATTR)
-    name = getattr(fused, "name", type(module).__name__)
+    name = _layer_name(module)
     places = " and ".join(
         {"key": "the KV cache update", "query": "the attention function"}[w] for w in missed)
     it, they = ("them", "They") if len(missed) > 1 else ("it", "It")
@@ -402,14 +399,27 @@ def handoff_post_hook(module: Any, args: tuple, output: Any) -> None:
     )
 
 
+def _layer_name(module: Any) -> str:
+    """The layer's name in its model (the fused rotation records it), for error messages."""
+    return getattr(module.__dict__.get(FUSED_ATTR), "name", type(module).__name__)
+
+
+def _withdraw_in_probe(module: Any, what: list[str]) -> bool:
+    """During the load probe of ``module``'s model: record ``<what>_changed`` for each tensor,
+    the events on which the probe withdraws the layer's fused path (install.probe_pattern),
+    and return True. False otherwise (another model's probe, or none): the caller raises."""
+    probe = PROBE
+    if probe is None or id(module) not in probe.names:
+        return False
+    probe.events.extend((f"{w}_changed", probe.names[id(module)]) for w in what)
+    return True
+
+
 def mismatch(module: Any, what: str) -> None:
     """Record (probe) or raise: ``what`` ('key' or 'query') changed after RoPE."""
-    fused = module.__dict__.get(FUSED_ATTR)
-    name = getattr(fused, "name", type(module).__name__)
+    name = _layer_name(module)
     reset()
-    probe = PROBE
-    if probe is not None and id(module) in probe.names:  # a layer of the model being probed
-        probe.events.append((f"{what}_changed", probe.names[id(module)]))
+    if _withdraw_in_probe(module, [what]):
         return
     raise FusedRotationMismatchError(
         f"hf_hadamard_kq: layer '{name}' ({type(module).__name__}) changed the {what} between "

@@ -281,10 +281,9 @@ def test_handoff_post_hook_only_on_fused_layers(r3_hd16):
     partial rotary) do not, and remove_r3 takes it off."""
     from tests.tiny_models import rotated
 
-    def hooked(model):
-        return [fused_mod.handoff_post_hook in m._forward_hooks.values()
-                for m in model.modules() if fused_mod.HANDOFF_HOOK_ATTR in m.__dict__
-                or fused_mod.handoff_post_hook in getattr(m, "_forward_hooks", {}).values()]
+    def hooked(model):  # modules carrying the hook or its handle
+        return [n for n, m in model.named_modules() if fused_mod.HANDOFF_HOOK_ATTR in m.__dict__
+                or fused_mod.handoff_post_hook in m._forward_hooks.values()]
 
     model = load_r3(r3_hd16)
     layers = attention_layers(model)

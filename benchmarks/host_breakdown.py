@@ -8,8 +8,14 @@ allocation and the launch that any implementation pays:
 
 * ``clone``: ``x.clone()`` (torch's own allocation + one copy kernel), the reference;
 * ``empty_like``: the output allocation alone;
-* ``hadamard_apply``: the whole call the model hooks make;
-* ``fast_closure``: the cached per-layout closure alone (no dispatch checks, no key lookup);
+* ``hadamard_apply``: the whole call the model hooks make (its FAST entry is the C++ launch
+  when cpp_launch could build it, as in normal use);
+* ``hadamard_apply_python``: the same call without the C++ table and with the FAST entry
+  swapped for the Python closure around triton's launcher (the path before the C++ launch;
+  set per round, outside the timing);
+* ``cpp_launch``: the C++ ``Launch`` alone (checks, allocation, ``cuLaunchKernel``);
+* ``cpp_table``: the C++ ``Table`` call (the layout lookup in C++, then the Launch);
+* ``fast_closure``: the Python closure alone (no dispatch checks, no key lookup);
 * ``launch_only``: triton's C launcher with the closure's arguments into a preallocated
   output (no allocation, no Python of ours);
 * ``key_lookup``: building the layout key and the dict lookup (no launch);
@@ -32,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hf_hadamard_kq.ops import cpp_launch
 from hf_hadamard_kq.ops import launch as launch_mod
 from hf_hadamard_kq.ops import op as op_mod
 from hf_hadamard_kq.ops import triton_kernel as tk
@@ -54,12 +61,14 @@ def parts_for(tokens: int) -> dict:
         op_mod.hadamard_apply(x, scale, None, 128)
     device = x.get_device()
     key = (x.shape, x.stride(), x.dtype, device, 128)
-    fast = tk.FAST.get(key)
-    if fast is None:
-        raise SystemExit(f"no fast-path closure for {key}: this triton has no direct launcher")
+    native = tk.FAST.get(key)
+    if type(native).__name__ != "Launch":
+        raise SystemExit(f"no C++ launch for {key}: {native!r} (see cpp_launch.py)")
     plan = tk._ROW_PLANS[(x.shape, x.stride(), x.dtype, True, device, 128)]
-    launch, function, coop, pdl, packed, meta_values = tk._ROWS.direct_parts(
-        plan.key, device, plan.meta, plan.int_key)
+    parts = tk._ROWS.direct_parts(plan.key, device, plan.meta, plan.int_key)
+    launch, function, coop, pdl, packed, meta_values = parts
+    fast = tk._fast_closure(plan, device, parts)
+    cpp_table = cpp_launch.TABLE
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     xp, op = x.data_ptr(), out.data_ptr()
     args = (*plan.scalars, float(scale), *meta_values)
@@ -70,16 +79,36 @@ def parts_for(tokens: int) -> dict:
     parts = {
         "clone": lambda: x.clone(),
         "empty_like": lambda: torch.empty_like(x, memory_format=contiguous),
-        "hadamard_apply": lambda: op_mod.hadamard_apply(x, scale, None, 128),
+        "hadamard_apply": (lambda: op_mod.hadamard_apply(x, scale, None, 128),
+                           (key, native, cpp_table)),
+        "hadamard_apply_python": (lambda: op_mod.hadamard_apply(x, scale, None, 128),
+                                  (key, fast, None)),
+        "cpp_launch": lambda: native(x, scale),
+        "cpp_table": lambda: cpp_table(x, scale, 128),
         "fast_closure": lambda: fast(x, scale),
         "launch_only": lambda: launch(plan.grid, 1, 1, stream, function, coop, pdl, None, None,
                                       packed, None, None, None, xp, xp, op, *args),
         "key_lookup": lambda: table.get((x.shape, x.stride(), x.dtype, x.get_device(), 128)),
         "device_and_hook_checks": lambda: current_device() != device or hooks_active(),
     }
-    # the closure timed here computes the rotation (torch's fp32 path, bf16 tolerances)
+    # the paths timed here compute the rotation (torch's fp32 path, bf16 tolerances), alike
     torch.testing.assert_close(fast(x, scale), op_mod.torch_hadamard(x, scale, None, 128))
+    assert torch.equal(native(x, scale), fast(x, scale))
     return parts
+
+
+def timed(part, n: int) -> float:
+    """``per_call_us`` of a part: a callable, or (callable, (FAST key, entry to install,
+    cpp_launch.TABLE to install: None times the Python path))."""
+    if isinstance(part, tuple):
+        fn, (key, entry, table) = part
+        saved = tk.FAST[key], cpp_launch.TABLE
+        tk.FAST[key], cpp_launch.TABLE = entry, table
+        try:
+            return per_call_us(fn, n)
+        finally:
+            tk.FAST[key], cpp_launch.TABLE = saved
+    return per_call_us(part, n)
 
 
 def main(argv=None) -> None:
@@ -92,15 +121,18 @@ def main(argv=None) -> None:
         raise SystemExit("host_breakdown.py needs a GPU")
     import triton
 
+    start = time.perf_counter()
+    cpp_launch.module()  # builds unless cached (use an empty HF_HADAMARD_KQ_CACHE_DIR)
+    build_s = time.perf_counter() - start
     rows = []
     for tokens in (1, 16, 64):
         parts = parts_for(tokens)
         samples: dict[str, list[float]] = {name: [] for name in parts}
-        for fn in parts.values():  # warm-up
-            per_call_us(fn, 200)
+        for part in parts.values():  # warm-up
+            timed(part, 200)
         for _ in range(args.rounds):
-            for name, fn in parts.items():
-                samples[name].append(per_call_us(fn, args.calls))
+            for name, part in parts.items():
+                samples[name].append(timed(part, args.calls))
         row = {"tokens": tokens}
         for name, values in samples.items():
             row[f"{name}_us"] = round(statistics.median(values), 2)
@@ -108,7 +140,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print({k: v for k, v in row.items() if not k.endswith("_all")}, flush=True)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-               triton=triton.__version__, calls=args.calls, rounds=args.rounds)
+               triton=triton.__version__, calls=args.calls, rounds=args.rounds,
+               native_module_s=round(build_s, 2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 

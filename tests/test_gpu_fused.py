@@ -119,17 +119,23 @@ def test_rows_launcher_int_specialisation():
         assert_single_rounding(y, x, None, 128**-0.5)
 
 
-def test_eager_fast_path(monkeypatch):
-    """``hadamard_apply``'s per-layout closure (``triton_kernel.FAST``): repeated calls of a
-    layout run through it and match the float64 reference; a misaligned tensor of the same
-    layout, and a call with a triton launch hook installed, fall back to the normal path
-    (the hook sees the launch) and are still right."""
+@pytest.mark.parametrize("launcher", ["cpp", "python"])
+def test_eager_fast_path(monkeypatch, launcher):
+    """``hadamard_apply``'s per-layout fast path -- the C++ launch table
+    (``cpp_launch.TABLE``, built on this machine) or, with it off, the Python closure
+    (``triton_kernel.FAST``): repeated calls of a layout run through it and match the float64
+    reference; a misaligned tensor of the same layout, and a call with a triton launch hook
+    installed, fall back to the normal path (the hook sees the launch) and are still right."""
     import triton
 
+    from hf_hadamard_kq.ops import cpp_launch
     from hf_hadamard_kq.ops import op as op_mod
     from tests.reference import assert_single_rounding as assert_near
     from tests.reference import reference_transform
 
+    if launcher == "python":
+        monkeypatch.setenv(cpp_launch.ENV, "0")
+        monkeypatch.setattr(cpp_launch, "TABLE", None)
     triton_kernel.clear_plans()
     op_mod._load_triton()
     assert op_mod._FAST is triton_kernel.FAST
@@ -142,13 +148,22 @@ def test_eager_fast_path(monkeypatch):
     for x, d in cases:
         key = (x.shape, x.stride(), x.dtype, x.get_device(), d)
         first = op_mod.hadamard_apply(x, d**-0.5, None, d)
-        closure = triton_kernel.FAST[key]
+        entry = triton_kernel.FAST[key]
         hits = []
-        monkeypatch.setitem(triton_kernel.FAST, key,
-                            lambda t, s, c=closure, h=hits: h.append(1) or c(t, s))
+        if launcher == "cpp":
+            assert type(entry).__name__ == "Launch", entry
+            table = cpp_launch.TABLE
+            monkeypatch.setattr(cpp_launch, "TABLE",
+                                lambda t, s, b, h=hits, f=table: h.append(1) or f(t, s, b))
+        else:
+            assert type(entry).__name__ == "function", entry
+            monkeypatch.setitem(triton_kernel.FAST, key,
+                                lambda t, s, c=entry, h=hits: h.append(1) or c(t, s))
         for y in (first, op_mod.hadamard_apply(x, d**-0.5, None, d)):
             assert_near(y, reference_transform(x, d))  # fp32: relative bound
         assert hits == [1]
+        if launcher == "cpp":
+            monkeypatch.setattr(cpp_launch, "TABLE", table)
     x = cases[0][0]  # decode layout, 16-byte aligned
     buf = torch.randn(1 * 32 * 128 + 1, device=DEV).bfloat16()
     mis = buf[1:].view(1, 1, 32, 128).transpose(1, 2)
@@ -162,6 +177,7 @@ def test_eager_fast_path(monkeypatch):
     monkeypatch.undo()
     assert seen, "with a launch hook installed the launch must go through triton"
     assert_single_rounding(y, x, None, 128**-0.5)
+    triton_kernel.clear_plans()  # leave no Python closures behind for later tests
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])

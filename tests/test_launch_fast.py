@@ -89,7 +89,7 @@ def test_fast_closure_passes_the_direct_launch_arguments(recorded, tokens):
     assert calls[0][3]["num_warps"] == cfg.num_warps
     assert calls[0][3]["num_stages"] == cfg.num_stages == plan.num_stages
     direct = calls[1]
-    tk._remember_fast(x, plan, 128)
+    tk._remember_fast(x, plan, 128, 1.0)
     fast = tk.FAST[(x.shape, x.stride(), x.dtype, -1, 128)]
     y = fast(x, scale)
     assert len(calls) == 3
@@ -130,7 +130,7 @@ def test_fast_closure_refuses_other_calls(recorded, monkeypatch):
     x = _decode_query(1)
     plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
     tk._launch_plan(plan, x, x, torch.empty(x.shape, dtype=x.dtype), 1.0)
-    tk._remember_fast(x, plan, 128)
+    tk._remember_fast(x, plan, 128, 1.0)
     fast = tk.FAST[(x.shape, x.stride(), x.dtype, -1, 128)]
     n = len(calls)
     misaligned = _decode_query(1, offset=1)
@@ -158,7 +158,7 @@ def test_no_fast_entry_before_the_aligned_launch_is_cached():
     x = _decode_query(1, offset=1)
     plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
     tk._launch_plan(plan, x, x, torch.empty(x.shape, dtype=x.dtype), 1.0)
-    tk._remember_fast(x, plan, 128)
+    tk._remember_fast(x, plan, 128, 1.0)
     assert tk.FAST == {}
 
 

@@ -183,6 +183,13 @@ class CachedLauncher:
             None, None, *ptrs, *scalars, *meta_values,
         )
 
+    def compiled(self, key: tuple, device: int, int_key: tuple) -> Any:
+        """The triton ``CompiledKernel`` that :meth:`launch` cached for all-aligned pointers
+        under this key (as :meth:`direct_parts` finds it), or None."""
+        full_key = (key, device, True, int_key) if self.specialized_ints else (key, device, True)
+        entry = None if _PLAIN else self.cache.get(full_key)
+        return None if entry is None else entry[1]
+
     def direct_parts(
         self,
         key: tuple,

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import native
+from . import cpp_launch, native
 from .matrices import MAX_SYLVESTER_SIZE, is_power_of_two, sylvester
 
 #: Largest Sylvester block the torch path multiplies densely. Above it the matrix is factored
@@ -169,8 +169,10 @@ def hadamard_apply(
     launch itself (measured on an H100 host: ~80 us per decode call through ``torch.ops``
     vs ~43 us calling the Triton launcher directly), so plain tensors without autograd go
     straight to the same implementation the op would run; for a Sylvester rotation of a CUDA
-    layout seen before, to a closure cached for that layout (``triton_kernel.FAST``: per call
-    only the checks that depend on the call, the allocation and the launch). Under
+    layout seen before, to the launch cached for that layout: in C++ (``cpp_launch.TABLE``,
+    looked up in C++) where that module could be built, else a Python closure around triton's
+    launcher (``triton_kernel.FAST``); either does per call only the checks that depend on
+    the call, the allocation and the launch. Under
     ``torch.compile``, autograd, tensor subclasses (DTensor, FakeTensor) or dispatch modes,
     the op is used so that the compiler, autograd and subclass dispatch see one node
     (FakeTensor is a subclass, so fake/meta tracing also takes the op) -- except where
@@ -188,7 +190,11 @@ def hadamard_apply(
             and (x.requires_grad or (matrix is not None and matrix.requires_grad))
         )
     ):
-        if matrix is None and x.is_cuda:  # a layout seen before (triton_kernel.FAST)
+        if matrix is None and x.is_cuda:  # a layout seen before
+            table = cpp_launch.TABLE  # the C++ launches, looked up in C++
+            out = None if table is None else table(x, scale, block)
+            if out is not None:
+                return out
             fast = _FAST.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
             if fast is not None:
                 out = fast(x, scale)

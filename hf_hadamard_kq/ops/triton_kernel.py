@@ -97,6 +97,11 @@ from typing import NamedTuple
 
 import torch
 
+if __package__:
+    from . import cpp_launch
+else:  # loaded by file path, outside the package (the interpreter tests): no cached launches
+    cpp_launch = None
+
 try:  # triton is optional: CUDA builds of torch pin their own, CPU installs may lack it.
     import triton
     import triton.language as tl
@@ -841,7 +846,7 @@ def hadamard_triton(
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
             _launch_plan(plan, x, x, out, float(scale))
             if x.is_cuda and (x.shape, x.stride(), x.dtype, device, block) not in FAST:
-                _remember_fast(x, plan, block)
+                _remember_fast(x, plan, block, scale)
             return out
     if not _HAS_TRITON:
         raise RuntimeError("hadamard_triton needs triton, which is not importable")
@@ -909,11 +914,15 @@ def clear_plans() -> None:
     also call ``rows_config.cache_clear()``)."""
     _ROW_PLANS.clear()
     FAST.clear()
+    if cpp_launch is not None and cpp_launch.TABLE is not None:
+        cpp_launch.TABLE.clear()
 
 
-def _remember_fast(x: torch.Tensor, plan: _RowsPlan, block: int) -> None:
+def _remember_fast(x: torch.Tensor, plan: _RowsPlan, block: int, scale: float) -> None:
     """Store the fast-path closure of ``x``'s layout once its all-aligned launch is cached
-    (nothing yet if it is not: a later call retries; None if it has no direct form)."""
+    (nothing yet if it is not: a later call retries; None if it has no direct form): the C++
+    launch (cpp_launch.py) where it is available, else a Python closure around triton's
+    launcher."""
     if _ROWS is None or plan.int_key is None:
         return
     device = x.get_device()
@@ -921,9 +930,28 @@ def _remember_fast(x: torch.Tensor, plan: _RowsPlan, block: int) -> None:
     if parts is None:
         return
     if len(FAST) >= _MAX_ROW_PLANS:
-        FAST.clear()
-    FAST[(x.shape, x.stride(), x.dtype, device, block)] = (
-        _fast_closure(plan, device, parts) if parts else None)
+        clear_plans()
+    fast = _fast_closure(plan, device, parts) if parts else None
+    if fast is not None:
+        kernel = _ROWS.compiled(plan.key, device, plan.int_key)
+        cpp = cpp_launch.make_launch(kernel, plan.grid, x, *cpp_roles(plan), fast, scale)
+        if cpp is cpp_launch.RETRY:  # not now (graph capture, a hook): a later call retries
+            return
+        if cpp is not None:
+            if cpp_launch.TABLE is not None:  # (None only where a test or benchmark set it)
+                cpp_launch.TABLE.add(block, cpp)
+            fast = cpp
+    FAST[(x.shape, x.stride(), x.dtype, device, block)] = fast
+
+
+def cpp_roles(plan: _RowsPlan) -> tuple[tuple, tuple]:
+    """``(roles, values)`` of the row kernel's launch arguments for cpp_launch: the same
+    arguments, in the same order, as :func:`_fast_closure` passes (x, W = x, out, the plan's
+    ints, scale, the constexprs)."""
+    nl = cpp_launch
+    roles = (nl.X_PTR, nl.X_PTR, nl.OUT_PTR, *(nl.VALUE,) * len(plan.scalars), nl.SCALE,
+             *(nl.VALUE,) * len(plan.meta))
+    return roles, (None, None, None, *plan.scalars, None, *plan.meta.values())
 
 
 def _fast_closure(plan: _RowsPlan, device: int, parts: tuple):
@@ -980,6 +1008,6 @@ def _dispatch(
         _ROW_PLANS[(x.shape, x.stride(), x.dtype, x.is_cuda, x.get_device(), block)] = plan
         _launch_plan(plan, x, w, out, scale)
         if x.is_cuda:
-            _remember_fast(x, plan, block)
+            _remember_fast(x, plan, block, scale)
         return
     _run(x, out, w, scale, block, sylvester, dot_f32, layout)

@@ -1,0 +1,350 @@
+"""The eager single-tensor rotation's launch in C++ (``cpp_launch.cpp``).
+
+Why: a decode-sized rotation is ~2 us of GPU work, so in eager decode its host cost is what a
+layer pays. Through triton's own C launcher the cached per-layout closure
+(``triton_kernel.FAST``) cost 7.6-10 us per call on the lent H100 hosts, above issue 6's 8 us:
+triton's launcher parses two dozen Python arguments per call (3.7-4.9 us with everything
+prebuilt), the output allocation from Python took 2.0-3.7 us, and the closure's own Python
+about 1.5 us. A :class:`Launch` object does the same work in one C++ call: it checks the
+layout, the current device, triton's launch hooks and the alignment, allocates the output
+with ATen and calls ``cuLaunchKernel`` with parameters packed once per layout.
+
+Correctness: the parameter slots come from the compiled kernel's own Triton signature
+(``kernel.src.signature``: every non-constexpr argument in order, with its C type), and the
+first Launch of each compiled kernel in a process is checked against triton's launcher on a
+random input of the same layout (bit-identical outputs, or :class:`CppLaunchError`).
+
+Build: compiled once per (source, torch, Python, compiler) with the system C++ compiler
+against torch's headers -- no CUDA toolkit: the driver entry points are looked up in
+``libcuda.so.1`` -- into ``$HF_HADAMARD_KQ_CACHE_DIR`` (default
+``~/.cache/hf_hadamard_kq``), then loaded from there. Set ``HF_HADAMARD_KQ_CPP_LAUNCH``:
+
+* ``auto`` (default): build on the first eager CUDA rotation; if the build fails, warn once
+  (with the compiler's output) and keep triton's launcher (same results, slower host path);
+* ``require``: a failed build raises :class:`CppLaunchError`;
+* ``0``: never build it, and give no new layout a C++ launch.
+
+The variable is read when a tensor layout is first seen (not per call): set it before the
+first rotation; launches made before stay in :data:`TABLE` until
+``triton_kernel.clear_plans()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+ENV = "HF_HADAMARD_KQ_CPP_LAUNCH"
+CACHE_ENV = "HF_HADAMARD_KQ_CACHE_DIR"
+SOURCE = Path(__file__).with_name("cpp_launch.cpp")
+MODULE_NAME = "hf_hadamard_kq_cpp_launch"
+
+#: Slot roles (the same numbers as cpp_launch.cpp's ``Role``).
+VALUE, X_PTR, OUT_PTR, SCALE = 0, 1, 2, 3
+#: Null pointers after the kernel's parameters: triton 3.5-3.6 append its global and profile
+#: scratch pointers (unused by these kernels, whose scratch sizes are checked to be 0); extra
+#: entries are never read by the driver, so the count is an upper bound.
+EXTRA_PARAMS = 2
+#: Parameter types the C++ side packs.
+PACKED_TYPES = frozenset({"i32", "i64", "u32", "u64", "fp32", "f32"})
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+#: The module's ``Table`` of every Launch made, by (layout, block): what ``op.hadamard_apply``
+#: calls first (``TABLE(x, scale, block)`` -> out, or None when it has no Launch for x's
+#: layout or the Launch declined the call). None until the module is loaded.
+TABLE: Any = None
+_failed: Optional[str] = None  # why the build failed (auto mode: warned once)
+#: Compiled kernels whose first Launch matched triton's launcher, by CUfunction handle (the
+#: kernel is kept, so that its handle cannot be reused by another kernel meanwhile).
+_checked: dict[int, Any] = {}
+#: Compiled kernels whose Launch disagreed with triton's (``auto`` mode), by ``id``; kept.
+_rejected: dict[int, Any] = {}
+
+
+class CppLaunchError(RuntimeError):
+    """The C++ launch could not be built (``require`` mode) or disagreed with triton's."""
+
+
+def mode() -> str:
+    """``auto``, ``require`` or ``off`` from :data:`ENV` (read per call: tests change it)."""
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("auto", "1", "on", "true", "yes", ""):
+        return "auto"
+    if value == "require":
+        return "require"
+    raise ValueError(f"{ENV}={value!r}: use auto, require or 0")
+
+
+def cache_dir() -> Path:
+    """Where built modules are kept."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hf_hadamard_kq"
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler: ``$CXX``, else the first of c++, g++, clang++ on PATH."""
+    explicit = os.environ.get("CXX")
+    if explicit:
+        return explicit
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def compile_command(cxx: str, source: Path, output: Path) -> list[str]:
+    """The compiler command line (torch's headers and libraries, this Python's headers)."""
+    torch_dir = Path(torch.__file__).resolve().parent
+    lib = torch_dir / "lib"
+    return [
+        cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-I", str(torch_dir / "include"),
+        "-I", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
+        "-I", sysconfig.get_paths()["include"],
+        str(source), "-o", str(output),
+        "-L", str(lib), "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", "-ldl",
+        f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+
+
+def _artifact(cxx: str) -> Path:
+    """The cached module's path: named by a hash of everything the build depends on."""
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    for part in (torch.__version__, getattr(torch.version, "git_version", ""), sys.version,
+                 " ".join(compile_command(cxx, Path("src"), Path("out")))):
+        digest.update(part.encode())
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return cache_dir() / f"cpp_launch_{digest.hexdigest()[:20]}{suffix}"
+
+
+def build() -> Path:
+    """Compile the module into the cache (if not there yet); its path. Raises
+    :class:`CppLaunchError` with the compiler's output when it cannot."""
+    cxx = compiler()
+    if cxx is None:
+        raise CppLaunchError(
+            "no C++ compiler found (set CXX, or install g++); "
+            f"or set {ENV}=0 to use triton's launcher")
+    target = _artifact(cxx)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    cmd = compile_command(cxx, SOURCE, Path(tmp))
+    # a warning so that the pause (~10 s on an H100 host) is explained; once per machine
+    _log.warning("hf_hadamard_kq: building the C++ launcher once (cached in %s)", target.parent)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CppLaunchError(
+                f"building the C++ launcher failed ({' '.join(cmd)}):\n"
+                f"{proc.stderr[-4000:]}\nset {ENV}=0 to use triton's launcher")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600
+        os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _log.info("hf_hadamard_kq: C++ launcher built in %.1f s", time.perf_counter() - start)
+    return target
+
+
+def _load(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+    if spec is None:  # pragma: no cover - the loader above always gives a spec
+        raise CppLaunchError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def module() -> Optional[ModuleType]:
+    """The built module, building it on first use; None when off (new layouts then get no
+    C++ launch; those made before stay in :data:`TABLE` until ``clear_plans``), or
+    (``auto``) when the build failed -- then a RuntimeWarning said why, once."""
+    global _module, _failed, TABLE
+    current = mode()
+    if current == "off":
+        return None
+    if _module is not None:
+        return _module
+    if _failed is not None and current == "auto":
+        return None
+    with _lock:
+        if _failed is not None and current == "auto":  # failed while this thread waited
+            return None
+        if _module is None:
+            try:
+                loaded = _load(build())
+                TABLE = loaded.Table()
+                _module = loaded
+                _failed = None
+            except (CppLaunchError, OSError, ImportError) as err:
+                if current == "require":
+                    raise CppLaunchError(str(err)) from err
+                if _failed is None:
+                    warnings.warn(
+                        f"hf_hadamard_kq: the C++ launcher is unavailable, so eager rotations "
+                        f"use triton's launcher (same results, more host time per call): "
+                        f"{err}", RuntimeWarning, stacklevel=3)
+                _failed = str(err)
+                return None
+    return _module
+
+
+def slots(signature: dict, roles: Sequence[int], values: Sequence[Any]) -> Optional[list]:
+    """``(type, role, value)`` of every non-constexpr parameter of a kernel whose Triton
+    ``signature`` (name -> type, in order) takes the launch arguments described by ``roles``
+    and ``values`` (one each per argument, constexprs included); None when a type is not one
+    the C++ side packs."""
+    types = list(signature.values())
+    if len(types) != len(roles) or len(roles) != len(values):
+        raise CppLaunchError(
+            f"the kernel signature has {len(types)} parameters, the launch {len(roles)}")
+    out = []
+    for ty, role, value in zip(types, roles, values):
+        if ty == "constexpr":
+            continue
+        if not (ty.startswith("*") or ty in PACKED_TYPES):
+            return None
+        out.append((ty, role, value))
+    return out
+
+
+#: What :func:`make_launch` returns when it cannot make a Launch *now* (a CUDA graph is being
+#: captured, or a launch hook declined the self-check): the caller stores nothing, so that
+#: a later call of the layout tries again.
+RETRY = object()
+
+
+def make_launch(
+    kernel: Any,
+    grid: int,
+    like: torch.Tensor,
+    roles: Sequence[int],
+    values: Sequence[Any],
+    reference: Callable[[torch.Tensor, float], Optional[torch.Tensor]],
+    scale: float,
+) -> Any:
+    """A :class:`Launch` of ``kernel`` (a triton ``CompiledKernel`` that has run) for tensors
+    of ``like``'s layout; None when there will be none (module off or unavailable, a launch
+    feature it does not handle, a kernel whose self-check failed in ``auto`` mode: the caller
+    keeps ``reference``, the Python launch of the same kernel); :data:`RETRY` when not now.
+    The first Launch of each compiled kernel is compared with ``reference`` on a random
+    input of ``like``'s layout (:func:`_self_check`)."""
+    if kernel is None or like.device.type != "cuda" or torch.version.hip is not None:
+        return None
+    if torch.cuda.is_current_stream_capturing():  # no build, no self-check (it syncs) now
+        return RETRY
+    mod = module()
+    if mod is None or id(kernel) in _rejected:
+        return None
+    meta = kernel.metadata
+    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
+            or getattr(meta, "launch_pdl", False)
+            or getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
+            or kernel.function is None):
+        return None
+    packed = slots(kernel.src.signature, roles, values)
+    if packed is None:
+        return None
+    if not _driver(mod):
+        return None
+    from . import launch as launch_mod
+
+    launch = mod.Launch(kernel.function, grid, meta.num_warps, meta.shared, like, packed,
+                        launch_mod._RUNTIME, EXTRA_PARAMS, kernel)
+    if _checked.get(kernel.function) is not kernel:
+        verdict = _self_check(launch, reference, like, scale, kernel)
+        if verdict is None:
+            return RETRY
+        if not verdict:
+            _rejected[id(kernel)] = kernel
+            return None
+        _checked[kernel.function] = kernel
+    return launch
+
+
+def _driver(mod: ModuleType) -> bool:
+    """Look up the CUDA driver's entry points once; False (``auto``: after a warning) when
+    libcuda cannot be loaded."""
+    global _failed
+    try:
+        mod.load_driver()
+        return True
+    except RuntimeError as err:
+        if mode() == "require":
+            raise CppLaunchError(str(err)) from err
+        if _failed is None:
+            warnings.warn(f"hf_hadamard_kq: the C++ launcher cannot launch ({err}); eager "
+                          "rotations use triton's launcher", RuntimeWarning, stacklevel=4)
+        _failed = str(err)
+        return False
+
+
+def probe_like(like: torch.Tensor) -> torch.Tensor:
+    """A random tensor with ``like``'s shape, strides and dtype (strides may overlap, as in
+    an expanded tensor: the values are drawn for the underlying storage)."""
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(like.shape, like.stride()) if n > 0)
+    flat = torch.randn(span, device=like.device).to(like.dtype)
+    return flat.as_strided(like.shape, like.stride())
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaN payloads and signed zeros included), unlike ``torch.equal``."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def _self_check(launch: Callable, reference: Callable, like: torch.Tensor, scale: float,
+                kernel: Any) -> Optional[bool]:
+    """Whether ``launch`` and ``reference`` give bit-identical outputs on a random input of
+    ``like``'s layout; None when one of them declined the call (e.g. a launch hook is
+    installed: check again later). A disagreement raises in ``require`` mode and warns in
+    ``auto`` mode (the kernel then keeps triton's launcher)."""
+    probe = probe_like(like)
+    expected = reference(probe, scale)
+    got = launch(probe, scale)
+    if expected is None or got is None:
+        return None
+    if same_bits(expected, got):
+        return True
+    message = (f"the C++ launch of {kernel.name} disagrees with triton's launcher for a tensor "
+               f"of shape {tuple(like.shape)}, strides {like.stride()}, {like.dtype}")
+    if mode() == "require":
+        raise CppLaunchError(f"{message}; set {ENV}=0 to use triton's launcher, and please "
+                             "report this")
+    warnings.warn(f"hf_hadamard_kq: {message}; this kernel keeps triton's launcher (please "
+                  "report this)", RuntimeWarning, stacklevel=4)
+    return False

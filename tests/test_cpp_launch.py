@@ -426,12 +426,21 @@ def test_gpu_cpp_launch_declines_hooks_misalignment_and_other_streams_work():
     runtime = triton.knobs.runtime
     old = runtime.launch_enter_hook
     runtime.launch_enter_hook = lambda metadata: seen.append(metadata)
+    new_x = torch.randn(1, 2, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
     try:
         assert fast(x, S128) is None  # the hook must see every launch: triton launches it
         y = op_mod.hadamard_apply(x, S128, None, 128)
+        # a layout first seen while a hook is installed gets no entry yet (no Launch, no
+        # self-check launches), and its calls are all triton's (the hook sees each)
+        n = len(seen)
+        y_new = op_mod.hadamard_apply(new_x, S128, None, 128)
+        op_mod.hadamard_apply(new_x, S128, None, 128)
+        assert _fast_entry(new_x, 128) is None and len(seen) == n + 2
     finally:
         runtime.launch_enter_hook = old
     assert seen and fast(x, S128) is not None
+    assert_single_rounding(y_new, reference_transform(new_x))
+    assert type(_seen_twice(new_x, S128, 128)).__name__ == "Launch"  # made once hooks are gone
     assert_single_rounding(y, reference_transform(x))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

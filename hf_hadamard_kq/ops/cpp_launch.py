@@ -281,6 +281,8 @@ def make_launch(
         return None
     from . import launch as launch_mod
 
+    if launch_mod.hooks_active():  # the launch and its self-check would decline: not now
+        return RETRY
     launch = mod.Launch(kernel.function, grid, meta.num_warps, meta.shared, like, packed,
                         launch_mod._RUNTIME, EXTRA_PARAMS, kernel)
     if _checked.get(kernel.function) is not kernel:

@@ -311,6 +311,41 @@ def test_cpu_tensors_never_build(unbuilt, monkeypatch):
     assert nl.make_launch(object(), 1, like, (), (), lambda x, s: None, 1.0) is None
 
 
+def _fake_compiler(tmp_path, status: int):
+    """A compiler that writes ``partial`` to its ``-o`` file, counts its runs, exits ``status``."""
+    script = tmp_path / f"fake_cxx_{status}"
+    count = tmp_path / f"runs_{status}"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"echo run >> {count}\n"
+        'while [ "$#" -gt 0 ]; do\n'
+        '  if [ "$1" = "-o" ]; then printf partial > "$2"; fi\n'
+        "  shift\n"
+        "done\n"
+        f"exit {status}\n")
+    script.chmod(0o755)
+    return str(script), count
+
+
+def test_build_publishes_whole_files_only(monkeypatch, tmp_path):
+    """A failed compile leaves nothing in the cache (its partial output is removed, never
+    renamed into place); a successful one is published by one rename, readable by others,
+    and found by the next build without compiling again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(nl.CACHE_ENV, str(cache))
+    failing, _ = _fake_compiler(tmp_path, 1)
+    monkeypatch.setenv("CXX", failing)
+    with pytest.raises(nl.CppLaunchError, match="building the C\\+\\+ launcher failed"):
+        nl.build()
+    assert list(cache.iterdir()) == []
+    working, runs = _fake_compiler(tmp_path, 0)
+    monkeypatch.setenv("CXX", working)
+    path = nl.build()
+    assert path.read_text() == "partial" and list(cache.iterdir()) == [path]
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert nl.build() == path and runs.read_text().count("run") == 1
+
+
 def test_the_artifact_name_follows_the_source(monkeypatch, tmp_path):
     first = nl._artifact("c++")
     changed = tmp_path / "cpp_launch.cpp"

@@ -276,6 +276,7 @@ def unbuilt(monkeypatch, tmp_path):
     compiler that always fails."""
     monkeypatch.setattr(nl, "_module", None)
     monkeypatch.setattr(nl, "_failed", None)
+    monkeypatch.setattr(nl, "TABLE", None)
     monkeypatch.setenv(nl.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("CXX", "false")
 
@@ -293,6 +294,28 @@ def test_failed_build_require_raises(unbuilt, monkeypatch):
     monkeypatch.setenv(nl.ENV, "require")
     with pytest.raises(nl.CppLaunchError, match="building the C\\+\\+ launcher failed"):
         nl.module()
+
+
+@pytest.mark.parametrize("mode", ["auto", "require"])
+def test_missing_libcuda_is_a_load_failure(unbuilt, monkeypatch, tmp_path, mode):
+    """The driver lookup happens when the module is loaded: without libcuda the module is
+    unavailable like a failed build (auto: one warning, then None; require: raises)."""
+
+    class NoDriver:
+        def load_driver(self):
+            raise RuntimeError("cpp launch: libcuda.so.1 could not be loaded")
+
+    monkeypatch.setenv(nl.ENV, mode)
+    monkeypatch.setattr(nl, "build", lambda: tmp_path / "built.so")
+    monkeypatch.setattr(nl, "_load", lambda path: NoDriver())
+    if mode == "require":
+        with pytest.raises(nl.CppLaunchError, match="libcuda"):
+            nl.module()
+    else:
+        with pytest.warns(RuntimeWarning, match="libcuda"):
+            assert nl.module() is None
+        assert nl.module() is None and nl.TABLE is None
+    assert nl._module is None
 
 
 def test_off_builds_nothing(unbuilt, monkeypatch, tmp_path):

@@ -59,7 +59,7 @@ bool load_driver() {
     lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
   }
   if (lib == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "native launch: libcuda.so.1 could not be loaded");
+    PyErr_SetString(PyExc_RuntimeError, "cpp launch: libcuda.so.1 could not be loaded");
     return false;
   }
   auto launch = reinterpret_cast<LaunchKernelFn>(dlsym(lib, "cuLaunchKernel"));
@@ -67,7 +67,7 @@ bool load_driver() {
   auto name = reinterpret_cast<GetErrorNameFn>(dlsym(lib, "cuGetErrorName"));
   if (launch == nullptr || ctx == nullptr || name == nullptr) {
     PyErr_SetString(PyExc_RuntimeError,
-                    "native launch: libcuda.so.1 lacks cuLaunchKernel/cuCtxGetCurrent");
+                    "cpp launch: libcuda.so.1 lacks cuLaunchKernel, cuCtxGetCurrent or cuGetErrorName");
     return false;
   }
   cu_ctx_get_current = ctx;
@@ -262,7 +262,7 @@ PyObject* launch_cuda(State* st, const at::Tensor& x, double scale) {
       const char* name = "unknown";
       cu_get_error_name(rc, &name);
       PyErr_Format(PyExc_RuntimeError,
-                   "hf_hadamard_kq native launch: cuLaunchKernel failed with %s (%d)", name,
+                   "hf_hadamard_kq cpp launch: cuLaunchKernel failed with %s (%d)", name,
                    rc);
       return nullptr;
     }
@@ -306,7 +306,7 @@ bool pack_value(const char* ty, PyObject* value, uint64_t* slot) {
       return false;
     }
     if (v < INT32_MIN || v > INT32_MAX) {
-      PyErr_Format(PyExc_OverflowError, "native launch: %lld does not fit i32", v);
+      PyErr_Format(PyExc_OverflowError, "cpp launch: %lld does not fit i32", v);
       return false;
     }
     int32_t v32 = static_cast<int32_t>(v);
@@ -328,7 +328,7 @@ bool pack_value(const char* ty, PyObject* value, uint64_t* slot) {
       return false;
     }
     if (v > UINT32_MAX) {
-      PyErr_Format(PyExc_OverflowError, "native launch: %llu does not fit u32", v);
+      PyErr_Format(PyExc_OverflowError, "cpp launch: %llu does not fit u32", v);
       return false;
     }
     uint32_t v32 = static_cast<uint32_t>(v);
@@ -338,7 +338,7 @@ bool pack_value(const char* ty, PyObject* value, uint64_t* slot) {
   if (std::strcmp(ty, "u64") == 0 || ty[0] == '*') {
     return as_u64(value, slot);
   }
-  PyErr_Format(PyExc_ValueError, "native launch: unsupported parameter type %s", ty);
+  PyErr_Format(PyExc_ValueError, "cpp launch: unsupported parameter type %s", ty);
   return false;
 }
 
@@ -514,13 +514,21 @@ std::string layout_key(int64_t block, c10::ScalarType dtype, int64_t device, c10
   return key;
 }
 
-void table_clear_map(TableObject* t) {
-  auto* map = t->map;
-  t->map = new std::unordered_map<std::string, PyObject*>();
+using LaunchMap = std::unordered_map<std::string, PyObject*>;
+
+// Drops a detached map's references (after the table no longer points at it: releasing a
+// Launch can run Python, which must not see a half-emptied table).
+void release_map(LaunchMap* map) {
   for (auto& kv : *map) {
     Py_DECREF(kv.second);
   }
   delete map;
+}
+
+void table_clear_map(TableObject* t) {
+  LaunchMap* map = t->map;
+  t->map = new LaunchMap();
+  release_map(map);
 }
 
 // table(x, scale, block) -> out, or None (no Launch for this layout, or it declined the call)
@@ -592,19 +600,16 @@ PyObject* table_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
     return nullptr;
   }
   reinterpret_cast<TableObject*>(self)->vectorcall = table_call;
-  reinterpret_cast<TableObject*>(self)->map = new std::unordered_map<std::string, PyObject*>();
+  reinterpret_cast<TableObject*>(self)->map = new LaunchMap();
   return self;
 }
 
 void table_dealloc(PyObject* self) {
   TableObject* t = reinterpret_cast<TableObject*>(self);
-  auto* map = t->map;
-  t->map = nullptr;  // detached before any entry is released
+  LaunchMap* map = t->map;
+  t->map = nullptr;
   if (map != nullptr) {
-    for (auto& kv : *map) {
-      Py_DECREF(kv.second);
-    }
-    delete map;
+    release_map(map);
   }
   Py_TYPE(self)->tp_free(self);
 }
@@ -633,35 +638,35 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "hf_hadamard_kq_cpp_launch",
                           "One cached Triton launch per tensor layout, in C++.", -1,
                           module_methods};
 
+// Fills in a callable (vectorcall) type whose instances start with Object's layout, readies
+// it and adds it to the module under `name`; false with a Python error set otherwise.
+template <typename Object>
+bool add_type(PyObject* m, PyTypeObject* type, const char* name, const char* qualname,
+              newfunc make, destructor dealloc, PyMethodDef* methods, const char* doc) {
+  type->tp_name = qualname;
+  type->tp_basicsize = sizeof(Object);
+  type->tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  type->tp_vectorcall_offset = offsetof(Object, vectorcall);
+  type->tp_call = PyVectorcall_Call;
+  type->tp_new = make;
+  type->tp_dealloc = dealloc;
+  type->tp_methods = methods;
+  type->tp_doc = doc;
+  if (PyType_Ready(type) < 0) {
+    return false;
+  }
+  Py_INCREF(type);
+  if (PyModule_AddObject(m, name, reinterpret_cast<PyObject*>(type)) < 0) {
+    Py_DECREF(type);
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit_hf_hadamard_kq_cpp_launch() {
-  LaunchType.tp_name = "hf_hadamard_kq_cpp_launch.Launch";
-  LaunchType.tp_basicsize = sizeof(LaunchObject);
-  LaunchType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  LaunchType.tp_vectorcall_offset = offsetof(LaunchObject, vectorcall);
-  LaunchType.tp_call = PyVectorcall_Call;
-  LaunchType.tp_new = launch_new;
-  LaunchType.tp_dealloc = launch_dealloc;
-  LaunchType.tp_methods = launch_methods;
-  LaunchType.tp_doc = "Launch(function, grid, num_warps, shared, like, slots, runtime, "
-                      "extra_params): f(x, scale) -> out or None";
-  if (PyType_Ready(&LaunchType) < 0) {
-    return nullptr;
-  }
-  TableType.tp_name = "hf_hadamard_kq_cpp_launch.Table";
-  TableType.tp_basicsize = sizeof(TableObject);
-  TableType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  TableType.tp_vectorcall_offset = offsetof(TableObject, vectorcall);
-  TableType.tp_call = PyVectorcall_Call;
-  TableType.tp_new = table_new;
-  TableType.tp_dealloc = table_dealloc;
-  TableType.tp_methods = table_methods;
   TableType.tp_as_sequence = &table_sequence;
-  TableType.tp_doc = "Table(): t(x, scale, block) -> out or None; t.add(block, launch)";
-  if (PyType_Ready(&TableType) < 0) {
-    return nullptr;
-  }
   s_enter = PyUnicode_InternFromString("launch_enter_hook");
   s_exit = PyUnicode_InternFromString("launch_exit_hook");
   s_calls = PyUnicode_InternFromString("calls");
@@ -669,15 +674,14 @@ PyMODINIT_FUNC PyInit_hf_hadamard_kq_cpp_launch() {
   if (m == nullptr) {
     return nullptr;
   }
-  Py_INCREF(&LaunchType);
-  if (PyModule_AddObject(m, "Launch", reinterpret_cast<PyObject*>(&LaunchType)) < 0) {
-    Py_DECREF(&LaunchType);
-    Py_DECREF(m);
-    return nullptr;
-  }
-  Py_INCREF(&TableType);
-  if (PyModule_AddObject(m, "Table", reinterpret_cast<PyObject*>(&TableType)) < 0) {
-    Py_DECREF(&TableType);
+  if (!add_type<LaunchObject>(
+          m, &LaunchType, "Launch", "hf_hadamard_kq_cpp_launch.Launch", launch_new,
+          launch_dealloc, launch_methods,
+          "Launch(function, grid, num_warps, shared, like, slots, runtime, extra_params, "
+          "owner): f(x, scale) -> out or None") ||
+      !add_type<TableObject>(
+          m, &TableType, "Table", "hf_hadamard_kq_cpp_launch.Table", table_new, table_dealloc,
+          table_methods, "Table(): t(x, scale, block) -> out or None; t.add(block, launch)")) {
     Py_DECREF(m);
     return nullptr;
   }

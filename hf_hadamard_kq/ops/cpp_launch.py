@@ -72,7 +72,7 @@ _module: Optional[ModuleType] = None
 #: calls first (``TABLE(x, scale, block)`` -> out, or None when it has no Launch for x's
 #: layout or the Launch declined the call). None until the module is loaded.
 TABLE: Any = None
-_failed: Optional[str] = None  # why the build failed (auto mode: warned once)
+_failed: Optional[str] = None  # why the build or libcuda failed (auto mode: warned once)
 #: Compiled kernels whose first Launch matched triton's launcher, by CUfunction handle (the
 #: kernel is kept, so that its handle cannot be reused by another kernel meanwhile).
 _checked: dict[int, Any] = {}
@@ -188,9 +188,10 @@ def _load(path: Path) -> ModuleType:
 
 
 def module() -> Optional[ModuleType]:
-    """The built module, building it on first use; None when off (new layouts then get no
-    C++ launch; those made before stay in :data:`TABLE` until ``clear_plans``), or
-    (``auto``) when the build failed -- then a RuntimeWarning said why, once."""
+    """The built module, building it on first use and looking up libcuda's entry points;
+    None when off (new layouts then get no C++ launch; those made before stay in
+    :data:`TABLE` until ``clear_plans``), or (``auto``) when the build or the lookup failed --
+    then a RuntimeWarning said why, once."""
     global _module, _failed, TABLE
     current = mode()
     if current == "off":
@@ -205,10 +206,11 @@ def module() -> Optional[ModuleType]:
         if _module is None:
             try:
                 loaded = _load(build())
+                loaded.load_driver()  # libcuda's entry points (RuntimeError if it is absent)
                 TABLE = loaded.Table()
                 _module = loaded
                 _failed = None
-            except (CppLaunchError, OSError, ImportError) as err:
+            except (CppLaunchError, OSError, ImportError, RuntimeError) as err:
                 if current == "require":
                     raise CppLaunchError(str(err)) from err
                 if _failed is None:
@@ -277,8 +279,6 @@ def make_launch(
     packed = slots(kernel.src.signature, roles, values)
     if packed is None:
         return None
-    if not _driver(mod):
-        return None
     from . import launch as launch_mod
 
     if launch_mod.hooks_active():  # the launch and its self-check would decline: not now
@@ -294,23 +294,6 @@ def make_launch(
             return None
         _checked[kernel.function] = kernel
     return launch
-
-
-def _driver(mod: ModuleType) -> bool:
-    """Look up the CUDA driver's entry points once; False (``auto``: after a warning) when
-    libcuda cannot be loaded."""
-    global _failed
-    try:
-        mod.load_driver()
-        return True
-    except RuntimeError as err:
-        if mode() == "require":
-            raise CppLaunchError(str(err)) from err
-        if _failed is None:
-            warnings.warn(f"hf_hadamard_kq: the C++ launcher cannot launch ({err}); eager "
-                          "rotations use triton's launcher", RuntimeWarning, stacklevel=4)
-        _failed = str(err)
-        return False
 
 
 def probe_like(like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Where the host time of one eager single-tensor rotation goes (decode size, CUDA).
+"""Where the host time of one eager rotation goes (decode size, CUDA): the single-tensor
+rotation and the fused Q/K launch.
 
 Issue 6 asks for <= 8 us of host time per rotation; on the lent H100 hosts ``torch.clone`` of
 the same tensor alone takes 7-12 us. This splits our call into its parts, each timed the same
@@ -19,7 +20,15 @@ allocation and the launch that any implementation pays:
 * ``launch_only``: triton's C launcher with the closure's arguments into a preallocated
   output (no allocation, no Python of ours);
 * ``key_lookup``: building the layout key and the dict lookup (no launch);
-* ``device_and_hook_checks``: the closure's per-call device and launch-hook checks.
+* ``device_and_hook_checks``: the closure's per-call device and launch-hook checks;
+* ``qk_fused``: the fused Q/K launch a fused layer makes (``qk_kernel.try_rotate_qk`` with
+  RoPE: query (1, 32, tokens, 128) and key (1, 8, tokens, 128) in the projections' views,
+  cos/sin (1, tokens, 128)), through the C++ ``QK_TABLE`` as in normal use;
+* ``qk_fused_python``: the same call with ``QK_TABLE`` off (the Python closure around
+  triton's launcher: the path before the C++ launch);
+* ``qk_cpp_table``: the ``QK_TABLE`` call alone;
+* ``qk_clone_pair``: ``q.clone(), k.clone()``, the reference for two allocations and two
+  copy kernels.
 
 Usage (GPU machine): ``python benchmarks/host_breakdown.py --out results/x.json``
 """
@@ -41,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_hadamard_kq.ops import cpp_launch
 from hf_hadamard_kq.ops import launch as launch_mod
 from hf_hadamard_kq.ops import op as op_mod
+from hf_hadamard_kq.ops import qk_kernel as qk
 from hf_hadamard_kq.ops import triton_kernel as tk
 
 
@@ -80,9 +90,9 @@ def parts_for(tokens: int) -> dict:
         "clone": lambda: x.clone(),
         "empty_like": lambda: torch.empty_like(x, memory_format=contiguous),
         "hadamard_apply": (lambda: op_mod.hadamard_apply(x, scale, None, 128),
-                           (key, native, cpp_table)),
+                           _installs(key, native, cpp_table)),
         "hadamard_apply_python": (lambda: op_mod.hadamard_apply(x, scale, None, 128),
-                                  (key, fast, None)),
+                                  _installs(key, fast, None)),
         "cpp_launch": lambda: native(x, scale),
         "cpp_table": lambda: cpp_table(x, scale, 128),
         "fast_closure": lambda: fast(x, scale),
@@ -94,20 +104,71 @@ def parts_for(tokens: int) -> dict:
     # the paths timed here compute the rotation (torch's fp32 path, bf16 tolerances), alike
     torch.testing.assert_close(fast(x, scale), op_mod.torch_hadamard(x, scale, None, 128))
     assert torch.equal(native(x, scale), fast(x, scale))
+    parts.update(qk_parts_for(tokens))
     return parts
 
 
-def timed(part, n: int) -> float:
-    """``per_call_us`` of a part: a callable, or (callable, (FAST key, entry to install,
-    cpp_launch.TABLE to install: None times the Python path))."""
-    if isinstance(part, tuple):
-        fn, (key, entry, table) = part
+def qk_parts_for(tokens: int) -> dict:
+    """The fused Q/K launch's timed callables (Llama-3-8B's heads: 32 query, 8 key)."""
+    q = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, tokens, 8, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    angle = torch.rand(1, tokens, 64, device="cuda") * 100
+    cos = torch.cat([angle.cos()] * 2, -1).to(torch.bfloat16)
+    sin = torch.cat([angle.sin()] * 2, -1).to(torch.bfloat16)
+    scale = 1 / math.sqrt(128)
+    for _ in range(3):  # plan, launcher cache entry, closure and C++ launch
+        qk.try_rotate_qk(q, k, scale, None, cos, sin)
+    table = cpp_launch.QK_TABLE
+    if table is None or table(q, k, cos, sin, None, scale, 0) is None:
+        raise SystemExit("no C++ fused Q/K launch (see cpp_launch.py)")
+    python = qk._FAST[qk._layout(q, k, None, cos, sin, scale)]
+    assert all(map(cpp_launch.same_bits, table(q, k, cos, sin, None, scale, 0),
+                   python(q, k, cos, sin, None)))
+    return {
+        "qk_clone_pair": lambda: (q.clone(), k.clone()),
+        "qk_fused": (lambda: qk.try_rotate_qk(q, k, scale, None, cos, sin),
+                     _sets(cpp_launch, "QK_TABLE", table)),
+        "qk_fused_python": (lambda: qk.try_rotate_qk(q, k, scale, None, cos, sin),
+                            _sets(cpp_launch, "QK_TABLE", None)),
+        "qk_cpp_table": lambda: table(q, k, cos, sin, None, scale, 0),
+    }
+
+
+def _sets(obj, name: str, value):
+    """An install function: sets ``obj.name`` to ``value``, returns the undo."""
+    def install():
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        return lambda: setattr(obj, name, old)
+
+    return install
+
+
+def _installs(key, entry, table):
+    """An install function for ``tk.FAST[key]`` and ``cpp_launch.TABLE`` (None: the Python
+    path)."""
+    def install():
         saved = tk.FAST[key], cpp_launch.TABLE
         tk.FAST[key], cpp_launch.TABLE = entry, table
+
+        def undo():
+            tk.FAST[key], cpp_launch.TABLE = saved
+
+        return undo
+
+    return install
+
+
+def timed(part, n: int) -> float:
+    """``per_call_us`` of a part: a callable, or (callable, install function: run before the
+    timing, its undo after)."""
+    if isinstance(part, tuple):
+        fn, install = part
+        undo = install()
         try:
             return per_call_us(fn, n)
         finally:
-            tk.FAST[key], cpp_launch.TABLE = saved
+            undo()
     return per_call_us(part, n)
 
 

@@ -1,4 +1,5 @@
-"""The C++ launch of the eager single-tensor fast path (``ops/cpp_launch``).
+"""The C++ launch of the eager fast paths (``ops/cpp_launch``): the single-tensor rotation
+and the fused Q/K rotation.
 
 On CPU: the module builds with the system compiler against torch's headers; the parameter
 bytes it packs are the kernel's C types (checked against ``struct``); its per-call hook check
@@ -37,7 +38,7 @@ def mod(tmp_path_factory):
         mp.undo()
 
 
-SLOTS = [("*bf16", nl.X_PTR, None), ("*bf16", nl.X_PTR, None), ("*bf16", nl.OUT_PTR, None),
+SLOTS = [("*bf16", nl.IN_PTR, 0), ("*bf16", nl.IN_PTR, 0), ("*bf16", nl.OUT_PTR, 0),
          ("i32", nl.VALUE, -7), ("i64", nl.VALUE, -(2**40)), ("u32", nl.VALUE, 2**32 - 1),
          ("u64", nl.VALUE, 2**64 - 1), ("fp32", nl.SCALE, None), ("fp32", nl.VALUE, 0.1)]
 
@@ -45,14 +46,15 @@ SLOTS = [("*bf16", nl.X_PTR, None), ("*bf16", nl.X_PTR, None), ("*bf16", nl.OUT_
 def _launch(mod, slots=SLOTS, runtime=None, like=None, extra=nl.EXTRA_PARAMS, owner=None,
             grid=5, num_warps=4):
     like = torch.zeros(2, 3, 128, dtype=torch.bfloat16) if like is None else like
-    return mod.Launch(0x1234, grid, num_warps, 0, like, slots, runtime, extra, owner)
+    out = torch.empty(like.shape, dtype=like.dtype, device="meta")
+    return mod.Launch(0x1234, grid, num_warps, 0, (like,), (out,), slots, runtime, extra, owner)
 
 
 def test_packed_parameters_are_the_kernels_c_types(mod):
     launch = _launch(mod)
     xp, op = 0x7F00_0000_1000, 0x7F00_0000_2000
     for scale in (0.125, 128**-0.5, 3.0):
-        got = launch.pack(xp, op, scale)
+        got = launch.pack((xp,), (op,), scale)
         want = (struct.pack("<QQQ", xp, xp, op) + struct.pack("<i4x", -7)
                 + struct.pack("<q", -(2**40)) + struct.pack("<I4x", 2**32 - 1)
                 + struct.pack("<Q", 2**64 - 1) + struct.pack("<f4x", scale)
@@ -64,7 +66,10 @@ def test_packed_parameters_are_the_kernels_c_types(mod):
     ([("i32", nl.VALUE, 2**31)], OverflowError),
     ([("i32", nl.VALUE, -(2**31) - 1)], OverflowError),
     ([("u32", nl.VALUE, 2**32)], OverflowError),
-    ([("i32", nl.X_PTR, None)], ValueError),  # a pointer role needs a pointer type
+    ([("i32", nl.IN_PTR, 0)], ValueError),  # a pointer role needs a pointer type
+    ([("*bf16", nl.IN_PTR, 1)], ValueError),  # no input 1
+    ([("*bf16", nl.OUT_PTR, 1)], ValueError),  # no output 1
+    ([("*bf16", nl.IN_PTR, -1)], ValueError),
     ([("i32", nl.SCALE, None)], ValueError),  # the scale is fp32
     ([("i1", nl.VALUE, 1)], ValueError),  # a type the C++ side does not pack
     ([("i32", 9, 1)], ValueError),  # unknown role
@@ -75,8 +80,68 @@ def test_bad_slots_are_refused(mod, bad, error):
 
 
 def test_slots_need_an_input_and_an_output(mod):
-    with pytest.raises(ValueError, match="no x or no output"):
+    with pytest.raises(ValueError, match="no slot takes output 0"):
         _launch(mod, slots=[s for s in SLOTS if s[1] != nl.OUT_PTR])
+    with pytest.raises(ValueError, match="no slot takes input 0"):
+        _launch(mod, slots=[s for s in SLOTS if s[1] != nl.IN_PTR])
+
+
+QK_SLOTS = [("*bf16", nl.IN_PTR, 0), ("*bf16", nl.IN_PTR, 1), ("*bf16", nl.OUT_PTR, 0),
+            ("*bf16", nl.OUT_PTR, 1), ("*bf16", nl.IN_PTR, 2), ("*bf16", nl.IN_PTR, 3),
+            ("*fp32", nl.IN_PTR, 4), ("i32", nl.VALUE, 5), ("fp32", nl.SCALE, None)]
+
+
+def _qk_launch(mod, rope=True, matrix=True, slots=None):
+    """A Launch shaped like the fused Q/K one: inputs (q, k, cos, sin, matrix), outputs
+    (qo, ko); without RoPE / matrix those inputs are None and their slots take q."""
+    q = torch.zeros(1, 32, 4, 128, dtype=torch.bfloat16)
+    k = torch.zeros(1, 4, 8, 128, dtype=torch.bfloat16).transpose(1, 2)  # a projection's view
+    cos = torch.zeros(1, 4, 128, dtype=torch.bfloat16) if rope else None
+    sin = None if cos is None else cos.clone()
+    w = torch.zeros(128, 128) if matrix else None
+    if slots is None:
+        (c, s), m = ((2, 3) if rope else (0, 0)), (4 if matrix else 0)
+        slots = [*QK_SLOTS[:4], ("*bf16", nl.IN_PTR, c), ("*bf16", nl.IN_PTR, s),
+                 ("*fp32", nl.IN_PTR, m), *QK_SLOTS[7:]]
+    inputs = (q, k, cos, sin, w)
+    return mod.Launch(0x1234, 3, 4, 0, inputs, (q, k), slots, None, nl.EXTRA_PARAMS, None), inputs
+
+
+def test_multi_input_launch_packs_each_pointer_in_its_slot(mod):
+    launch, _ = _qk_launch(mod)
+    ins, outs = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000), (0x6000, 0x7000)
+    got = launch.pack(ins, outs, 0.25)
+    want = (struct.pack("<QQQQQQQ", 0x1000, 0x2000, 0x6000, 0x7000, 0x3000, 0x4000, 0x5000)
+            + struct.pack("<i4x", 5) + struct.pack("<f4x", 0.25) + bytes(8 * nl.EXTRA_PARAMS))
+    assert got == want
+    with pytest.raises(ValueError, match="one pointer per input"):
+        launch.pack(ins[:4], outs, 0.25)
+    bare, _ = _qk_launch(mod, rope=False, matrix=False)  # cos, sin and W take q's pointer
+    got = bare.pack((0x1000, 0x2000, 0, 0, 0), outs, 0.25)
+    assert got[:56] == struct.pack("<QQQQQQQ", 0x1000, 0x2000, 0x6000, 0x7000, 0x1000, 0x1000,
+                                   0x1000)
+    with pytest.raises(ValueError, match="names input 2, which is not a tensor"):
+        _qk_launch(mod, rope=False, matrix=True, slots=QK_SLOTS)  # cos's slot, cos is None
+
+
+def test_multi_input_launch_declines_other_inputs(mod):
+    """A call must pass tensors exactly where the Launch has them (None where it has None),
+    each of its recorded layout; anything else is declined (None), never launched."""
+    launch, inputs = _qk_launch(mod, matrix=False)
+    q, k, cos, sin, _ = inputs
+    assert launch(q, k, cos, sin, None, 1.0) is None  # CPU tensors: declined, not launched
+    assert launch(q, k, cos, sin, torch.zeros(128, 128), 1.0) is None
+    assert launch(q, k, None, None, None, 1.0) is None
+    with pytest.raises(TypeError, match="takes 6 positional"):
+        launch(q, k, cos, sin, 1.0)
+    with pytest.raises(TypeError, match="input 2 must be"):
+        launch(q, k, "cos", sin, None, 1.0)
+    with pytest.raises(ValueError, match="1 to 8 entries"):
+        mod.Launch(0x1234, 3, 4, 0, (q,) * 9, (q,), SLOTS, None, 0, None)
+    with pytest.raises(ValueError, match="no input is a tensor"):
+        mod.Launch(0x1234, 3, 4, 0, (None,), (q,), [], None, 0, None)
+    with pytest.raises(TypeError, match="outputs\\[0\\] must be a torch.Tensor"):
+        mod.Launch(0x1234, 3, 4, 0, (q,), (None,), SLOTS, None, 0, None)
 
 
 @pytest.mark.parametrize("kwargs", [dict(grid=-1), dict(grid=2**31), dict(num_warps=0),
@@ -165,6 +230,13 @@ def test_table_keys_launches_by_layout_and_block(mod):
         table(like, 1.0)
     with pytest.raises(TypeError):
         table.add(128, object())
+    # multi-input launches: None and a tensor are different keys, as is another tag
+    with_rope, inputs = _qk_launch(mod, matrix=False)
+    table.add(0, with_rope)
+    table.add(0, _qk_launch(mod, rope=False, matrix=False)[0])
+    table.add(1, with_rope)
+    assert len(table) == 7
+    assert table(*inputs, 1.0, 0) is None  # CPU tensors
     table.clear()
     assert len(table) == 0 and sys.getrefcount(first) == refs
     table.add(128, first)
@@ -219,15 +291,32 @@ def test_self_check_verdicts(monkeypatch, mode):
     def halve(t, s):
         return t / 2
 
-    assert nl._self_check(double, double, like, 1.0, _Kernel()) is True
-    assert nl._self_check(double, lambda t, s: None, like, 1.0, _Kernel()) is None
-    assert nl._self_check(lambda t, s: None, double, like, 1.0, _Kernel()) is None
+    assert nl._self_check(double, double, (like,), 1.0, _Kernel()) is True
+    assert nl._self_check(double, lambda t, s: None, (like,), 1.0, _Kernel()) is None
+    assert nl._self_check(lambda t, s: None, double, (like,), 1.0, _Kernel()) is None
     if mode == "require":
         with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
-            nl._self_check(double, halve, like, 1.0, _Kernel())
+            nl._self_check(double, halve, (like,), 1.0, _Kernel())
     else:
         with pytest.warns(RuntimeWarning, match="disagrees with triton"):
-            assert nl._self_check(double, halve, like, 1.0, _Kernel()) is False
+            assert nl._self_check(double, halve, (like,), 1.0, _Kernel()) is False
+
+    # several inputs (None passed through as None) and outputs: every output must agree
+    def pair(a, absent, b, s):
+        assert absent is None
+        return a * 2, b + 1
+
+    def pair_second_wrong(a, absent, b, s):
+        return a * 2, b - 1
+
+    inputs = (like, None, torch.zeros(2, 8))
+    assert nl._self_check(pair, pair, inputs, 1.0, _Kernel()) is True
+    if mode == "require":
+        with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
+            nl._self_check(pair, pair_second_wrong, inputs, 1.0, _Kernel())
+    else:
+        with pytest.warns(RuntimeWarning, match="disagrees with triton"):
+            assert nl._self_check(pair, pair_second_wrong, inputs, 1.0, _Kernel()) is False
 
 
 def test_slots_follow_the_row_kernel_signature():
@@ -252,13 +341,60 @@ def test_slots_follow_the_row_kernel_signature():
     names = [n for n, ty in signature.items() if ty != "constexpr"]
     assert len(slots) == len(names)
     by_name = dict(zip(names, slots))
-    assert by_name["x_ptr"][1] == by_name["w_ptr"][1] == nl.X_PTR
-    assert by_name["out_ptr"][1] == nl.OUT_PTR and by_name["scale"][1] == nl.SCALE
+    assert by_name["x_ptr"][1:] == by_name["w_ptr"][1:] == (nl.IN_PTR, 0)
+    assert by_name["out_ptr"][1:] == (nl.OUT_PTR, 0) and by_name["scale"][1] == nl.SCALE
     ints = [n for n in names if not n.endswith("_ptr") and n != "scale"]
     assert [by_name[n][2] for n in ints] == [v for v in plan.scalars if v != 1]
     # a signature of another length is an error, not a shifted launch
     with pytest.raises(nl.CppLaunchError):
         nl.slots({**signature, "extra": "i32"}, roles, values)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
+def test_slots_follow_the_qk_kernel_signature(rope, explicit):
+    """The fused Q/K kernel's roles line up with its parameter names: q, k in, qo, ko out, cos
+    and sin (q without RoPE), W (q for Sylvester), its ints in order -- not specialised
+    even when equal to 1 (``do_not_specialize``) -- and the scale."""
+    qk = pytest.importorskip("hf_hadamard_kq.ops.qk_kernel")
+    if qk.triton is None:
+        pytest.skip("triton is not importable")
+    kernel = qk._qk_kernel
+    q = torch.empty(1, 32, 1, 128, dtype=torch.bfloat16)
+    k = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16)
+    cos = torch.empty(1, 1, 128, dtype=torch.bfloat16) if rope else None
+    w = torch.empty(128, 128, dtype=torch.bfloat16) if explicit else q
+    plan = qk._make_plan(q, k, q, k, cos, 0.125, w)
+    roles, values = qk.cpp_roles(plan, rope, not explicit)
+    signature = {}
+    for name, param, value in zip(kernel.arg_names, kernel.params, values):
+        if param.is_constexpr or (type(value) is int and value == 1 and not
+                                  name.endswith("_ptr") and not param.do_not_specialize):
+            signature[name] = "constexpr"
+        else:
+            signature[name] = ("*bf16" if name.endswith("_ptr") else
+                               "fp32" if name == "scale" else "i32")
+    assert 1 in plan.scalars  # e.g. S = 1 at decode: kept as an i32 parameter
+    slots = nl.slots(signature, roles, values)
+    names = [n for n, ty in signature.items() if ty != "constexpr"]
+    by_name = dict(zip(names, slots))
+    assert len(slots) == len(names)
+    want = {"q_ptr": (nl.IN_PTR, 0), "k_ptr": (nl.IN_PTR, 1), "qo_ptr": (nl.OUT_PTR, 0),
+            "ko_ptr": (nl.OUT_PTR, 1), "c_ptr": (nl.IN_PTR, 2 if rope else 0),
+            "s_ptr": (nl.IN_PTR, 3 if rope else 0), "w_ptr": (nl.IN_PTR, 4 if explicit else 0),
+            "scale": (nl.SCALE, None)}
+    assert {n: by_name[n][1:] for n in want} == want
+    ints = [n for n in names if n not in want]
+    assert [by_name[n][2] for n in ints] == list(plan.scalars[:-1])
+
+
+def test_qk_clear_plans_empties_the_qk_table(mod, monkeypatch):
+    qk = pytest.importorskip("hf_hadamard_kq.ops.qk_kernel")
+    table = mod.Table()
+    table.add(0, _qk_launch(mod)[0])
+    monkeypatch.setattr(nl, "QK_TABLE", table)
+    qk.clear_plans()
+    assert len(table) == 0
 
 
 def test_mode_parsing(monkeypatch):
@@ -277,6 +413,7 @@ def unbuilt(monkeypatch, tmp_path):
     monkeypatch.setattr(nl, "_module", None)
     monkeypatch.setattr(nl, "_failed", None)
     monkeypatch.setattr(nl, "TABLE", None)
+    monkeypatch.setattr(nl, "QK_TABLE", None)
     monkeypatch.setenv(nl.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("CXX", "false")
 
@@ -314,7 +451,7 @@ def test_missing_libcuda_is_a_load_failure(unbuilt, monkeypatch, tmp_path, mode)
     else:
         with pytest.warns(RuntimeWarning, match="libcuda"):
             assert nl.module() is None
-        assert nl.module() is None and nl.TABLE is None
+        assert nl.module() is None and nl.TABLE is None and nl.QK_TABLE is None
     assert nl._module is None
 
 
@@ -331,7 +468,9 @@ def test_cpu_tensors_never_build(unbuilt, monkeypatch):
     never compiles)."""
     monkeypatch.setenv(nl.ENV, "require")  # a build attempt would raise
     like = torch.zeros(4, 128)
-    assert nl.make_launch(object(), 1, like, (), (), lambda x, s: None, 1.0) is None
+    assert nl.make_launch(object(), 1, (like,), (like,), (), (), lambda x, s: None, 1.0) is None
+    assert nl.make_launch(object(), 1, (None, like), (like,), (), (), lambda x, s: None,
+                          1.0) is None
 
 
 def _fake_compiler(tmp_path, status: int):
@@ -515,6 +654,7 @@ def test_gpu_cpp_self_check_on_disagreement(monkeypatch, mode):
     from hf_hadamard_kq.ops import triton_kernel as tk
 
     x = torch.randn(1, 3, 8, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    out = torch.empty(x.shape, dtype=x.dtype, device="meta")
     op_mod.hadamard_apply(x, S128, None, 128)
     plan = tk._ROW_PLANS[(x.shape, x.stride(), x.dtype, True, x.get_device(), 128)]
     kernel = tk._ROWS.compiled(plan.key, x.get_device(), plan.int_key)
@@ -525,14 +665,17 @@ def test_gpu_cpp_self_check_on_disagreement(monkeypatch, mode):
     def wrong(t, scale):
         return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
 
+    def make():
+        return nl.make_launch(kernel, plan.grid, (x,), (out,), *tk.cpp_roles(plan), wrong, 1.0)
+
     if mode == "require":
         with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
-            nl.make_launch(kernel, plan.grid, x, *tk.cpp_roles(plan), wrong, 1.0)
+            make()
     else:
         with pytest.warns(RuntimeWarning, match="disagrees with triton"):
-            assert nl.make_launch(kernel, plan.grid, x, *tk.cpp_roles(plan), wrong, 1.0) is None
+            assert make() is None
         assert id(kernel) in nl._rejected  # this kernel keeps triton's launcher
-        assert nl.make_launch(kernel, plan.grid, x, *tk.cpp_roles(plan), wrong, 1.0) is None
+        assert make() is None
     assert kernel.function not in nl._checked
 
 
@@ -572,3 +715,177 @@ def test_gpu_cpp_launch_under_graph_capture(monkeypatch):
     assert_single_rounding(y, reference_transform(fresh))
     assert_single_rounding(y_new, reference_transform(fresh_new))
     assert type(_seen_twice(new_x, S64, 64)).__name__ == "Launch"
+
+
+# --- GPU: the fused Q/K launch ---------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_qk():
+    """The fused kernel's plans, closures and C++ table start and end empty."""
+    qk = pytest.importorskip("hf_hadamard_kq.ops.qk_kernel")
+    qk.clear_plans()
+    yield qk
+    qk.clear_plans()
+
+
+QK_CASES = [  # (dtype, d, batch, tokens, rope, matrix: None, "same" dtype or "fp32")
+    (torch.bfloat16, 128, 1, 1, True, None), (torch.bfloat16, 128, 1, 16, True, None),
+    (torch.bfloat16, 128, 2, 4, True, None), (torch.float16, 64, 1, 1, True, None),
+    (torch.bfloat16, 256, 1, 1, True, None), (torch.float32, 128, 1, 1, True, None),
+    (torch.bfloat16, 128, 1, 1, False, None), (torch.bfloat16, 128, 1, 1, True, "same"),
+    (torch.float16, 64, 1, 16, False, "same"), (torch.bfloat16, 128, 4, 1, True, "fp32"),
+    (torch.bfloat16, 128, 1, 512, True, None),
+]
+
+
+def _qk_inputs(dtype, d, b, s, rope, matrix, offset=0, seed=0):
+    from tests.test_gpu_fused import inputs
+
+    q, k, cos, sin = inputs(dtype, d, b, s, offset=offset, seed=seed)
+    if not rope:
+        cos = sin = None
+    w = None
+    if matrix is not None:
+        g = torch.Generator(device="cuda").manual_seed(seed + 1)
+        w = torch.linalg.qr(torch.randn(d, d, device="cuda", generator=g))[0] * d**0.5
+        w = w.to(dtype if matrix == "same" else torch.float32).contiguous()
+    return q, k, cos, sin, w
+
+
+def _check_qk(qk_pair, q, k, cos, sin, w, scale):
+    from tests.reference import rope_once
+    from tests.test_gpu_fused import assert_single_rounding
+
+    for x, out in zip((q, k), qk_pair):
+        assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == x.dtype
+        xr = rope_once(x, cos, sin) if cos is not None else x
+        assert_single_rounding(out, xr, w, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", QK_CASES, ids=[
+    f"{str(c[0])[6:]}-d{c[1]}-b{c[2]}-t{c[3]}-{'rope' if c[4] else 'norope'}-{c[5]}"
+    for c in QK_CASES])
+def test_gpu_qk_cpp_launch_matches_triton(fresh_qk, case):
+    """The fused Q/K launch through ``cpp_launch.QK_TABLE``: made on the layout's first
+    (all-aligned) call, used from the second on, bit-identical to the Python closure around
+    triton's launcher, single-rounded against the float64 reference, outputs laid out like
+    ``empty_like`` of the inputs; a changed scale reaches the kernel."""
+    qk = fresh_qk
+    q, k, cos, sin, w = _qk_inputs(*case)
+    scale = case[1] ** -0.5
+    first = qk.try_rotate_qk(q, k, scale, w, cos, sin)
+    assert nl.QK_TABLE is not None and len(nl.QK_TABLE) == 1, "no C++ launch was made"
+    got = nl.QK_TABLE(q, k, cos, sin, w, scale, 0)
+    assert isinstance(got, tuple) and len(got) == 2
+    closure = qk._FAST[qk._layout(q, k, w, cos, sin, scale)]
+    want = closure(q, k, cos, sin, w)
+    hot = qk.try_rotate_qk(q, k, scale, w, cos, sin)  # the table first
+    for pair in (first, got, hot):
+        assert all(map(nl.same_bits, pair, want))
+    _check_qk(got, q, k, cos, sin, w, scale)
+    table = nl.QK_TABLE
+    try:
+        nl.QK_TABLE = None  # the Python path for another scale: its own plan and closure
+        other = qk.try_rotate_qk(q, k, 0.5, w, cos, sin)
+    finally:
+        nl.QK_TABLE = table
+    assert all(map(nl.same_bits, table(q, k, cos, sin, w, 0.5, 0), other))
+    assert len(table) == 1  # the scale is not part of the layout
+
+
+@pytest.mark.gpu
+def test_gpu_qk_cpp_launch_declines(fresh_qk, monkeypatch):
+    """Misaligned inputs of the same layout, other inputs (None for a tensor), another
+    tag and a launch hook are declined by the Launch; the rotation then takes triton's
+    launcher and is still right (the hook sees that launch)."""
+    import triton
+
+    qk = fresh_qk
+    case = (torch.bfloat16, 128, 1, 1, True, None)
+    q, k, cos, sin, w = _qk_inputs(*case)
+    scale = 128**-0.5
+    qk.try_rotate_qk(q, k, scale, w, cos, sin)
+    table = nl.QK_TABLE
+    assert len(table) == 1 and table(q, k, cos, sin, w, scale, 0) is not None
+    mq, mk, mc, ms, _ = _qk_inputs(*case, offset=1, seed=3)
+    assert (mq.shape, mq.stride()) == (q.shape, q.stride()) and mq.data_ptr() % 16
+    assert table(mq, mk, mc, ms, w, scale, 0) is None
+    _check_qk(qk.try_rotate_qk(mq, mk, scale, w, mc, ms), mq, mk, mc, ms, w, scale)
+    assert table(q, k, None, None, w, scale, 0) is None
+    assert table(q, k, cos, sin, w, scale, 1) is None
+    seen = []
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook",
+                        lambda *args: seen.append(args))
+    assert table(q, k, cos, sin, w, scale, 0) is None
+    pair = qk.try_rotate_qk(q, k, scale, w, cos, sin)
+    monkeypatch.undo()
+    assert seen, "with a launch hook installed the launch must go through triton"
+    _check_qk(pair, q, k, cos, sin, w, scale)
+    assert table(q, k, cos, sin, w, scale, 0) is not None
+
+
+@pytest.mark.gpu
+def test_gpu_qk_cpp_launch_under_graph_capture(fresh_qk, monkeypatch):
+    """A fused Launch made before capture is captured through the table (and replays on new
+    data); a layout first seen during capture gets no Launch then, one afterwards."""
+    qk = fresh_qk
+    case = (torch.bfloat16, 128, 1, 1, True, None)
+    q, k, cos, sin, _ = _qk_inputs(*case)
+    nq, nk, ncos, nsin, _ = _qk_inputs(torch.bfloat16, 128, 1, 2, True, None, seed=4)
+    qk.try_rotate_qk(nq, nk, 128**-0.5, None, ncos, nsin)  # compiled ...
+    qk.clear_plans()  # ... but not seen
+    qk.try_rotate_qk(q, k, 128**-0.5, None, cos, sin)
+    assert len(nl.QK_TABLE) == 1
+    table, hits = nl.QK_TABLE, []
+    monkeypatch.setattr(nl, "QK_TABLE", lambda *a: hits.append(1) or table(*a))
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            pair = qk.try_rotate_qk(q, k, 128**-0.5, None, cos, sin)
+            new_pair = qk.try_rotate_qk(nq, nk, 128**-0.5, None, ncos, nsin)
+    assert hits == [1, 1] and len(table) == 1  # nothing made during capture
+    monkeypatch.setattr(nl, "QK_TABLE", table)
+    for t in (q, k, nq, nk):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check_qk(pair, q, k, cos, sin, None, 128**-0.5)
+    _check_qk(new_pair, nq, nk, ncos, nsin, None, 128**-0.5)
+    qk.try_rotate_qk(nq, nk, 128**-0.5, None, ncos, nsin)
+    assert len(table) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["require", "auto"])
+def test_gpu_qk_cpp_self_check_on_disagreement(fresh_qk, monkeypatch, mode):
+    qk = fresh_qk
+    q, k, cos, sin, w = _qk_inputs(torch.bfloat16, 128, 1, 3, True, None)
+    scale = 128**-0.5
+    qk.try_rotate_qk(q, k, scale, w, cos, sin)
+    plan = qk._PLANS[qk._layout(q, k, w, cos, sin, scale)]
+    kernel = qk._LAUNCHER.compiled(plan.key, q.get_device(), None)
+    monkeypatch.setattr(nl, "_checked", {})
+    monkeypatch.setattr(nl, "_rejected", {})
+    monkeypatch.setenv(nl.ENV, mode)
+    right = qk._FAST[qk._layout(q, k, w, cos, sin, scale)]
+
+    def key_wrong(q_, k_, c_, s_, m_, sc):  # only the key output differs
+        qo, ko = right(q_, k_, c_, s_, m_)
+        return qo, torch.zeros_like(ko)
+
+    def make():
+        return nl.make_launch(kernel, plan.grid, (q, k, cos, sin, w),
+                              (torch.empty_like(q), torch.empty_like(k)),
+                              *qk.cpp_roles(plan, True, True), key_wrong, scale)
+
+    if mode == "require":
+        with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
+            make()
+    else:
+        with pytest.warns(RuntimeWarning, match="disagrees with triton"):
+            assert make() is None
+        assert id(kernel) in nl._rejected and make() is None
+    assert kernel.function not in nl._checked

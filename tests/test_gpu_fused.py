@@ -180,11 +180,19 @@ def test_eager_fast_path(monkeypatch, launcher):
     triton_kernel.clear_plans()  # leave no Python closures behind for later tests
 
 
+@pytest.mark.parametrize("launcher", ["cpp", "python"])
 @pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
-def test_qk_fast_path(explicit, monkeypatch):
-    """The fused Q/K launch's per-layout closure (``qk_kernel._FAST``): repeated calls run
-    through it and match the reference (RoPE once, then the float64 product), with and
-    without RoPE; a misaligned call of the same layout falls back and is still right."""
+def test_qk_fast_path(explicit, monkeypatch, launcher):
+    """The fused Q/K launch's per-layout fast path -- the C++ launch table
+    (``cpp_launch.QK_TABLE``, built on this machine) or, with it off, the Python closure
+    (``qk_kernel._FAST``): repeated calls run through it and match the reference (RoPE once,
+    then the float64 product), with and without RoPE; a misaligned call of the same layout
+    falls back and is still right."""
+    from hf_hadamard_kq.ops import cpp_launch
+
+    if launcher == "python":
+        monkeypatch.setenv(cpp_launch.ENV, "0")
+        monkeypatch.setattr(cpp_launch, "QK_TABLE", None)
     qk_kernel.clear_plans()
     d = 128
     matrix = (torch.linalg.qr(torch.randn(d, d, device=DEV))[0] * d**0.5).bfloat16().contiguous() \
@@ -195,20 +203,29 @@ def test_qk_fast_path(explicit, monkeypatch):
             q, k, cos, sin = inputs(torch.bfloat16, d, 1, tokens, seed=tokens)
             c, s_ = (cos, sin) if rope else (None, None)
             qk_kernel.rotate_qk(q, k, scale, matrix, c, s_)
-            layout = qk_kernel._layout(q, k, matrix, c, s_, scale)
-            closure, hits = qk_kernel._FAST[layout], []
-            monkeypatch.setitem(qk_kernel._FAST, layout,
-                                lambda *a, f=closure, h=hits: h.append(1) or f(*a))
+            hits = []
+            if launcher == "cpp":
+                table = cpp_launch.QK_TABLE
+                monkeypatch.setattr(cpp_launch, "QK_TABLE",
+                                    lambda *a, f=table, h=hits: h.append(f(*a)) or h[-1])
+            else:
+                layout = qk_kernel._layout(q, k, matrix, c, s_, scale)
+                closure = qk_kernel._FAST[layout]
+                monkeypatch.setitem(qk_kernel._FAST, layout,
+                                    lambda *a, f=closure, h=hits: h.append(f(*a)) or h[-1])
             for _ in range(2):
                 qo, ko = qk_kernel.rotate_qk(q, k, scale, matrix, c, s_)
                 for x, out in ((q, qo), (k, ko)):
                     xr = torch_rope(x, cos, sin) if rope else x
                     assert_single_rounding(out, xr, matrix, scale)
-            assert hits == [1, 1]
+            assert len(hits) == 2 and all(h is not None for h in hits)  # it launched both
+            if launcher == "cpp":
+                monkeypatch.setattr(cpp_launch, "QK_TABLE", table)
     q, k, cos, sin = inputs(torch.bfloat16, d, 1, 1, offset=1, seed=5)
     qo, ko = qk_kernel.rotate_qk(q, k, scale, matrix, cos, sin)
     assert_single_rounding(qo, torch_rope(q, cos, sin), matrix, scale)
     assert_single_rounding(ko, torch_rope(k, cos, sin), matrix, scale)
+    qk_kernel.clear_plans()  # leave no Python closures behind for later tests
 
 
 @pytest.mark.parametrize("fixture,block", [("llama_r3_hadamard_hd64", 64)])

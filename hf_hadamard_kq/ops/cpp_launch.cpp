@@ -1,10 +1,13 @@
 // The eager fast path of one cached Triton launch, in C++ (see cpp_launch.py for why).
 //
-// A Launch object is made for one tensor layout and one compiled Triton kernel. Calling it
-// with (x, scale) checks what its cache cannot know (x's layout, the current device, triton's
-// launch hooks, 16-byte alignment, a current CUDA context), allocates the contiguous output
-// and launches the kernel with cuLaunchKernel. It returns None, having launched nothing, when
-// a check fails: the caller then takes triton's own launch path, which handles every case.
+// A Launch object is made for one set of input layouts and one compiled Triton kernel: the
+// single-tensor rotation (inputs: x; outputs: out) and the fused Q/K rotation (inputs: q, k,
+// cos, sin, matrix -- the last three may be None --; outputs: qo, ko). Calling it with
+// (*inputs, scale) checks what its cache cannot know (each input's layout, the current
+// device, triton's launch hooks, 16-byte alignment, a current CUDA context), allocates the
+// outputs with their recorded layouts and launches the kernel with cuLaunchKernel. It returns
+// None, having launched nothing, when a check fails: the caller then takes triton's own
+// launch path, which handles every case.
 //
 // The kernel's parameters are the non-constexpr arguments of its Triton signature, in order,
 // each passed by address with its C type (pointers as 64-bit device addresses, fp32 as the
@@ -21,12 +24,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -46,9 +50,6 @@ typedef CUresult (*GetErrorNameFn)(CUresult, const char**);
 LaunchKernelFn cu_launch_kernel = nullptr;
 CtxGetCurrentFn cu_ctx_get_current = nullptr;
 GetErrorNameFn cu_get_error_name = nullptr;
-
-// Roles of a parameter slot (cpp_launch.py uses the same numbers).
-enum Role { VALUE = 0, X_PTR = 1, OUT_PTR = 2, SCALE = 3 };
 
 bool load_driver() {
   if (cu_launch_kernel != nullptr) {
@@ -76,19 +77,35 @@ bool load_driver() {
   return true;
 }
 
+// Roles of a parameter slot (cpp_launch.py uses the same numbers). A pointer slot's value is
+// the index of its input (IN_PTR) or output (OUT_PTR).
+enum Role { VALUE = 0, IN_PTR = 1, OUT_PTR = 2, SCALE = 3 };
+
+// Most inputs and outputs of one Launch (the fused Q/K launch has 5 and 2): fixed arrays keep
+// the per-call path free of heap allocations.
+constexpr size_t kMaxInputs = 8;
+constexpr size_t kMaxOutputs = 4;
+
+// One input's expected layout (or an input that must be None), or one output's layout.
+struct Operand {
+  bool present = false;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> strides;
+};
+
 struct State {
   CUfunction function = nullptr;
   unsigned grid = 0;
   unsigned block = 0;
   unsigned shared = 0;
   int device = 0;
-  std::vector<int64_t> sizes;
-  std::vector<int64_t> strides;
-  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  std::vector<Operand> inputs;
+  std::vector<Operand> outputs;
   std::vector<uint64_t> storage;  // one 8-byte slot per parameter
   std::vector<void*> params;      // &storage[i], then the scratch pointers
-  std::vector<size_t> x_slots;
-  std::vector<size_t> out_slots;
+  std::vector<std::pair<size_t, size_t>> in_slots;   // (slot, input index)
+  std::vector<std::pair<size_t, size_t>> out_slots;  // (slot, output index)
   std::vector<size_t> scale_slots;
   double last_scale = 0.0;
   bool has_scale = false;
@@ -155,75 +172,108 @@ void write_scale(State* st, double scale) {
   st->has_scale = true;
 }
 
-void write_pointers(State* st, uint64_t xp, uint64_t op) {
-  for (size_t i : st->x_slots) {
-    st->storage[i] = xp;
+void write_pointers(State* st, const uint64_t* in_ptrs, const uint64_t* out_ptrs) {
+  for (const auto& slot : st->in_slots) {
+    st->storage[slot.first] = in_ptrs[slot.second];
   }
-  for (size_t i : st->out_slots) {
-    st->storage[i] = op;
+  for (const auto& slot : st->out_slots) {
+    st->storage[slot.first] = out_ptrs[slot.second];
   }
 }
 
-bool layout_matches(const State* st, const at::Tensor& x) {
-  if (x.scalar_type() != st->dtype) {
+bool layout_matches(const Operand& want, const at::Tensor& x) {
+  if (x.scalar_type() != want.dtype) {
     return false;
   }
   auto sizes = x.sizes();
   auto strides = x.strides();
-  if (sizes.size() != st->sizes.size()) {
+  if (sizes.size() != want.sizes.size()) {
     return false;
   }
   for (size_t i = 0; i < sizes.size(); ++i) {
-    if (sizes[i] != st->sizes[i] || strides[i] != st->strides[i]) {
+    if (sizes[i] != want.sizes[i] || strides[i] != want.strides[i]) {
       return false;
     }
   }
   return true;
 }
 
-PyObject* launch_cuda(State* st, const at::Tensor& x, double scale);
-PyObject* launch_checked(State* st, const at::Tensor& x, double scale);
+// The call's inputs: each a tensor or None (nullptr here), as a vectorcall passes them.
+struct Inputs {
+  size_t n = 0;
+  const at::Tensor* tensors[kMaxInputs];
+};
 
-// (x, scale) from a vectorcall's arguments; false with a Python error set when they are not.
-bool parse_call(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, Py_ssize_t want,
-                const char* what, double* scale) {
-  if (nargs != want || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments", what, want);
+PyObject* launch_cuda(State* st, const Inputs& in, double scale);
+PyObject* launch_checked(State* st, const Inputs& in, double scale);
+
+// (inputs, scale) from a vectorcall's arguments: `n_inputs` tensors or None, the scale, then
+// `trailing` more arguments the caller parses; false with a Python error set when they are
+// not that.
+bool parse_call(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, size_t n_inputs,
+                Py_ssize_t trailing, const char* what, Inputs* in, double* scale) {
+  if (n_inputs > kMaxInputs || nargs != static_cast<Py_ssize_t>(n_inputs) + 1 + trailing ||
+      (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments", what,
+                 static_cast<Py_ssize_t>(n_inputs) + 1 + trailing);
     return false;
   }
-  if (!THPVariable_Check(args[0])) {
-    PyErr_Format(PyExc_TypeError, "%s: x must be a torch.Tensor", what);
-    return false;
+  in->n = n_inputs;
+  for (size_t i = 0; i < n_inputs; ++i) {
+    if (args[i] == Py_None) {
+      in->tensors[i] = nullptr;
+    } else if (THPVariable_Check(args[i])) {
+      in->tensors[i] = &THPVariable_Unpack(args[i]);
+    } else {
+      PyErr_Format(PyExc_TypeError, "%s: input %zu must be a torch.Tensor or None", what, i);
+      return false;
+    }
   }
-  *scale = PyFloat_AsDouble(args[1]);
+  *scale = PyFloat_AsDouble(args[n_inputs]);
   return !(*scale == -1.0 && PyErr_Occurred());
 }
 
 PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
   HANDLE_TH_ERRORS
   State* st = reinterpret_cast<LaunchObject*>(self)->state;
+  Inputs in;
   double scale;
-  if (!parse_call(args, PyVectorcall_NARGS(nargsf), kwnames, 2, "Launch(x, scale)", &scale)) {
+  if (!parse_call(args, PyVectorcall_NARGS(nargsf), kwnames, st->inputs.size(), 0,
+                  "Launch(*inputs, scale)", &in, &scale)) {
     return nullptr;
   }
-  return launch_checked(st, THPVariable_Unpack(args[0]), scale);
+  return launch_checked(st, in, scale);
   END_HANDLE_TH_ERRORS
 }
 
-// A call for a tensor of any layout: None unless it is this launch's. May throw c10 errors
-// (the allocation's out-of-memory error among them): callers wrap it in HANDLE_TH_ERRORS,
+// A call for inputs of any layout: None unless they are this launch's. May throw c10 errors
+// (an allocation's out-of-memory error among them): callers wrap it in HANDLE_TH_ERRORS,
 // which raises the matching Python exception (torch.OutOfMemoryError for that one).
-PyObject* launch_checked(State* st, const at::Tensor& x, double scale) {
-  if (!x.is_cuda() || x.get_device() != st->device || !layout_matches(st, x)) {
+PyObject* launch_checked(State* st, const Inputs& in, double scale) {
+  if (in.n != st->inputs.size()) {
     Py_RETURN_NONE;
+  }
+  for (size_t i = 0; i < in.n; ++i) {
+    const Operand& want = st->inputs[i];
+    const at::Tensor* x = in.tensors[i];
+    if (x == nullptr) {
+      if (want.present) {
+        Py_RETURN_NONE;
+      }
+      continue;
+    }
+    if (!want.present || !x->is_cuda() || x->get_device() != st->device ||
+        !layout_matches(want, *x)) {
+      Py_RETURN_NONE;
+    }
   }
   if (cu_launch_kernel == nullptr) {
     Py_RETURN_NONE;  // load_driver() was not called: nothing can launch
   }
-  return launch_cuda(st, x, scale);
+  return launch_cuda(st, in, scale);
 }
 
-PyObject* launch_cuda(State* st, const at::Tensor& x, double scale) {
+PyObject* launch_cuda(State* st, const Inputs& in, double scale) {
   const c10::Device device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(st->device));
   const c10::impl::DeviceGuardImplInterface* guard =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
@@ -241,19 +291,33 @@ PyObject* launch_cuda(State* st, const at::Tensor& x, double scale) {
   if (cu_ctx_get_current(&ctx) != 0 || ctx == nullptr) {
     Py_RETURN_NONE;  // no current context on this thread: triton's launcher makes one
   }
-  const uint64_t xp = reinterpret_cast<uint64_t>(x.const_data_ptr());
-  if (xp & 15) {
+  uint64_t in_ptrs[kMaxInputs] = {};
+  uint64_t any = 0;
+  for (size_t i = 0; i < in.n; ++i) {
+    if (in.tensors[i] != nullptr) {
+      in_ptrs[i] = reinterpret_cast<uint64_t>(in.tensors[i]->const_data_ptr());
+      any |= in_ptrs[i];
+    }
+  }
+  if (any & 15) {
     Py_RETURN_NONE;
   }
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const uint64_t op = reinterpret_cast<uint64_t>(out.data_ptr());
-  if (op & 15) {
+  const size_t n_out = st->outputs.size();
+  at::Tensor outs[kMaxOutputs];
+  uint64_t out_ptrs[kMaxOutputs] = {};
+  for (size_t j = 0; j < n_out; ++j) {
+    const Operand& o = st->outputs[j];
+    outs[j] = at::empty_strided(o.sizes, o.strides, at::TensorOptions().dtype(o.dtype).device(device));
+    out_ptrs[j] = reinterpret_cast<uint64_t>(outs[j].data_ptr());
+    any |= out_ptrs[j];
+  }
+  if (any & 15) {
     Py_RETURN_NONE;
   }
   if (!st->has_scale || st->last_scale != scale) {
     write_scale(st, scale);
   }
-  write_pointers(st, xp, op);
+  write_pointers(st, in_ptrs, out_ptrs);
   if (st->grid > 0) {
     CUstream stream = guard->getStream(device).native_handle();
     CUresult rc = cu_launch_kernel(st->function, st->grid, 1, 1, st->block, 1, 1, st->shared,
@@ -267,7 +331,21 @@ PyObject* launch_cuda(State* st, const at::Tensor& x, double scale) {
       return nullptr;
     }
   }
-  return THPVariable_Wrap(std::move(out));
+  if (n_out == 1) {
+    return THPVariable_Wrap(std::move(outs[0]));
+  }
+  THPObjectPtr result(PyTuple_New(static_cast<Py_ssize_t>(n_out)));
+  if (!result) {
+    return nullptr;
+  }
+  for (size_t j = 0; j < n_out; ++j) {
+    PyObject* item = THPVariable_Wrap(std::move(outs[j]));
+    if (item == nullptr) {
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result.get(), static_cast<Py_ssize_t>(j), item);
+  }
+  return result.release();
 }
 
 void launch_dealloc(PyObject* self) {
@@ -342,24 +420,89 @@ bool pack_value(const char* ty, PyObject* value, uint64_t* slot) {
   return false;
 }
 
-// Launch(function, grid, num_warps, shared, like, slots, runtime, extra_params, owner)
-//   slots: a sequence of (type, role, value) for each non-constexpr parameter, in order;
-//   like: a tensor of the layout this launch is for; runtime: triton's knobs.runtime or None;
+// The layouts of a sequence of templates (tensors, or None where `allow_none`): false with a
+// Python error set when it is not one, has no entries or more than `most`.
+bool read_operands(PyObject* templates, const char* what, bool allow_none, size_t most,
+                   std::vector<Operand>* out) {
+  THPObjectPtr seq(PySequence_Fast(templates, "Launch: inputs and outputs must be sequences"));
+  if (!seq) {
+    return false;
+  }
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
+  if (n < 1 || static_cast<size_t>(n) > most) {
+    PyErr_Format(PyExc_ValueError, "Launch: %s must have 1 to %zu entries, got %zd", what, most,
+                 n);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq.get(), i);
+    Operand op;
+    if (item == Py_None && allow_none) {
+      out->push_back(op);
+      continue;
+    }
+    if (!THPVariable_Check(item)) {
+      PyErr_Format(PyExc_TypeError, "Launch: %s[%zd] must be a torch.Tensor%s", what, i,
+                   allow_none ? " or None" : "");
+      return false;
+    }
+    const at::Tensor& t = THPVariable_Unpack(item);
+    op.present = true;
+    op.dtype = t.scalar_type();
+    op.sizes.assign(t.sizes().begin(), t.sizes().end());
+    op.strides.assign(t.strides().begin(), t.strides().end());
+    out->push_back(std::move(op));
+  }
+  return true;
+}
+
+// The device of the first present input; -1 (never launched) for CPU templates (tests).
+// False with a Python error set when the present inputs are not on one device.
+bool inputs_device(PyObject* inputs, int* device) {
+  THPObjectPtr seq(PySequence_Fast(inputs, "Launch: inputs must be a sequence"));
+  if (!seq) {
+    return false;
+  }
+  bool found = false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq.get()); ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq.get(), i);
+    if (item == Py_None || !THPVariable_Check(item)) {
+      continue;
+    }
+    const at::Tensor& t = THPVariable_Unpack(item);
+    int d = t.is_cuda() ? t.get_device() : -1;
+    if (found && d != *device) {
+      PyErr_SetString(PyExc_ValueError, "Launch: the inputs are on different devices");
+      return false;
+    }
+    *device = d;
+    found = true;
+  }
+  if (!found) {
+    PyErr_SetString(PyExc_ValueError, "Launch: no input is a tensor");
+    return false;
+  }
+  return true;
+}
+
+// Launch(function, grid, num_warps, shared, inputs, outputs, slots, runtime, extra_params,
+//        owner)
+//   inputs: tensors (or None) of the layouts this launch is for -- a call passes tensors of
+//   exactly these layouts, None where None is here; outputs: tensors of the layouts (sizes,
+//   strides, dtype) to allocate, on the inputs' device (meta tensors will do); slots: a
+//   sequence of (type, role, value) for each non-constexpr parameter, in order (a pointer
+//   role's value is its input's or output's index); runtime: triton's knobs.runtime or None;
 //   extra_params: how many null pointers follow the parameters (triton's scratch pointers);
 //   owner: the object that keeps `function` loaded (triton's CompiledKernel), kept alive.
 PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
-  PyObject *function_obj, *like, *slots, *runtime, *owner;
+  PyObject *function_obj, *inputs, *outputs, *slots, *runtime, *owner;
   long long grid, num_warps, shared;
   int extra = 0;
-  static const char* names[] = {"function", "grid", "num_warps", "shared", "like", "slots",
-                                "runtime", "extra_params", "owner", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLLLOOOiO", const_cast<char**>(names),
-                                   &function_obj, &grid, &num_warps, &shared, &like, &slots,
-                                   &runtime, &extra, &owner)) {
-    return nullptr;
-  }
-  if (!THPVariable_Check(like)) {
-    PyErr_SetString(PyExc_TypeError, "Launch: like must be a torch.Tensor");
+  static const char* names[] = {"function", "grid", "num_warps", "shared", "inputs", "outputs",
+                                "slots", "runtime", "extra_params", "owner", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLLLOOOOiO", const_cast<char**>(names),
+                                   &function_obj, &grid, &num_warps, &shared, &inputs, &outputs,
+                                   &slots, &runtime, &extra, &owner)) {
     return nullptr;
   }
   if (num_warps < 1 || num_warps > 32 || extra < 0 || extra > 8 || grid < 0 ||
@@ -373,69 +516,92 @@ PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   if (!as_u64(function_obj, &function)) {
     return nullptr;
   }
-  PyObject* seq = PySequence_Fast(slots, "Launch: slots must be a sequence");
-  if (seq == nullptr) {
+  std::unique_ptr<State> st(new State());
+  if (!read_operands(inputs, "inputs", true, kMaxInputs, &st->inputs) ||
+      !read_operands(outputs, "outputs", false, kMaxOutputs, &st->outputs) ||
+      !inputs_device(inputs, &st->device)) {
     return nullptr;
   }
-  auto st = new State();
-  const at::Tensor& t = THPVariable_Unpack(like);
+  THPObjectPtr seq(PySequence_Fast(slots, "Launch: slots must be a sequence"));
+  if (!seq) {
+    return nullptr;
+  }
   st->function = reinterpret_cast<CUfunction>(function);
   st->grid = static_cast<unsigned>(grid);
   st->block = static_cast<unsigned>(32 * num_warps);
   st->shared = static_cast<unsigned>(shared);
-  st->device = t.is_cuda() ? t.get_device() : -1;
-  st->sizes.assign(t.sizes().begin(), t.sizes().end());
-  st->strides.assign(t.strides().begin(), t.strides().end());
-  st->dtype = t.scalar_type();
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
   st->storage.assign(n + extra, 0);
-  bool ok = true;
-  for (Py_ssize_t i = 0; i < n && ok; ++i) {
-    PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+  std::vector<bool> in_used(st->inputs.size(), false);
+  std::vector<bool> out_used(st->outputs.size(), false);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq.get(), i);
     const char* ty = nullptr;
     int role = -1;
     PyObject* value = nullptr;
     if (!PyArg_ParseTuple(item, "siO", &ty, &role, &value)) {
-      ok = false;
-      break;
+      return nullptr;
     }
+    bool ok = true;
     switch (role) {
       case VALUE:
         ok = pack_value(ty, value, &st->storage[i]);
         break;
-      case X_PTR:
-      case OUT_PTR:
+      case IN_PTR:
+      case OUT_PTR: {
         if (ty[0] != '*') {
           PyErr_Format(PyExc_ValueError, "Launch: slot %zd is a pointer role of type %s", i, ty);
-          ok = false;
-        } else {
-          (role == X_PTR ? st->x_slots : st->out_slots).push_back(i);
+          return nullptr;
         }
+        long long index = PyLong_AsLongLong(value);
+        if (index == -1 && PyErr_Occurred()) {
+          return nullptr;
+        }
+        const bool in = role == IN_PTR;
+        const size_t count = in ? st->inputs.size() : st->outputs.size();
+        if (index < 0 || static_cast<size_t>(index) >= count ||
+            (in && !st->inputs[index].present)) {
+          PyErr_Format(PyExc_ValueError, "Launch: slot %zd names %s %lld, which is not a tensor",
+                       i, in ? "input" : "output", index);
+          return nullptr;
+        }
+        (in ? st->in_slots : st->out_slots).emplace_back(i, static_cast<size_t>(index));
+        (in ? in_used : out_used)[index] = true;
         break;
+      }
       case SCALE:
         if (std::strcmp(ty, "fp32") != 0 && std::strcmp(ty, "f32") != 0) {
           PyErr_Format(PyExc_ValueError, "Launch: the scale slot %zd has type %s", i, ty);
-          ok = false;
-        } else {
-          st->scale_slots.push_back(i);
+          return nullptr;
         }
+        st->scale_slots.push_back(i);
         break;
       default:
         PyErr_Format(PyExc_ValueError, "Launch: unknown role %d", role);
-        ok = false;
+        return nullptr;
+    }
+    if (!ok) {
+      return nullptr;
     }
   }
-  Py_DECREF(seq);
-  if (ok && (st->x_slots.empty() || st->out_slots.empty())) {
-    PyErr_SetString(PyExc_ValueError, "Launch: the slots name no x or no output pointer");
-    ok = false;
+  for (size_t i = 0; i < in_used.size(); ++i) {
+    if (st->inputs[i].present && !in_used[i]) {
+      PyErr_Format(PyExc_ValueError, "Launch: no slot takes input %zu", i);
+      return nullptr;
+    }
   }
-  if (!ok) {
-    delete st;
-    return nullptr;
+  for (size_t j = 0; j < out_used.size(); ++j) {
+    if (!out_used[j]) {
+      PyErr_Format(PyExc_ValueError, "Launch: no slot takes output %zu", j);
+      return nullptr;
+    }
   }
   for (auto& slot : st->storage) {
     st->params.push_back(&slot);
+  }
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) {
+    return nullptr;
   }
   if (runtime != Py_None) {
     Py_INCREF(runtime);
@@ -443,28 +609,41 @@ PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   }
   Py_INCREF(owner);
   st->owner = owner;
-  PyObject* self = type->tp_alloc(type, 0);
-  if (self == nullptr) {
-    Py_XDECREF(st->runtime);
-    Py_DECREF(st->owner);
-    delete st;
-    return nullptr;
-  }
   reinterpret_cast<LaunchObject*>(self)->vectorcall = launch_call;
-  reinterpret_cast<LaunchObject*>(self)->state = st;
+  reinterpret_cast<LaunchObject*>(self)->state = st.release();
   return self;
 }
 
 // For tests: the packed parameter bytes for given pointers and scale (no launch, no CUDA).
 PyObject* launch_pack(PyObject* self, PyObject* args) {
   State* st = reinterpret_cast<LaunchObject*>(self)->state;
-  unsigned long long xp, op;
+  PyObject *ins, *outs;
   double scale;
-  if (!PyArg_ParseTuple(args, "KKd", &xp, &op, &scale)) {
+  if (!PyArg_ParseTuple(args, "OOd", &ins, &outs, &scale)) {
     return nullptr;
   }
+  uint64_t in_ptrs[kMaxInputs] = {};
+  uint64_t out_ptrs[kMaxOutputs] = {};
+  PyObject* given[2] = {ins, outs};
+  uint64_t* into[2] = {in_ptrs, out_ptrs};
+  const size_t want[2] = {st->inputs.size(), st->outputs.size()};
+  for (int w = 0; w < 2; ++w) {
+    THPObjectPtr seq(PySequence_Fast(given[w], "pack: pointers must be sequences"));
+    if (!seq) {
+      return nullptr;
+    }
+    if (static_cast<size_t>(PySequence_Fast_GET_SIZE(seq.get())) != want[w]) {
+      PyErr_SetString(PyExc_ValueError, "pack: one pointer per input and per output");
+      return nullptr;
+    }
+    for (size_t i = 0; i < want[w]; ++i) {
+      if (!as_u64(PySequence_Fast_GET_ITEM(seq.get(), i), &into[w][i])) {
+        return nullptr;
+      }
+    }
+  }
   write_scale(st, scale);
-  write_pointers(st, xp, op);
+  write_pointers(st, in_ptrs, out_ptrs);
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(st->storage.data()),
                                    static_cast<Py_ssize_t>(st->storage.size() * 8));
 }
@@ -479,15 +658,15 @@ PyObject* launch_hooks_active(PyObject* self, PyObject*) {
 }
 
 PyMethodDef launch_methods[] = {
-    {"pack", launch_pack, METH_VARARGS, "The parameter bytes for (x_ptr, out_ptr, scale)."},
+    {"pack", launch_pack, METH_VARARGS, "pack(in_ptrs, out_ptrs, scale): the parameter bytes."},
     {"hooks_active", launch_hooks_active, METH_NOARGS, "The per-call launch-hook check."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyTypeObject LaunchType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-// --- Table: the Launch of each (layout, block), looked up in C++ ---------------------------
+// --- Table: the Launch of each (tag, input layouts), looked up in C++ -----------------------
 //
-// Why: building the Python key (shape, strides, dtype, device, block) and hashing it cost
+// Why: building the Python key (shapes, strides, dtypes, devices, block) and hashing it cost
 // about 1 us per call on the lent H100 hosts, a tenth of the whole rotation.
 
 struct TableObject {
@@ -496,22 +675,34 @@ struct TableObject {
   std::unordered_map<std::string, PyObject*>* map;  // owned references to Launch objects
 };
 
-// The layout key: block, dtype, device, rank, sizes, strides (as raw int64 bytes).
-std::string layout_key(int64_t block, c10::ScalarType dtype, int64_t device, c10::IntArrayRef sizes,
-                       c10::IntArrayRef strides) {
-  const size_t n = sizes.size();
-  std::vector<int64_t> words(4 + 2 * n);
-  words[0] = block;
-  words[1] = static_cast<int64_t>(dtype);
-  words[2] = device;
-  words[3] = static_cast<int64_t>(n);
-  for (size_t i = 0; i < n; ++i) {
-    words[4 + i] = sizes[i];
-    words[4 + n + i] = strides[i];
+// Appends one input's part of a layout key: -1 for None, else dtype, device, rank, sizes,
+// strides.
+void key_operand(std::vector<int64_t>* words, bool present, c10::ScalarType dtype,
+                 int64_t device, c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  if (!present) {
+    words->push_back(-1);
+    return;
   }
+  words->push_back(static_cast<int64_t>(dtype));
+  words->push_back(device);
+  words->push_back(static_cast<int64_t>(sizes.size()));
+  words->insert(words->end(), sizes.begin(), sizes.end());
+  words->insert(words->end(), strides.begin(), strides.end());
+}
+
+// The key of a tag and a list of input parts, as raw int64 bytes.
+std::string key_bytes(const std::vector<int64_t>& words) {
   std::string key(words.size() * sizeof(int64_t), '\0');
   std::memcpy(&key[0], words.data(), key.size());
   return key;
+}
+
+std::string launch_key(int64_t tag, const State* st) {
+  std::vector<int64_t> words{tag, static_cast<int64_t>(st->inputs.size())};
+  for (const Operand& op : st->inputs) {
+    key_operand(&words, op.present, op.dtype, st->device, op.sizes, op.strides);
+  }
+  return key_bytes(words);
 }
 
 using LaunchMap = std::unordered_map<std::string, PyObject*>;
@@ -531,44 +722,57 @@ void table_clear_map(TableObject* t) {
   release_map(map);
 }
 
-// table(x, scale, block) -> out, or None (no Launch for this layout, or it declined the call)
+// table(*inputs, scale, tag) -> the Launch's result (an output, or a tuple of them), or None
+// (no Launch for these layouts and tag, an input not on a CUDA device, or it declined)
 PyObject* table_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
   HANDLE_TH_ERRORS
   TableObject* t = reinterpret_cast<TableObject*>(self);
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs < 3) {
+    PyErr_SetString(PyExc_TypeError, "Table(*inputs, scale, tag) takes at least 3 arguments");
+    return nullptr;
+  }
+  Inputs in;
   double scale;
-  if (!parse_call(args, PyVectorcall_NARGS(nargsf), kwnames, 3, "Table(x, scale, block)",
-                  &scale)) {
+  if (!parse_call(args, nargs, kwnames, static_cast<size_t>(nargs - 2), 1,
+                  "Table(*inputs, scale, tag)", &in, &scale)) {
     return nullptr;
   }
-  long long block = PyLong_AsLongLong(args[2]);
-  if (block == -1 && PyErr_Occurred()) {
+  long long tag = PyLong_AsLongLong(args[nargs - 1]);
+  if (tag == -1 && PyErr_Occurred()) {
     return nullptr;
   }
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
-  if (!x.is_cuda()) {
-    Py_RETURN_NONE;
+  std::vector<int64_t> words{tag, static_cast<int64_t>(in.n)};
+  for (size_t i = 0; i < in.n; ++i) {
+    const at::Tensor* x = in.tensors[i];
+    if (x == nullptr) {
+      key_operand(&words, false, c10::ScalarType::Undefined, 0, {}, {});
+      continue;
+    }
+    if (!x->is_cuda()) {
+      Py_RETURN_NONE;
+    }
+    key_operand(&words, true, x->scalar_type(), x->get_device(), x->sizes(), x->strides());
   }
-  auto found = t->map->find(layout_key(block, x.scalar_type(), x.get_device(), x.sizes(),
-                                       x.strides()));
+  auto found = t->map->find(key_bytes(words));
   if (found == t->map->end()) {
     Py_RETURN_NONE;
   }
   PyObject* entry = found->second;
   Py_INCREF(entry);  // the hook check runs Python, which could clear the table
   THPObjectPtr entry_ref(entry);  // released on return and on an exception
-  return launch_checked(reinterpret_cast<LaunchObject*>(entry)->state, x, scale);
+  return launch_checked(reinterpret_cast<LaunchObject*>(entry)->state, in, scale);
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* table_add(PyObject* self, PyObject* args) {
   TableObject* t = reinterpret_cast<TableObject*>(self);
-  long long block;
+  long long tag;
   PyObject* launch;
-  if (!PyArg_ParseTuple(args, "LO!", &block, &LaunchType, &launch)) {
+  if (!PyArg_ParseTuple(args, "LO!", &tag, &LaunchType, &launch)) {
     return nullptr;
   }
-  const State* st = reinterpret_cast<LaunchObject*>(launch)->state;
-  std::string key = layout_key(block, st->dtype, st->device, st->sizes, st->strides);
+  std::string key = launch_key(tag, reinterpret_cast<LaunchObject*>(launch)->state);
   Py_INCREF(launch);
   auto found = t->map->find(key);
   if (found != t->map->end()) {
@@ -615,7 +819,7 @@ void table_dealloc(PyObject* self) {
 }
 
 PyMethodDef table_methods[] = {
-    {"add", table_add, METH_VARARGS, "add(block, launch): the Launch for its layout and block."},
+    {"add", table_add, METH_VARARGS, "add(tag, launch): the Launch for its input layouts and tag."},
     {"clear", table_clear, METH_NOARGS, "Forget every Launch."},
     {nullptr, nullptr, 0, nullptr}};
 
@@ -677,11 +881,11 @@ PyMODINIT_FUNC PyInit_hf_hadamard_kq_cpp_launch() {
   if (!add_type<LaunchObject>(
           m, &LaunchType, "Launch", "hf_hadamard_kq_cpp_launch.Launch", launch_new,
           launch_dealloc, launch_methods,
-          "Launch(function, grid, num_warps, shared, like, slots, runtime, extra_params, "
-          "owner): f(x, scale) -> out or None") ||
+          "Launch(function, grid, num_warps, shared, inputs, outputs, slots, runtime, "
+          "extra_params, owner): f(*inputs, scale) -> output(s) or None") ||
       !add_type<TableObject>(
           m, &TableType, "Table", "hf_hadamard_kq_cpp_launch.Table", table_new, table_dealloc,
-          table_methods, "Table(): t(x, scale, block) -> out or None; t.add(block, launch)")) {
+          table_methods, "Table(): t(*inputs, scale, tag) -> output(s) or None; t.add(tag, launch)")) {
     Py_DECREF(m);
     return nullptr;
   }

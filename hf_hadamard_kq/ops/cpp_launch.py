@@ -1,4 +1,5 @@
-"""The eager single-tensor rotation's launch in C++ (``cpp_launch.cpp``).
+"""The eager rotations' launches in C++ (``cpp_launch.cpp``): the single-tensor rotation's
+and the fused Q/K rotation's (``qk_kernel``).
 
 Why: a decode-sized rotation is ~2 us of GPU work, so in eager decode its host cost is what a
 layer pays. Through triton's own C launcher the cached per-layout closure
@@ -7,7 +8,10 @@ triton's launcher parses two dozen Python arguments per call (3.7-4.9 us with ev
 prebuilt), the output allocation from Python took 2.0-3.7 us, and the closure's own Python
 about 1.5 us. A :class:`Launch` object does the same work in one C++ call: it checks the
 layout, the current device, triton's launch hooks and the alignment, allocates the output
-with ATen and calls ``cuLaunchKernel`` with parameters packed once per layout.
+with ATen and calls ``cuLaunchKernel`` with parameters packed once per layout. The fused Q/K
+launch (one per layer in eager decode of a fused model) went the same way: through triton's
+launcher its cached closure (``qk_kernel._FAST``) took 12-25 us per call on those hosts, most
+of it Python (a nested key of five tensors' layouts, two allocations, ~30 arguments parsed).
 
 Correctness: the parameter slots come from the compiled kernel's own Triton signature
 (``kernel.src.signature``: every non-constexpr argument in order, with its C type), and the
@@ -56,8 +60,9 @@ CACHE_ENV = "HF_HADAMARD_KQ_CACHE_DIR"
 SOURCE = Path(__file__).with_name("cpp_launch.cpp")
 MODULE_NAME = "hf_hadamard_kq_cpp_launch"
 
-#: Slot roles (the same numbers as cpp_launch.cpp's ``Role``).
-VALUE, X_PTR, OUT_PTR, SCALE = 0, 1, 2, 3
+#: Slot roles (the same numbers as cpp_launch.cpp's ``Role``); a pointer role's value is the
+#: index of its input (``IN_PTR``) or output (``OUT_PTR``).
+VALUE, IN_PTR, OUT_PTR, SCALE = 0, 1, 2, 3
 #: Null pointers after the kernel's parameters: triton 3.5-3.6 append its global and profile
 #: scratch pointers (unused by these kernels, whose scratch sizes are checked to be 0); extra
 #: entries are never read by the driver, so the count is an upper bound.
@@ -68,10 +73,13 @@ PACKED_TYPES = frozenset({"i32", "i64", "u32", "u64", "fp32", "f32"})
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
-#: The module's ``Table`` of every Launch made, by (layout, block): what ``op.hadamard_apply``
-#: calls first (``TABLE(x, scale, block)`` -> out, or None when it has no Launch for x's
-#: layout or the Launch declined the call). None until the module is loaded.
+#: The module's ``Table`` of every single-tensor Launch made, by (layout, block): what
+#: ``op.hadamard_apply`` calls first (``TABLE(x, scale, block)`` -> out, or None when it has
+#: no Launch for x's layout or the Launch declined the call). None until the module is loaded.
 TABLE: Any = None
+#: The same for the fused Q/K launch: ``QK_TABLE(q, k, cos, sin, matrix, scale, 0)`` -> (qo,
+#: ko) or None (``qk_kernel.try_rotate_qk`` calls it first). None until the module is loaded.
+QK_TABLE: Any = None
 _failed: Optional[str] = None  # why the build or libcuda failed (auto mode: warned once)
 #: Compiled kernels whose first Launch matched triton's launcher, by CUfunction handle (the
 #: kernel is kept, so that its handle cannot be reused by another kernel meanwhile).
@@ -192,7 +200,7 @@ def module() -> Optional[ModuleType]:
     None when off (new layouts then get no C++ launch; those made before stay in
     :data:`TABLE` until ``clear_plans``), or (``auto``) when the build or the lookup failed --
     then a RuntimeWarning said why, once."""
-    global _module, _failed, TABLE
+    global _module, _failed, TABLE, QK_TABLE
     current = mode()
     if current == "off":
         return None
@@ -207,7 +215,7 @@ def module() -> Optional[ModuleType]:
             try:
                 loaded = _load(build())
                 loaded.load_driver()  # libcuda's entry points (RuntimeError if it is absent)
-                TABLE = loaded.Table()
+                TABLE, QK_TABLE = loaded.Table(), loaded.Table()
                 _module = loaded
                 _failed = None
             except (CppLaunchError, OSError, ImportError, RuntimeError) as err:
@@ -251,19 +259,24 @@ RETRY = object()
 def make_launch(
     kernel: Any,
     grid: int,
-    like: torch.Tensor,
+    inputs: Sequence[Optional[torch.Tensor]],
+    outputs: Sequence[torch.Tensor],
     roles: Sequence[int],
     values: Sequence[Any],
-    reference: Callable[[torch.Tensor, float], Optional[torch.Tensor]],
+    reference: Callable[..., Any],
     scale: float,
 ) -> Any:
-    """A :class:`Launch` of ``kernel`` (a triton ``CompiledKernel`` that has run) for tensors
-    of ``like``'s layout; None when there will be none (module off or unavailable, a launch
-    feature it does not handle, a kernel whose self-check failed in ``auto`` mode: the caller
-    keeps ``reference``, the Python launch of the same kernel); :data:`RETRY` when not now.
-    The first Launch of each compiled kernel is compared with ``reference`` on a random
-    input of ``like``'s layout (:func:`_self_check`)."""
-    if kernel is None or like.device.type != "cuda" or torch.version.hip is not None:
+    """A :class:`Launch` of ``kernel`` (a triton ``CompiledKernel`` that has run) for inputs of
+    the layouts of ``inputs`` (tensors, or None where a call passes None), allocating outputs
+    of the layouts of ``outputs``; None when there will be none (module off or unavailable, a
+    launch feature it does not handle, a kernel whose self-check failed in ``auto`` mode: the
+    caller keeps ``reference``, the Python launch of the same kernel:
+    ``reference(*inputs, scale)`` -> the same outputs, or None when it declines);
+    :data:`RETRY` when not now. The first Launch of each compiled kernel is compared with
+    ``reference`` on random inputs of these layouts (:func:`_self_check`)."""
+    first = next((t for t in inputs if t is not None), None)
+    if (kernel is None or first is None or first.device.type != "cuda"
+            or torch.version.hip is not None):
         return None
     if torch.cuda.is_current_stream_capturing():  # no build, no self-check (it syncs) now
         return RETRY
@@ -283,10 +296,10 @@ def make_launch(
 
     if launch_mod.hooks_active():  # the launch and its self-check would decline: not now
         return RETRY
-    launch = mod.Launch(kernel.function, grid, meta.num_warps, meta.shared, like, packed,
-                        launch_mod._RUNTIME, EXTRA_PARAMS, kernel)
+    launch = mod.Launch(kernel.function, grid, meta.num_warps, meta.shared, tuple(inputs),
+                        tuple(outputs), packed, launch_mod._RUNTIME, EXTRA_PARAMS, kernel)
     if _checked.get(kernel.function) is not kernel:
-        verdict = _self_check(launch, reference, like, scale, kernel)
+        verdict = _self_check(launch, reference, inputs, scale, kernel)
         if verdict is None:
             return RETRY
         if not verdict:
@@ -312,21 +325,30 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
-def _self_check(launch: Callable, reference: Callable, like: torch.Tensor, scale: float,
-                kernel: Any) -> Optional[bool]:
-    """Whether ``launch`` and ``reference`` give bit-identical outputs on a random input of
-    ``like``'s layout; None when one of them declined the call (e.g. a launch hook is
-    installed: check again later). A disagreement raises in ``require`` mode and warns in
-    ``auto`` mode (the kernel then keeps triton's launcher)."""
-    probe = probe_like(like)
-    expected = reference(probe, scale)
-    got = launch(probe, scale)
+def _outputs(result: Any) -> Optional[tuple]:
+    """A launch's result as a tuple of tensors (None stays None)."""
+    if result is None or isinstance(result, tuple):
+        return result
+    return (result,)
+
+
+def _self_check(launch: Callable, reference: Callable, inputs: Sequence[Optional[torch.Tensor]],
+                scale: float, kernel: Any) -> Optional[bool]:
+    """Whether ``launch`` and ``reference`` give bit-identical outputs on random inputs of the
+    layouts of ``inputs`` (None stays None); None when one of them declined the call (e.g. a
+    launch hook is installed: check again later). A disagreement raises in ``require`` mode
+    and warns in ``auto`` mode (the kernel then keeps triton's launcher)."""
+    probes = [None if t is None else probe_like(t) for t in inputs]
+    expected = _outputs(reference(*probes, scale))
+    got = _outputs(launch(*probes, scale))
     if expected is None or got is None:
         return None
-    if same_bits(expected, got):
+    if len(expected) == len(got) and all(map(same_bits, expected, got)):
         return True
-    message = (f"the C++ launch of {kernel.name} disagrees with triton's launcher for a tensor "
-               f"of shape {tuple(like.shape)}, strides {like.stride()}, {like.dtype}")
+    like = next(t for t in inputs if t is not None)
+    message = (f"the C++ launch of {kernel.name} disagrees with triton's launcher for inputs "
+               f"of shapes {[None if t is None else tuple(t.shape) for t in inputs]} (the "
+               f"first: strides {like.stride()}, {like.dtype})")
     if mode() == "require":
         raise CppLaunchError(f"{message}; set {ENV}=0 to use triton's launcher, and please "
                              "report this")

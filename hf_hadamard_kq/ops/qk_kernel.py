@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import cpp_launch
 from .triton_kernel import (
     DEFAULT_STAGES,
     INTERPRET,
@@ -352,10 +353,12 @@ _FAST: dict[tuple, Any] = {}
 
 
 def clear_plans() -> None:
-    """Forget every cached plan and fast-path closure (after editing :data:`TUNED_QK`: also
-    call ``qk_config.cache_clear()``)."""
+    """Forget every cached plan, fast-path closure and C++ launch (after editing
+    :data:`TUNED_QK`: also call ``qk_config.cache_clear()``)."""
     _PLANS.clear()
     _FAST.clear()
+    if cpp_launch.QK_TABLE is not None:
+        cpp_launch.QK_TABLE.clear()
 
 
 def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
@@ -431,8 +434,15 @@ def try_rotate_qk(
 
     Host cost (this is the per-token hot path): the support check and the launch parameters
     are computed once per layout (shapes, strides, dtypes, devices, scale) and cached; per
-    call there is one key, two allocations and the launch.
+    call there is one key, two allocations and the launch -- on CUDA, in C++ where
+    ``cpp_launch`` could be built (:data:`cpp_launch.QK_TABLE`, looked up first), else
+    through a Python closure around triton's launcher (:data:`_FAST`).
     """
+    table = cpp_launch.QK_TABLE
+    if table is not None:
+        pair = table(q, k, cos, sin, matrix, scale, 0)
+        if pair is not None:
+            return pair
     layout = _layout(q, k, matrix, cos, sin, scale)
     fast = _FAST.get(layout)
     if fast is not None:
@@ -469,20 +479,49 @@ def try_rotate_qk(
         _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
                          plan.num_warps, None, plan.num_stages)
         if layout not in _FAST and (w is q or w is matrix):
-            _remember_fast(layout, plan, device, cos is not None, w is q)
+            _remember_fast(layout, plan, device, (q, k, cos, sin, matrix), (qo, ko))
     return qo, ko
 
 
-def _remember_fast(layout: tuple, plan: _Plan, device: int, rope: bool,
-                   sylvester: bool) -> None:
+def _remember_fast(layout: tuple, plan: _Plan, device: int, inputs: tuple,
+                   outputs: tuple) -> None:
     """Store the fast-path closure of ``layout`` once its all-aligned launch is cached
-    (nothing yet if it is not: a later call retries; None if it has no direct form)."""
+    (nothing yet if it is not: a later call retries; None if it has no direct form), and the
+    same launch in C++ (cpp_launch.py) where that is available. ``inputs``: this call's
+    ``(q, k, cos, sin, matrix)`` (cos/sin None without RoPE, matrix None for Sylvester);
+    ``outputs``: its ``(qo, ko)``."""
     parts = _LAUNCHER.direct_parts(plan.key, device, plan.meta, None)
     if parts is None:
         return
     if len(_FAST) >= _MAX_PLANS:
-        _FAST.clear()
-    _FAST[layout] = _fast_closure(plan, device, parts, rope, sylvester) if parts else None
+        clear_plans()
+    rope, sylvester = inputs[2] is not None, inputs[4] is None
+    fast = _fast_closure(plan, device, parts, rope, sylvester) if parts else None
+    if fast is not None:
+        kernel = _LAUNCHER.compiled(plan.key, device, None)
+        cpp = cpp_launch.make_launch(
+            kernel, plan.grid, inputs, outputs, *cpp_roles(plan, rope, sylvester),
+            lambda q, k, c, s, m, scale: fast(q, k, c, s, m), plan.scalars[-1])
+        if cpp is cpp_launch.RETRY:  # not now (graph capture, a hook): a later call retries
+            return
+        if cpp is not None and cpp_launch.QK_TABLE is not None:
+            cpp_launch.QK_TABLE.add(0, cpp)
+    _FAST[layout] = fast
+
+
+def cpp_roles(plan: _Plan, rope: bool, sylvester: bool) -> tuple[tuple, tuple]:
+    """``(roles, values)`` of the fused kernel's launch arguments for cpp_launch: the same
+    arguments, in the same order, as :func:`_fast_closure` passes (q, k, qo, ko, cos, sin --
+    q twice without RoPE --, W -- q for Sylvester --, the plan's ints, scale, the
+    constexprs), for a Launch with inputs ``(q, k, cos, sin, matrix)`` and outputs
+    ``(qo, ko)``."""
+    nl = cpp_launch
+    ints = len(plan.scalars) - 1  # the last scalar is the scale
+    roles = (*(nl.IN_PTR,) * 2, *(nl.OUT_PTR,) * 2, *(nl.IN_PTR,) * 3, *(nl.VALUE,) * ints,
+             nl.SCALE, *(nl.VALUE,) * len(plan.meta))
+    values = (0, 1, 0, 1, 2 if rope else 0, 3 if rope else 0, 0 if sylvester else 4,
+              *plan.scalars[:-1], None, *plan.meta.values())
+    return roles, values
 
 
 def _fast_closure(plan: _Plan, device: int, parts: tuple, rope: bool, sylvester: bool):

@@ -934,7 +934,9 @@ def _remember_fast(x: torch.Tensor, plan: _RowsPlan, block: int, scale: float) -
     fast = _fast_closure(plan, device, parts) if parts else None
     if fast is not None:
         kernel = _ROWS.compiled(plan.key, device, plan.int_key)
-        cpp = cpp_launch.make_launch(kernel, plan.grid, x, *cpp_roles(plan), fast, scale)
+        out = torch.empty(x.shape, dtype=x.dtype, device="meta")  # the output's layout
+        cpp = cpp_launch.make_launch(kernel, plan.grid, (x,), (out,), *cpp_roles(plan), fast,
+                                     scale)
         if cpp is cpp_launch.RETRY:  # not now (graph capture, a hook): a later call retries
             return
         if cpp is not None:
@@ -947,11 +949,11 @@ def _remember_fast(x: torch.Tensor, plan: _RowsPlan, block: int, scale: float) -
 def cpp_roles(plan: _RowsPlan) -> tuple[tuple, tuple]:
     """``(roles, values)`` of the row kernel's launch arguments for cpp_launch: the same
     arguments, in the same order, as :func:`_fast_closure` passes (x, W = x, out, the plan's
-    ints, scale, the constexprs)."""
+    ints, scale, the constexprs), for the Launch's one input x and one output."""
     nl = cpp_launch
-    roles = (nl.X_PTR, nl.X_PTR, nl.OUT_PTR, *(nl.VALUE,) * len(plan.scalars), nl.SCALE,
+    roles = (nl.IN_PTR, nl.IN_PTR, nl.OUT_PTR, *(nl.VALUE,) * len(plan.scalars), nl.SCALE,
              *(nl.VALUE,) * len(plan.meta))
-    return roles, (None, None, None, *plan.scalars, None, *plan.meta.values())
+    return roles, (0, 0, 0, *plan.scalars, None, *plan.meta.values())
 
 
 def _fast_closure(plan: _RowsPlan, device: int, parts: tuple):

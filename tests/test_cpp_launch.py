@@ -104,7 +104,8 @@ def _qk_launch(mod, rope=True, matrix=True, slots=None):
         slots = [*QK_SLOTS[:4], ("*bf16", nl.IN_PTR, c), ("*bf16", nl.IN_PTR, s),
                  ("*fp32", nl.IN_PTR, m), *QK_SLOTS[7:]]
     inputs = (q, k, cos, sin, w)
-    return mod.Launch(0x1234, 3, 4, 0, inputs, (q, k), slots, None, nl.EXTRA_PARAMS, None), inputs
+    return mod.Launch(0x1234, 3, 4, 0, inputs, (q, k), slots, None, nl.EXTRA_PARAMS,
+                      None), inputs
 
 
 def test_multi_input_launch_packs_each_pointer_in_its_slot(mod):
@@ -130,8 +131,14 @@ def test_multi_input_launch_declines_other_inputs(mod):
     launch, inputs = _qk_launch(mod, matrix=False)
     q, k, cos, sin, _ = inputs
     assert launch(q, k, cos, sin, None, 1.0) is None  # CPU tensors: declined, not launched
-    assert launch(q, k, cos, sin, torch.zeros(128, 128), 1.0) is None
-    assert launch(q, k, None, None, None, 1.0) is None
+    assert launch.matches(q, k, cos, sin, None)  # the per-input checks pass these ...
+    assert not launch.matches(q, k, cos, sin, torch.zeros(128, 128))  # ... not a tensor for None
+    assert not launch.matches(q, k, None, sin, None)  # ... nor None for a tensor
+    assert not launch.matches(q, q, cos, sin, None)  # ... nor another layout for k
+    assert not launch.matches(q, k.contiguous(), cos, sin, None)  # ... or other strides
+    assert not launch.matches(k, q, cos, sin, None)
+    assert not launch.matches(q, k, cos.float(), sin, None)
+    assert not launch.matches(q, k, cos, sin)
     with pytest.raises(TypeError, match="takes 6 positional"):
         launch(q, k, cos, sin, 1.0)
     with pytest.raises(TypeError, match="input 2 must be"):
@@ -199,6 +206,12 @@ def test_calls_it_cannot_launch_are_declined(mod):
     launch = _launch(mod, like=like)
     assert launch(like, 1.0) is None  # a CPU tensor
     assert launch(like.transpose(0, 1), 1.0) is None  # another layout
+    assert launch.matches(like)  # the per-input checks, whatever the device type
+    assert not launch.matches(like.transpose(0, 1))
+    assert not launch.matches(torch.zeros(3, 2, 128, dtype=torch.bfloat16).transpose(0, 1))
+    assert not launch.matches(like.half())
+    assert not launch.matches(like[:1])
+    assert not launch.matches(None) and not launch.matches(like, like)
     with pytest.raises(TypeError):
         launch(like)
     with pytest.raises(TypeError):
@@ -237,6 +250,8 @@ def test_table_keys_launches_by_layout_and_block(mod):
     table.add(1, with_rope)
     assert len(table) == 7
     assert table(*inputs, 1.0, 0) is None  # CPU tensors
+    with pytest.raises(TypeError, match="1 to 8 inputs, got 9"):
+        table(*(like,) * 9, 1.0, 0)
     table.clear()
     assert len(table) == 0 and sys.getrefcount(first) == refs
     table.add(128, first)
@@ -266,6 +281,16 @@ def test_probe_follows_overlapping_layouts():
     assert probe.unique().numel() > 100  # random, not a constant fill
 
 
+def test_doubles_is_exact_outside_subnormals():
+    x = torch.randn(64, 128).to(torch.float16)
+    assert nl.doubles((x,), (x * 2,))
+    assert not nl.doubles((x,), (x,))
+    assert not nl.doubles((x,), (x * 2 + torch.finfo(torch.float16).eps,))
+    assert not nl.doubles((x, x), (x * 2,))
+    sub = torch.tensor([2.0**-24, 3 * 2.0**-24], dtype=torch.float16)  # subnormal: slack
+    assert nl.doubles((sub,), (torch.tensor([2.0**-23, 2.0**-22], dtype=torch.float16),))
+
+
 def test_same_bits_is_a_bit_comparison():
     a = torch.tensor([1.0, float("nan"), 0.0], dtype=torch.bfloat16)
     assert nl.same_bits(a, a.clone())  # NaN == NaN bitwise, unlike torch.equal
@@ -286,10 +311,13 @@ def test_self_check_verdicts(monkeypatch, mode):
     like = torch.zeros(3, 64)
 
     def double(t, s):
-        return t * 2
+        return t * 2 * s
 
     def halve(t, s):
-        return t / 2
+        return t / 2 * s
+
+    def stale_scale(t, s):  # what a Launch whose scale slot is never rewritten would give
+        return t * 2
 
     assert nl._self_check(double, double, (like,), 1.0, _Kernel()) is True
     assert nl._self_check(double, lambda t, s: None, (like,), 1.0, _Kernel()) is None
@@ -300,14 +328,21 @@ def test_self_check_verdicts(monkeypatch, mode):
     else:
         with pytest.warns(RuntimeWarning, match="disagrees with triton"):
             assert nl._self_check(double, halve, (like,), 1.0, _Kernel()) is False
+    # bit-identical at the checked scale, but not following the call's scale
+    if mode == "require":
+        with pytest.raises(nl.CppLaunchError, match="does not follow the call's scale"):
+            nl._self_check(stale_scale, stale_scale, (like,), 1.0, _Kernel())
+    else:
+        with pytest.warns(RuntimeWarning, match="does not follow the call's scale"):
+            assert nl._self_check(stale_scale, stale_scale, (like,), 1.0, _Kernel()) is False
 
     # several inputs (None passed through as None) and outputs: every output must agree
     def pair(a, absent, b, s):
         assert absent is None
-        return a * 2, b + 1
+        return a * 2 * s, (b + 1) * s
 
     def pair_second_wrong(a, absent, b, s):
-        return a * 2, b - 1
+        return a * 2 * s, (b - 1) * s
 
     inputs = (like, None, torch.zeros(2, 8))
     assert nl._self_check(pair, pair, inputs, 1.0, _Kernel()) is True
@@ -386,6 +421,21 @@ def test_slots_follow_the_qk_kernel_signature(rope, explicit):
     assert {n: by_name[n][1:] for n in want} == want
     ints = [n for n in names if n not in want]
     assert [by_name[n][2] for n in ints] == list(plan.scalars[:-1])
+
+
+def test_try_rotate_qk_asks_the_table_in_launch_order(monkeypatch):
+    """The table call passes (q, k, cos, sin, matrix, scale, tag): the order of the Launch's
+    inputs (cos and sin, and q and k with equal head counts, have equal layouts, so a swap
+    here would pass every layout check)."""
+    qk = pytest.importorskip("hf_hadamard_kq.ops.qk_kernel")
+    seen = []
+    monkeypatch.setattr(nl, "QK_TABLE", lambda *a: seen.append(a) or ("qo", "ko"))
+    q, k = torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 1, 64)
+    cos, sin, w = torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), torch.zeros(64, 64)
+    assert qk.try_rotate_qk(q, k, 0.5, w, cos, sin) == ("qo", "ko")
+    assert len(seen) == 1 and len(seen[0]) == 7
+    assert all(a is b for a, b in zip(seen[0], (q, k, cos, sin, w)))
+    assert seen[0][5:] == (0.5, qk.QK_TAG)
 
 
 def test_qk_clear_plans_empties_the_qk_table(mod, monkeypatch):
@@ -729,20 +779,23 @@ def fresh_qk():
     qk.clear_plans()
 
 
-QK_CASES = [  # (dtype, d, batch, tokens, rope, matrix: None, "same" dtype or "fp32")
-    (torch.bfloat16, 128, 1, 1, True, None), (torch.bfloat16, 128, 1, 16, True, None),
-    (torch.bfloat16, 128, 2, 4, True, None), (torch.float16, 64, 1, 1, True, None),
-    (torch.bfloat16, 256, 1, 1, True, None), (torch.float32, 128, 1, 1, True, None),
-    (torch.bfloat16, 128, 1, 1, False, None), (torch.bfloat16, 128, 1, 1, True, "same"),
-    (torch.float16, 64, 1, 16, False, "same"), (torch.bfloat16, 128, 4, 1, True, "fp32"),
-    (torch.bfloat16, 128, 1, 512, True, None),
+QK_CASES = [  # (dtype, d, batch, tokens, rope, matrix: None, "same" dtype or "fp32"; kv heads)
+    (torch.bfloat16, 128, 1, 1, True, None, 8), (torch.bfloat16, 128, 1, 16, True, None, 8),
+    (torch.bfloat16, 128, 2, 4, True, None, 8), (torch.float16, 64, 1, 1, True, None, 8),
+    (torch.bfloat16, 256, 1, 1, True, None, 8), (torch.float32, 128, 1, 1, True, None, 8),
+    (torch.bfloat16, 128, 1, 1, False, None, 8), (torch.bfloat16, 128, 1, 1, True, "same", 8),
+    (torch.float16, 64, 1, 16, False, "same", 8), (torch.bfloat16, 128, 4, 1, True, "fp32", 8),
+    (torch.bfloat16, 128, 1, 512, True, None, 8),
+    # as many kv heads as query heads: q and k of one layout (an input-order swap would
+    # pass every layout check; the values must tell them apart)
+    (torch.bfloat16, 128, 1, 1, True, None, 32), (torch.bfloat16, 64, 1, 16, True, "same", 32),
 ]
 
 
-def _qk_inputs(dtype, d, b, s, rope, matrix, offset=0, seed=0):
+def _qk_inputs(dtype, d, b, s, rope, matrix, hk=8, offset=0, seed=0):
     from tests.test_gpu_fused import inputs
 
-    q, k, cos, sin = inputs(dtype, d, b, s, offset=offset, seed=seed)
+    q, k, cos, sin = inputs(dtype, d, b, s, hk=hk, offset=offset, seed=seed)
     if not rope:
         cos = sin = None
     w = None
@@ -765,7 +818,7 @@ def _check_qk(qk_pair, q, k, cos, sin, w, scale):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", QK_CASES, ids=[
-    f"{str(c[0])[6:]}-d{c[1]}-b{c[2]}-t{c[3]}-{'rope' if c[4] else 'norope'}-{c[5]}"
+    f"{str(c[0])[6:]}-d{c[1]}-b{c[2]}-t{c[3]}-{'rope' if c[4] else 'norope'}-{c[5]}-kv{c[6]}"
     for c in QK_CASES])
 def test_gpu_qk_cpp_launch_matches_triton(fresh_qk, case):
     """The fused Q/K launch through ``cpp_launch.QK_TABLE``: made on the layout's first
@@ -798,8 +851,8 @@ def test_gpu_qk_cpp_launch_matches_triton(fresh_qk, case):
 @pytest.mark.gpu
 def test_gpu_qk_cpp_launch_declines(fresh_qk, monkeypatch):
     """Misaligned inputs of the same layout, other inputs (None for a tensor), another
-    tag and a launch hook are declined by the Launch; the rotation then takes triton's
-    launcher and is still right (the hook sees that launch)."""
+    tag and a launch hook are declined by the table and by the Launch itself; the rotation
+    then takes triton's launcher and is still right (the hook sees that launch)."""
     import triton
 
     qk = fresh_qk
@@ -809,8 +862,23 @@ def test_gpu_qk_cpp_launch_declines(fresh_qk, monkeypatch):
     qk.try_rotate_qk(q, k, scale, w, cos, sin)
     table = nl.QK_TABLE
     assert len(table) == 1 and table(q, k, cos, sin, w, scale, 0) is not None
+    layout = qk._layout(q, k, w, cos, sin, scale)
+    plan, closure = qk._PLANS[layout], qk._FAST[layout]
+    launch = nl.make_launch(  # the same Launch as the table's (its kernel is checked)
+        qk._LAUNCHER.compiled(plan.key, q.get_device(), None), plan.grid, (q, k, cos, sin, w),
+        (torch.empty_like(q), torch.empty_like(k)), *qk.cpp_roles(plan, True, True),
+        lambda *a: closure(*a[:5]), scale)
+    assert type(launch).__name__ == "Launch"
+    assert all(map(nl.same_bits, launch(q, k, cos, sin, w, scale), closure(q, k, cos, sin, w)))
     mq, mk, mc, ms, _ = _qk_inputs(*case, offset=1, seed=3)
     assert (mq.shape, mq.stride()) == (q.shape, q.stride()) and mq.data_ptr() % 16
+    for call in (launch, lambda *a: table(*a[:5], a[5], 0)):
+        assert call(mq, mk, mc, ms, w, scale) is None  # misaligned
+        assert call(q, mk, cos, sin, w, scale) is None  # k misaligned
+        assert call(q, k, None, None, w, scale) is None  # None for tensors
+        assert call(q, k, cos, sin, torch.eye(128, device="cuda"), scale) is None
+        assert call(q, q, cos, sin, w, scale) is None  # another layout for k
+        assert call(q, k, cos.cpu(), sin, w, scale) is None  # another device
     assert table(mq, mk, mc, ms, w, scale, 0) is None
     _check_qk(qk.try_rotate_qk(mq, mk, scale, w, mc, ms), mq, mk, mc, ms, w, scale)
     assert table(q, k, None, None, w, scale, 0) is None
@@ -819,6 +887,7 @@ def test_gpu_qk_cpp_launch_declines(fresh_qk, monkeypatch):
     monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook",
                         lambda *args: seen.append(args))
     assert table(q, k, cos, sin, w, scale, 0) is None
+    assert launch(q, k, cos, sin, w, scale) is None
     pair = qk.try_rotate_qk(q, k, scale, w, cos, sin)
     monkeypatch.undo()
     assert seen, "with a launch hook installed the launch must go through triton"

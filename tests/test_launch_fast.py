@@ -255,8 +255,14 @@ def test_qk_fast_closure_passes_the_direct_launch_arguments(monkeypatch, rope, e
 
     matrix = torch.randn(128, 128).to(torch.bfloat16) if explicit else None
     q, k, cos, sin = tensors()
-    qk.try_rotate_qk(q, k, 0.125, matrix, cos, sin)  # plans, compiles (fake), caches
+    made = []  # the C++ Launch's inputs and outputs (none is made for CPU tensors)
+    monkeypatch.setattr(qk.cpp_launch, "make_launch",
+                        lambda kernel, grid, ins, outs, *rest: made.append((ins, outs)))
+    first = qk.try_rotate_qk(q, k, 0.125, matrix, cos, sin)  # plans, compiles (fake), caches
     assert calls[0][0] == "jit" and len(qk._FAST) == 1
+    assert len(made) == 1  # in the Launch's input order: q, k, cos, sin, matrix
+    assert all(a is b for a, b in zip(made[0][0], (q, k, cos, sin, matrix)))
+    assert len(made[0][0]) == 5 and all(a is b for a, b in zip(made[0][1], first))
     qo, ko = qk.try_rotate_qk(q, k, 0.125, matrix, cos, sin)  # through the closure
     assert len(calls) == 2
     got = calls[1]

@@ -16,7 +16,7 @@
 // checks the result against triton's launcher once per compiled kernel.
 //
 // No CUDA headers: the few driver entry points are declared here and looked up in
-// libcuda.so.1 at first use; the current stream comes from torch's device-guard interface.
+// libcuda.so.1 when the module is loaded (load_driver); the current stream comes from torch's device-guard interface.
 
 #include <Python.h>
 
@@ -246,26 +246,40 @@ PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargsf, PyOb
   END_HANDLE_TH_ERRORS
 }
 
-// A call for inputs of any layout: None unless they are this launch's. May throw c10 errors
-// (an allocation's out-of-memory error among them): callers wrap it in HANDLE_TH_ERRORS,
-// which raises the matching Python exception (torch.OutOfMemoryError for that one).
-PyObject* launch_checked(State* st, const Inputs& in, double scale) {
+// Whether the call's inputs are this launch's: a tensor exactly where it has one (None where
+// it has None), each on its device index with its dtype, sizes and strides. (Not whether they
+// are CUDA tensors: launch_checked asks that first.)
+bool inputs_match(const State* st, const Inputs& in) {
   if (in.n != st->inputs.size()) {
-    Py_RETURN_NONE;
+    return false;
   }
   for (size_t i = 0; i < in.n; ++i) {
     const Operand& want = st->inputs[i];
     const at::Tensor* x = in.tensors[i];
     if (x == nullptr) {
       if (want.present) {
-        Py_RETURN_NONE;
+        return false;
       }
       continue;
     }
-    if (!want.present || !x->is_cuda() || x->get_device() != st->device ||
-        !layout_matches(want, *x)) {
+    if (!want.present || x->get_device() != st->device || !layout_matches(want, *x)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A call for inputs of any layout: None unless they are this launch's. May throw c10 errors
+// (an allocation's out-of-memory error among them): callers wrap it in HANDLE_TH_ERRORS,
+// which raises the matching Python exception (torch.OutOfMemoryError for that one).
+PyObject* launch_checked(State* st, const Inputs& in, double scale) {
+  for (size_t i = 0; i < in.n; ++i) {
+    if (in.tensors[i] != nullptr && !in.tensors[i]->is_cuda()) {
       Py_RETURN_NONE;
     }
+  }
+  if (!inputs_match(st, in)) {
+    Py_RETURN_NONE;
   }
   if (cu_launch_kernel == nullptr) {
     Py_RETURN_NONE;  // load_driver() was not called: nothing can launch
@@ -495,6 +509,7 @@ bool inputs_device(PyObject* inputs, int* device) {
 //   extra_params: how many null pointers follow the parameters (triton's scratch pointers);
 //   owner: the object that keeps `function` loaded (triton's CompiledKernel), kept alive.
 PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  HANDLE_TH_ERRORS
   PyObject *function_obj, *inputs, *outputs, *slots, *runtime, *owner;
   long long grid, num_warps, shared;
   int extra = 0;
@@ -612,10 +627,12 @@ PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   reinterpret_cast<LaunchObject*>(self)->vectorcall = launch_call;
   reinterpret_cast<LaunchObject*>(self)->state = st.release();
   return self;
+  END_HANDLE_TH_ERRORS
 }
 
 // For tests: the packed parameter bytes for given pointers and scale (no launch, no CUDA).
 PyObject* launch_pack(PyObject* self, PyObject* args) {
+  HANDLE_TH_ERRORS
   State* st = reinterpret_cast<LaunchObject*>(self)->state;
   PyObject *ins, *outs;
   double scale;
@@ -646,6 +663,31 @@ PyObject* launch_pack(PyObject* self, PyObject* args) {
   write_pointers(st, in_ptrs, out_ptrs);
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(st->storage.data()),
                                    static_cast<Py_ssize_t>(st->storage.size() * 8));
+  END_HANDLE_TH_ERRORS
+}
+
+// For tests: whether a call with these inputs (tensors or None) passes the per-input checks
+// (presence, device index, dtype, sizes, strides), whatever their device type.
+PyObject* launch_matches(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const State* st = reinterpret_cast<LaunchObject*>(self)->state;
+  if (nargs != static_cast<Py_ssize_t>(st->inputs.size())) {
+    Py_RETURN_FALSE;
+  }
+  Inputs in;
+  in.n = static_cast<size_t>(nargs);
+  for (size_t i = 0; i < in.n; ++i) {
+    if (args[i] == Py_None) {
+      in.tensors[i] = nullptr;
+    } else if (THPVariable_Check(args[i])) {
+      in.tensors[i] = &THPVariable_Unpack(args[i]);
+    } else {
+      PyErr_Format(PyExc_TypeError, "matches: input %zu must be a torch.Tensor or None", i);
+      return nullptr;
+    }
+  }
+  return PyBool_FromLong(inputs_match(st, in));
+  END_HANDLE_TH_ERRORS
 }
 
 // For tests: whether the per-call hook check refuses (mirrors launch.hooks_active).
@@ -660,6 +702,8 @@ PyObject* launch_hooks_active(PyObject* self, PyObject*) {
 PyMethodDef launch_methods[] = {
     {"pack", launch_pack, METH_VARARGS, "pack(in_ptrs, out_ptrs, scale): the parameter bytes."},
     {"hooks_active", launch_hooks_active, METH_NOARGS, "The per-call launch-hook check."},
+    {"matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_matches)),
+     METH_FASTCALL, "matches(*inputs): whether they pass the per-input checks."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyTypeObject LaunchType = {PyVarObject_HEAD_INIT(nullptr, 0)};
@@ -728,8 +772,9 @@ PyObject* table_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObj
   HANDLE_TH_ERRORS
   TableObject* t = reinterpret_cast<TableObject*>(self);
   const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs < 3) {
-    PyErr_SetString(PyExc_TypeError, "Table(*inputs, scale, tag) takes at least 3 arguments");
+  if (nargs < 3 || nargs > static_cast<Py_ssize_t>(kMaxInputs) + 2) {
+    PyErr_Format(PyExc_TypeError, "Table(*inputs, scale, tag) takes 1 to %zu inputs, got %zd",
+                 kMaxInputs, nargs - 2);
     return nullptr;
   }
   Inputs in;
@@ -766,6 +811,7 @@ PyObject* table_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObj
 }
 
 PyObject* table_add(PyObject* self, PyObject* args) {
+  HANDLE_TH_ERRORS
   TableObject* t = reinterpret_cast<TableObject*>(self);
   long long tag;
   PyObject* launch;
@@ -773,16 +819,18 @@ PyObject* table_add(PyObject* self, PyObject* args) {
     return nullptr;
   }
   std::string key = launch_key(tag, reinterpret_cast<LaunchObject*>(launch)->state);
-  Py_INCREF(launch);
   auto found = t->map->find(key);
   if (found != t->map->end()) {
     PyObject* old = found->second;
+    Py_INCREF(launch);
     found->second = launch;
     Py_DECREF(old);
   } else {
-    t->map->emplace(std::move(key), launch);
+    t->map->emplace(std::move(key), launch);  // may throw: the reference is taken after it
+    Py_INCREF(launch);
   }
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
 }
 
 PyObject* table_clear(PyObject* self, PyObject*) {

@@ -15,8 +15,9 @@ of it Python (a nested key of five tensors' layouts, two allocations, ~30 argume
 
 Correctness: the parameter slots come from the compiled kernel's own Triton signature
 (``kernel.src.signature``: every non-constexpr argument in order, with its C type), and the
-first Launch of each compiled kernel in a process is checked against triton's launcher on a
-random input of the same layout (bit-identical outputs, or :class:`CppLaunchError`).
+first Launch of each compiled kernel in a process is checked against triton's launcher on
+random inputs of the same layouts (bit-identical outputs, or :class:`CppLaunchError`), and
+for following the call's scale (doubling it doubles every output exactly).
 
 Build: compiled once per (source, torch, Python, compiler) with the system C++ compiler
 against torch's headers -- no CUDA toolkit: the driver entry points are looked up in
@@ -30,7 +31,7 @@ against torch's headers -- no CUDA toolkit: the driver entry points are looked u
 
 The variable is read when a tensor layout is first seen (not per call): set it before the
 first rotation; launches made before stay in :data:`TABLE` until
-``triton_kernel.clear_plans()``.
+``triton_kernel.clear_plans()`` (:data:`QK_TABLE`: ``qk_kernel.clear_plans()``).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def _load(path: Path) -> ModuleType:
 def module() -> Optional[ModuleType]:
     """The built module, building it on first use and looking up libcuda's entry points;
     None when off (new layouts then get no C++ launch; those made before stay in
-    :data:`TABLE` until ``clear_plans``), or (``auto``) when the build or the lookup failed --
+    :data:`TABLE` / :data:`QK_TABLE` until ``triton_kernel.clear_plans()`` /
+    ``qk_kernel.clear_plans()``), or (``auto``) when the build or the lookup failed --
     then a RuntimeWarning said why, once."""
     global _module, _failed, TABLE, QK_TABLE
     current = mode()
@@ -332,21 +334,44 @@ def _outputs(result: Any) -> Optional[tuple]:
     return (result,)
 
 
+def doubles(single: Sequence[torch.Tensor], doubled: Sequence[torch.Tensor]) -> bool:
+    """Whether each of ``doubled`` is exactly twice ``single``'s tensor: scaling by 2 commutes
+    with every floating-point operation and rounding outside the subnormal range, so a launch
+    that follows the call's scale gives this (subnormal results may differ by their spacing,
+    at most ``2 * tiny``); one whose scale slot is stale gives ``doubled == single``."""
+    if len(single) != len(doubled):
+        return False
+    for one, two in zip(single, doubled):
+        if one.shape != two.shape or one.dtype != two.dtype:
+            return False
+        slack = 2 * torch.finfo(one.dtype).tiny
+        if not bool(((two.double() - 2 * one.double()).abs() <= slack).all()):
+            return False
+    return True
+
+
 def _self_check(launch: Callable, reference: Callable, inputs: Sequence[Optional[torch.Tensor]],
                 scale: float, kernel: Any) -> Optional[bool]:
     """Whether ``launch`` and ``reference`` give bit-identical outputs on random inputs of the
-    layouts of ``inputs`` (None stays None); None when one of them declined the call (e.g. a
+    layouts of ``inputs`` (None stays None), and ``launch`` follows the call's scale (at twice
+    the scale, exactly twice the outputs: the Launch writes its scale slot per call, and the
+    tables are keyed without the scale); None when one of them declined the call (e.g. a
     launch hook is installed: check again later). A disagreement raises in ``require`` mode
     and warns in ``auto`` mode (the kernel then keeps triton's launcher)."""
     probes = [None if t is None else probe_like(t) for t in inputs]
     expected = _outputs(reference(*probes, scale))
     got = _outputs(launch(*probes, scale))
-    if expected is None or got is None:
+    doubled = _outputs(launch(*probes, 2 * scale))
+    if expected is None or got is None or doubled is None:
         return None
     if len(expected) == len(got) and all(map(same_bits, expected, got)):
-        return True
+        if doubles(got, doubled):
+            return True
+        problem = "does not follow the call's scale"
+    else:
+        problem = "disagrees with triton's launcher"
     like = next(t for t in inputs if t is not None)
-    message = (f"the C++ launch of {kernel.name} disagrees with triton's launcher for inputs "
+    message = (f"the C++ launch of {kernel.name} {problem} for inputs "
                f"of shapes {[None if t is None else tuple(t.shape) for t in inputs]} (the "
                f"first: strides {like.stride()}, {like.dtype})")
     if mode() == "require":

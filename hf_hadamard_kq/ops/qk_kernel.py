@@ -350,12 +350,21 @@ _MAX_PLANS = 4096
 #: only what depends on the call (device, hook and alignment checks, the two allocations,
 #: the launch). Cleared with :data:`_PLANS`.
 _FAST: dict[tuple, Any] = {}
+#: The fused launch's tag in :data:`cpp_launch.QK_TABLE` (its inputs, in this order: q, k,
+#: cos, sin, matrix -- :func:`try_rotate_qk` builds that tuple once for both the table call
+#: and the Launch it makes).
+QK_TAG = 0
 
 
 def clear_plans() -> None:
     """Forget every cached plan, fast-path closure and C++ launch (after editing
     :data:`TUNED_QK`: also call ``qk_config.cache_clear()``)."""
     _PLANS.clear()
+    _clear_fast()
+
+
+def _clear_fast() -> None:
+    """Forget the fast paths (closures and C++ launches: bounded together)."""
     _FAST.clear()
     if cpp_launch.QK_TABLE is not None:
         cpp_launch.QK_TABLE.clear()
@@ -438,9 +447,10 @@ def try_rotate_qk(
     ``cpp_launch`` could be built (:data:`cpp_launch.QK_TABLE`, looked up first), else
     through a Python closure around triton's launcher (:data:`_FAST`).
     """
+    inputs = (q, k, cos, sin, matrix)  # the Launch's input order (QK_TAG)
     table = cpp_launch.QK_TABLE
     if table is not None:
-        pair = table(q, k, cos, sin, matrix, scale, 0)
+        pair = table(*inputs, scale, QK_TAG)
         if pair is not None:
             return pair
     layout = _layout(q, k, matrix, cos, sin, scale)
@@ -479,7 +489,7 @@ def try_rotate_qk(
         _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
                          plan.num_warps, None, plan.num_stages)
         if layout not in _FAST and (w is q or w is matrix):
-            _remember_fast(layout, plan, device, (q, k, cos, sin, matrix), (qo, ko))
+            _remember_fast(layout, plan, device, inputs, (qo, ko))
     return qo, ko
 
 
@@ -494,7 +504,7 @@ def _remember_fast(layout: tuple, plan: _Plan, device: int, inputs: tuple,
     if parts is None:
         return
     if len(_FAST) >= _MAX_PLANS:
-        clear_plans()
+        _clear_fast()
     rope, sylvester = inputs[2] is not None, inputs[4] is None
     fast = _fast_closure(plan, device, parts, rope, sylvester) if parts else None
     if fast is not None:
@@ -505,7 +515,7 @@ def _remember_fast(layout: tuple, plan: _Plan, device: int, inputs: tuple,
         if cpp is cpp_launch.RETRY:  # not now (graph capture, a hook): a later call retries
             return
         if cpp is not None and cpp_launch.QK_TABLE is not None:
-            cpp_launch.QK_TABLE.add(0, cpp)
+            cpp_launch.QK_TABLE.add(QK_TAG, cpp)
     _FAST[layout] = fast
 
 

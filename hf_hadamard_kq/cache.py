@@ -20,6 +20,7 @@ rotated here. Either way each key is rotated exactly once.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -120,7 +121,8 @@ def _store_check() -> bool:
     run both on a small CPU cache (two updates, of 3 and 1 positions) and compare the keys, the
     values and ``cumulative_length``. Why: the replacement reads the layer's attributes, so a
     transformers release that changed the layer's bookkeeping must turn it off rather than
-    write elsewhere; checked once, at import."""
+    write elsewhere; checked once, at import. A failed check warns (the steps stay correct,
+    with one more kernel per layer), unless :data:`NO_KV_STORE_ENV` turned the store off."""
     if os.environ.get(NO_KV_STORE_ENV) == "1":
         return False
     gen = torch.Generator().manual_seed(0)
@@ -134,13 +136,21 @@ def _store_check() -> bool:
                 ours.update(k, v)
                 continue
             _store_layer(ours, k, v)
-        return (
+        same = (
             torch.equal(theirs.keys, ours.keys)
             and torch.equal(theirs.values, ours.values)
             and int(theirs.cumulative_length) == int(ours.cumulative_length) == 4
         )
-    except Exception:  # an attribute this module reads is gone: keep transformers' update
-        return False
+        why = "its keys, values or cumulative_length differ from the one-kernel store's"
+    except Exception as err:  # an attribute this module reads is gone
+        same, why = False, f"{type(err).__name__}: {err}"
+    if not same:
+        warnings.warn(
+            "hf_hadamard_kq: transformers' StaticLayer.update no longer matches the one-kernel "
+            f"key/value store of compiled static-cache steps ({why}), so they keep "
+            "StaticLayer.update (same results, one more kernel per layer); set "
+            f"{NO_KV_STORE_ENV}=1 to silence this", RuntimeWarning, stacklevel=2)
+    return same
 
 
 #: Whether compiled static-cache steps write keys and values with ``kv_store`` (see

@@ -12,6 +12,8 @@ interpreter (tests/test_triton_interpret.py) and on the GPU (tests/test_gpu_fuse
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
@@ -186,10 +188,12 @@ def test_store_static_leaves_other_caches_to_their_update(monkeypatch):
 
 
 def test_self_check_turns_the_store_off_when_transformers_changes(monkeypatch):
-    """``_store_check`` passes on this transformers, and fails when ``StaticLayer.update``
-    writes elsewhere or keeps its length under another name, or when the environment
-    variable asks for the cache's own writes."""
-    assert cache_mod._store_check() is True
+    """``_store_check`` passes on this transformers, and fails -- with a warning, not
+    silently -- when ``StaticLayer.update`` writes elsewhere or keeps its length under another
+    name; it fails quietly when the environment variable asks for the cache's own writes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache_mod._store_check() is True
     original = StaticLayer.update
 
     def shifted(self, key_states, value_states, *args, **kwargs):
@@ -198,7 +202,8 @@ def test_self_check_turns_the_store_off_when_transformers_changes(monkeypatch):
         return keys, values
 
     monkeypatch.setattr(StaticLayer, "update", shifted)
-    assert cache_mod._store_check() is False
+    with pytest.warns(RuntimeWarning, match="differ from the one-kernel store"):
+        assert cache_mod._store_check() is False
     monkeypatch.setattr(StaticLayer, "update", original)
 
     def renamed(self, key_states, value_states, *args, **kwargs):
@@ -212,10 +217,18 @@ def test_self_check_turns_the_store_off_when_transformers_changes(monkeypatch):
         return self.keys, self.values
 
     monkeypatch.setattr(StaticLayer, "update", renamed)
-    assert cache_mod._store_check() is False
+    with pytest.warns(RuntimeWarning, match="differ from the one-kernel store"):
+        assert cache_mod._store_check() is False
     monkeypatch.setattr(StaticLayer, "update", original)
+    monkeypatch.delattr(StaticLayer, "lazy_initialization")  # an attribute the store needs
+    with pytest.warns(RuntimeWarning, match="AttributeError"):
+        assert cache_mod._store_check() is False
+    monkeypatch.undo()
     monkeypatch.setenv(cache_mod.NO_KV_STORE_ENV, "1")
-    assert cache_mod._store_check() is False
+    monkeypatch.setattr(StaticLayer, "update", shifted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache_mod._store_check() is False
 
 
 def test_op_on_cpu_is_the_layers_index_copy():

@@ -319,22 +319,22 @@ def test_self_check_verdicts(monkeypatch, mode):
     def stale_scale(t, s):  # what a Launch whose scale slot is never rewritten would give
         return t * 2
 
+    def refused(launch, reference, inputs, match):
+        """The self-check's verdict on a mismatch: raises (require) or warns and is False."""
+        if mode == "require":
+            with pytest.raises(nl.CppLaunchError, match=match):
+                nl._self_check(launch, reference, inputs, 1.0, _Kernel())
+        else:
+            with pytest.warns(RuntimeWarning, match=match):
+                assert nl._self_check(launch, reference, inputs, 1.0, _Kernel()) is False
+        return True
+
     assert nl._self_check(double, double, (like,), 1.0, _Kernel()) is True
     assert nl._self_check(double, lambda t, s: None, (like,), 1.0, _Kernel()) is None
     assert nl._self_check(lambda t, s: None, double, (like,), 1.0, _Kernel()) is None
-    if mode == "require":
-        with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
-            nl._self_check(double, halve, (like,), 1.0, _Kernel())
-    else:
-        with pytest.warns(RuntimeWarning, match="disagrees with triton"):
-            assert nl._self_check(double, halve, (like,), 1.0, _Kernel()) is False
+    assert refused(double, halve, (like,), "disagrees with triton")
     # bit-identical at the checked scale, but not following the call's scale
-    if mode == "require":
-        with pytest.raises(nl.CppLaunchError, match="does not follow the call's scale"):
-            nl._self_check(stale_scale, stale_scale, (like,), 1.0, _Kernel())
-    else:
-        with pytest.warns(RuntimeWarning, match="does not follow the call's scale"):
-            assert nl._self_check(stale_scale, stale_scale, (like,), 1.0, _Kernel()) is False
+    assert refused(stale_scale, stale_scale, (like,), "does not follow the call's scale")
 
     # several inputs (None passed through as None) and outputs: every output must agree
     def pair(a, absent, b, s):
@@ -346,12 +346,7 @@ def test_self_check_verdicts(monkeypatch, mode):
 
     inputs = (like, None, torch.zeros(2, 8))
     assert nl._self_check(pair, pair, inputs, 1.0, _Kernel()) is True
-    if mode == "require":
-        with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
-            nl._self_check(pair, pair_second_wrong, inputs, 1.0, _Kernel())
-    else:
-        with pytest.warns(RuntimeWarning, match="disagrees with triton"):
-            assert nl._self_check(pair, pair_second_wrong, inputs, 1.0, _Kernel()) is False
+    assert refused(pair, pair_second_wrong, inputs, "disagrees with triton")
 
 
 def test_slots_follow_the_row_kernel_signature():
@@ -718,15 +713,14 @@ def test_gpu_cpp_self_check_on_disagreement(monkeypatch, mode):
     def make():
         return nl.make_launch(kernel, plan.grid, (x,), (out,), *tk.cpp_roles(plan), wrong, 1.0)
 
-    if mode == "require":
-        with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
-            make()
-    else:
-        with pytest.warns(RuntimeWarning, match="disagrees with triton"):
-            assert make() is None
-        assert id(kernel) in nl._rejected  # this kernel keeps triton's launcher
-        assert make() is None
-    assert kernel.function not in nl._checked
+    _assert_refused(make, kernel, mode)
+
+
+def _assert_refused(make, kernel, mode):
+    """``make()`` (a make_launch whose self-check disagrees) raises in require mode; in auto
+    mode it warns and gives None, and the kernel is rejected (it keeps triton's launcher:
+    later calls give None without a check); it is never marked checked."""
+    _assert_refused(make, kernel, mode)
 
 
 @pytest.mark.gpu
@@ -950,11 +944,4 @@ def test_gpu_qk_cpp_self_check_on_disagreement(fresh_qk, monkeypatch, mode):
                               (torch.empty_like(q), torch.empty_like(k)),
                               *qk.cpp_roles(plan, True, True), key_wrong, scale)
 
-    if mode == "require":
-        with pytest.raises(nl.CppLaunchError, match="disagrees with triton"):
-            make()
-    else:
-        with pytest.warns(RuntimeWarning, match="disagrees with triton"):
-            assert make() is None
-        assert id(kernel) in nl._rejected and make() is None
-    assert kernel.function not in nl._checked
+    _assert_refused(make, kernel, mode)

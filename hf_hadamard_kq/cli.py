@@ -500,6 +500,24 @@ def run_bench(extra: list[str]) -> int:
     return subprocess.call([sys.executable, str(script), *extra])
 
 
+def build_launcher() -> int:
+    """The ``build-launcher`` command: build the C++ launcher into the cache now; 0 when it
+    is built and loads, 1 (with the reason on stderr) when not."""
+    from .ops import cpp_launch
+
+    try:
+        report = cpp_launch.prebuild()
+    except cpp_launch.CppLaunchError as err:
+        print(f"hf-hadamard-kq build-launcher: {err}", file=sys.stderr)
+        return 1
+    how = "already built" if report["cached"] else f"built in {report['seconds']:.1f} s"
+    print(f"C++ launcher {how}: {report['path']}")
+    if not report["driver"]:
+        print("no CUDA driver (libcuda.so.1) on this machine: the launcher is cached for a "
+              "machine with one (same torch, Python and compiler, same cache directory)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -589,6 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"host overhead). On a machine without a CUDA/ROCm GPU it says so and exits "
         f"{EXIT_NO_GPU}. Every other argument is passed on to bench_op.py (e.g. --out DIR, "
         "--reps N; see python benchmarks/bench_op.py --help).")
+
+    sub.add_parser(
+        "build-launcher", help="build the C++ launcher of eager CUDA rotations now",
+        description="Compiles the small C++ module that launches the Triton kernels in eager "
+        "CUDA decode (hf_hadamard_kq/ops/cpp_launch.cpp) into its cache "
+        "($HF_HADAMARD_KQ_CACHE_DIR, default ~/.cache/hf_hadamard_kq), as the first eager "
+        "CUDA rotation otherwise does (10-15 s on an H100 host); e.g. in a container's build "
+        "step. Needs a C++ compiler ($CXX, else c++, g++ or clang++), not a GPU or the CUDA "
+        "toolkit. Exit status 1 when it cannot be built.")
     return parser
 
 
@@ -614,6 +641,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(1)
     elif args.command == "bench":
         raise SystemExit(run_bench(extra))
+    elif args.command == "build-launcher":
+        raise SystemExit(build_launcher())
 
 
 if __name__ == "__main__":

@@ -96,9 +96,9 @@ def copy_checkpoint(src, dst, *, config_edit=None, tensors_edit=None, shards=1):
 def test_help_on_every_command(capsys):
     top = cli("--help")
     assert top.returncode == 0
-    for command in ("inspect", "demo", "eval", "bench"):
+    for command in ("inspect", "demo", "eval", "bench", "build-launcher"):
         assert command in top.stdout
-    for command in ("inspect", "demo", "eval", "bench"):
+    for command in ("inspect", "demo", "eval", "bench", "build-launcher"):
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args([command, "--help"])
         assert exc.value.code == 0

@@ -553,6 +553,38 @@ def test_build_publishes_whole_files_only(monkeypatch, tmp_path):
     assert nl.build() == path and runs.read_text().count("run") == 1
 
 
+def test_cli_build_launcher_reports_the_cached_module(mod, capsys):
+    """``hf-hadamard-kq build-launcher`` where the module is built (the fixture's cache): it
+    says so and where, loads it, and says when this machine has no CUDA driver."""
+    from hf_hadamard_kq.cli import main
+
+    report = nl.prebuild()
+    assert report["cached"] and report["path"].startswith(str(nl.cache_dir()))
+    with pytest.raises(SystemExit) as exc:
+        main(["build-launcher"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"C++ launcher already built: {report['path']}" in out
+    assert ("no CUDA driver" in out) is (not report["driver"])
+
+
+def test_cli_build_launcher_fails_loudly(unbuilt, monkeypatch, tmp_path, capsys):
+    """Exit status 1 with the reason when the compiler fails, and when what it built does
+    not load (here a compiler that writes a file that is no shared library)."""
+    from hf_hadamard_kq.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["build-launcher"])
+    assert exc.value.code == 1
+    assert "building the C++ launcher failed" in capsys.readouterr().err
+    fake, _ = _fake_compiler(tmp_path, 0)
+    monkeypatch.setenv("CXX", fake)
+    with pytest.raises(SystemExit) as exc:
+        main(["build-launcher"])
+    assert exc.value.code == 1
+    assert "does not load" in capsys.readouterr().err
+
+
 def test_the_artifact_name_follows_the_source(monkeypatch, tmp_path):
     first = nl._artifact("c++")
     changed = tmp_path / "cpp_launch.cpp"

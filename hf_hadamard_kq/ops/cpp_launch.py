@@ -186,6 +186,31 @@ def build() -> Path:
     return target
 
 
+def prebuild() -> dict[str, Any]:
+    """Build the module now (e.g. in a container's build step), not on the first eager CUDA
+    rotation, and load it; what happened, as a dict: ``path``, ``cached`` (it was built
+    before), ``seconds`` (the build), ``driver`` (whether libcuda's entry points were found:
+    False on a machine without a CUDA driver, where the module is still built and cached for
+    a machine with one of the same torch, Python and compiler). Raises :class:`CppLaunchError`
+    when it cannot be built or loaded. Ignores :data:`ENV`: asked for explicitly."""
+    cxx = compiler()
+    cached = cxx is not None and _artifact(cxx).exists()
+    start = time.perf_counter()
+    path = build()
+    seconds = time.perf_counter() - start
+    try:
+        loaded = _load(path)
+    except (ImportError, OSError) as err:
+        raise CppLaunchError(f"the built C++ launcher {path} does not load: {err}") from err
+    try:
+        loaded.load_driver()
+        driver = True
+    except RuntimeError:
+        driver = False
+    return {"path": str(path), "cached": cached, "seconds": round(seconds, 2),
+            "driver": driver}
+
+
 def _load(path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
     spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)

@@ -207,6 +207,23 @@ struct Inputs {
 PyObject* launch_cuda(State* st, const Inputs& in, double scale);
 PyObject* launch_checked(State* st, const Inputs& in, double scale);
 
+// The first `n` (<= kMaxInputs) arguments as inputs: each a tensor or None; false with a
+// Python error set when one is neither.
+bool read_inputs(PyObject* const* args, size_t n, const char* what, Inputs* in) {
+  in->n = n;
+  for (size_t i = 0; i < n; ++i) {
+    if (args[i] == Py_None) {
+      in->tensors[i] = nullptr;
+    } else if (THPVariable_Check(args[i])) {
+      in->tensors[i] = &THPVariable_Unpack(args[i]);
+    } else {
+      PyErr_Format(PyExc_TypeError, "%s: input %zu must be a torch.Tensor or None", what, i);
+      return false;
+    }
+  }
+  return true;
+}
+
 // (inputs, scale) from a vectorcall's arguments: `n_inputs` tensors or None, the scale, then
 // `trailing` more arguments the caller parses; false with a Python error set when they are
 // not that.
@@ -218,16 +235,8 @@ bool parse_call(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, size
                  static_cast<Py_ssize_t>(n_inputs) + 1 + trailing);
     return false;
   }
-  in->n = n_inputs;
-  for (size_t i = 0; i < n_inputs; ++i) {
-    if (args[i] == Py_None) {
-      in->tensors[i] = nullptr;
-    } else if (THPVariable_Check(args[i])) {
-      in->tensors[i] = &THPVariable_Unpack(args[i]);
-    } else {
-      PyErr_Format(PyExc_TypeError, "%s: input %zu must be a torch.Tensor or None", what, i);
-      return false;
-    }
+  if (!read_inputs(args, n_inputs, what, in)) {
+    return false;
   }
   *scale = PyFloat_AsDouble(args[n_inputs]);
   return !(*scale == -1.0 && PyErr_Occurred());
@@ -675,16 +684,8 @@ PyObject* launch_matches(PyObject* self, PyObject* const* args, Py_ssize_t nargs
     Py_RETURN_FALSE;
   }
   Inputs in;
-  in.n = static_cast<size_t>(nargs);
-  for (size_t i = 0; i < in.n; ++i) {
-    if (args[i] == Py_None) {
-      in.tensors[i] = nullptr;
-    } else if (THPVariable_Check(args[i])) {
-      in.tensors[i] = &THPVariable_Unpack(args[i]);
-    } else {
-      PyErr_Format(PyExc_TypeError, "matches: input %zu must be a torch.Tensor or None", i);
-      return nullptr;
-    }
+  if (!read_inputs(args, static_cast<size_t>(nargs), "matches", &in)) {
+    return nullptr;
   }
   return PyBool_FromLong(inputs_match(st, in));
   END_HANDLE_TH_ERRORS

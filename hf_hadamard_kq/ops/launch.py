@@ -183,11 +183,16 @@ class CachedLauncher:
             None, None, *ptrs, *scalars, *meta_values,
         )
 
+    def _aligned_entry(self, key: tuple, device: int, int_key: tuple) -> Any:
+        """The cache entry :meth:`launch` made for all-aligned pointers under this key, or
+        None (none yet, or the plain path, which caches nothing)."""
+        full_key = (key, device, True, int_key) if self.specialized_ints else (key, device, True)
+        return None if _PLAIN else self.cache.get(full_key)
+
     def compiled(self, key: tuple, device: int, int_key: tuple) -> Any:
         """The triton ``CompiledKernel`` that :meth:`launch` cached for all-aligned pointers
         under this key (as :meth:`direct_parts` finds it), or None."""
-        full_key = (key, device, True, int_key) if self.specialized_ints else (key, device, True)
-        entry = None if _PLAIN else self.cache.get(full_key)
+        entry = self._aligned_entry(key, device, int_key)
         return None if entry is None else entry[1]
 
     def direct_parts(
@@ -212,8 +217,7 @@ class CachedLauncher:
         (:func:`hooks_active`); otherwise it calls :meth:`launch`. ``int_key`` is
         :meth:`int_key` of the launch's scalars (launchers with ``specialized_ints``).
         """
-        full_key = (key, device, True, int_key) if self.specialized_ints else (key, device, True)
-        entry = None if _PLAIN else self.cache.get(full_key)
+        entry = self._aligned_entry(key, device, int_key)
         if entry is None:
             return None
         if entry[0] is None:

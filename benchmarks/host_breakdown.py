@@ -119,10 +119,10 @@ def qk_parts_for(tokens: int) -> dict:
     for _ in range(3):  # plan, launcher cache entry, closure and C++ launch
         qk.try_rotate_qk(q, k, scale, None, cos, sin)
     table = cpp_launch.QK_TABLE
-    if table is None or table(q, k, cos, sin, None, scale, 0) is None:
+    if table is None or table(q, k, cos, sin, None, scale, qk.QK_TAG) is None:
         raise SystemExit("no C++ fused Q/K launch (see cpp_launch.py)")
     python = qk._FAST[qk._layout(q, k, None, cos, sin, scale)]
-    assert all(map(cpp_launch.same_bits, table(q, k, cos, sin, None, scale, 0),
+    assert all(map(cpp_launch.same_bits, table(q, k, cos, sin, None, scale, qk.QK_TAG),
                    python(q, k, cos, sin, None)))
     return {
         "qk_clone_pair": lambda: (q.clone(), k.clone()),
@@ -130,7 +130,7 @@ def qk_parts_for(tokens: int) -> dict:
                      _sets(cpp_launch, "QK_TABLE", table)),
         "qk_fused_python": (lambda: qk.try_rotate_qk(q, k, scale, None, cos, sin),
                             _sets(cpp_launch, "QK_TABLE", None)),
-        "qk_cpp_table": lambda: table(q, k, cos, sin, None, scale, 0),
+        "qk_cpp_table": lambda: table(q, k, cos, sin, None, scale, qk.QK_TAG),
     }
 
 

@@ -30,6 +30,16 @@ allocation and the launch that any implementation pays:
 * ``qk_clone_pair``: ``q.clone(), k.clone()``, the reference for two allocations and two
   copy kernels.
 
+With ``--baseline-source FILE`` (another version of ``cpp_launch.cpp``, e.g. ``git show
+HEAD~1:hf_hadamard_kq/ops/cpp_launch.cpp``), that version is built too and its launches made
+for the same kernels and layouts, for an A/B in one process (same host, interleaved rounds):
+
+* ``base_cpp_launch`` / ``base_cpp_table`` / ``base_qk_cpp_table``: its Launch, Table and
+  QK table calls;
+* ``base_hadamard_apply``: its table behind the hot-path entry's Python checks as they were
+  before session 19 (exact type, compiling, autograd, CUDA, then the table);
+* ``base_qk_fused``: ``try_rotate_qk`` with its QK table.
+
 Usage (GPU machine): ``python benchmarks/host_breakdown.py --out results/x.json``
 """
 
@@ -63,14 +73,68 @@ def per_call_us(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def parts_for(tokens: int) -> dict:
-    """The timed callables for a query (1, 32, tokens, 128) in the projection's view."""
+def with_module(loaded, warm):
+    """``warm()``'s result, run with ``loaded`` as the C++ module (fresh tables and plans, so
+    that the launches it makes are ``loaded``'s); the package's own module is back after."""
+    saved = cpp_launch._module, cpp_launch.TABLE, cpp_launch.QK_TABLE
+    try:
+        cpp_launch._module = loaded
+        cpp_launch.TABLE, cpp_launch.QK_TABLE = loaded.Table(), loaded.Table()
+        tk.clear_plans()
+        qk.clear_plans()
+        return warm()
+    finally:
+        cpp_launch._module, cpp_launch.TABLE, cpp_launch.QK_TABLE = saved
+        tk.clear_plans()
+        qk.clear_plans()
+
+
+def apply_before_session19(table, x, scale, matrix, block):
+    """The hot-path entry's Python before session 19 (op.hadamard_apply up to its C++ table
+    call), for the baseline's table."""
+    if (
+        type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not (
+            torch.is_grad_enabled()
+            and (x.requires_grad or (matrix is not None and matrix.requires_grad))
+        )
+    ):
+        if matrix is None and x.is_cuda:
+            out = None if table is None else table(x, scale, block)
+            if out is not None:
+                return out
+    raise SystemExit("the baseline table declined a call")
+
+
+def qk_inputs(tokens: int) -> tuple:
+    """q, k, cos, sin of a fused layer's call (Llama-3-8B's heads: 32 query, 8 key)."""
+    q = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, tokens, 8, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    angle = torch.rand(1, tokens, 64, device="cuda") * 100
+    cos = torch.cat([angle.cos()] * 2, -1).to(torch.bfloat16)
+    sin = torch.cat([angle.sin()] * 2, -1).to(torch.bfloat16)
+    return q, k, cos, sin
+
+
+def parts_for(tokens: int, baseline=None) -> dict:
+    """The timed callables for a query (1, 32, tokens, 128) in the projection's view, and the
+    fused Q/K launch's."""
     x = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    q, k, cos, sin = qk_inputs(tokens)
     scale = 1 / math.sqrt(128)
-    for _ in range(3):  # plan, launcher cache entry, fast-path closure
-        op_mod.hadamard_apply(x, scale, None, 128)
     device = x.get_device()
     key = (x.shape, x.stride(), x.dtype, device, 128)
+
+    def warm():
+        for _ in range(3):  # plans, launcher cache entries, closures and C++ launches
+            op_mod.hadamard_apply(x, scale, None, 128)
+            qk.try_rotate_qk(q, k, scale, None, cos, sin)
+        return tk.FAST.get(key), cpp_launch.TABLE, cpp_launch.QK_TABLE
+
+    # the baseline's launches first: making them clears every plan, closure and table
+    base = None if baseline is None else with_module(baseline, warm)
+    warm()
     native = tk.FAST.get(key)
     if type(native).__name__ != "Launch":
         raise SystemExit(f"no C++ launch for {key}: {native!r} (see cpp_launch.py)")
@@ -104,27 +168,42 @@ def parts_for(tokens: int) -> dict:
     # the paths timed here compute the rotation (torch's fp32 path, bf16 tolerances), alike
     torch.testing.assert_close(fast(x, scale), op_mod.torch_hadamard(x, scale, None, 128))
     assert torch.equal(native(x, scale), fast(x, scale))
-    parts.update(qk_parts_for(tokens))
+    if base is not None:
+        base_launch, base_table = base[:2]
+        if type(base_launch).__name__ != "Launch" or type(base_launch) is type(native):
+            raise SystemExit(f"no baseline C++ launch for {key}: {base_launch!r}")
+        assert torch.equal(base_launch(x, scale), native(x, scale))
+        assert torch.equal(base_table(x, scale, 128), native(x, scale))
+        parts.update({
+            "base_cpp_launch": lambda: base_launch(x, scale),
+            "base_cpp_table": lambda: base_table(x, scale, 128),
+            "base_hadamard_apply": lambda: apply_before_session19(base_table, x, scale, None,
+                                                                  128),
+        })
+    parts.update(qk_parts_for(q, k, cos, sin, scale, None if base is None else base[2]))
     return parts
 
 
-def qk_parts_for(tokens: int) -> dict:
-    """The fused Q/K launch's timed callables (Llama-3-8B's heads: 32 query, 8 key)."""
-    q = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
-    k = torch.randn(1, tokens, 8, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
-    angle = torch.rand(1, tokens, 64, device="cuda") * 100
-    cos = torch.cat([angle.cos()] * 2, -1).to(torch.bfloat16)
-    sin = torch.cat([angle.sin()] * 2, -1).to(torch.bfloat16)
-    scale = 1 / math.sqrt(128)
-    for _ in range(3):  # plan, launcher cache entry, closure and C++ launch
-        qk.try_rotate_qk(q, k, scale, None, cos, sin)
+def qk_parts_for(q, k, cos, sin, scale: float, base_table=None) -> dict:
+    """The fused Q/K launch's timed callables (after the hot path made its launches);
+    ``base_table``: the baseline module's QK table, made for the same tensors."""
     table = cpp_launch.QK_TABLE
     if table is None or table(q, k, cos, sin, None, scale, qk.QK_TAG) is None:
         raise SystemExit("no C++ fused Q/K launch (see cpp_launch.py)")
     python = qk._FAST[qk._layout(q, k, None, cos, sin, scale)]
     assert all(map(cpp_launch.same_bits, table(q, k, cos, sin, None, scale, qk.QK_TAG),
                    python(q, k, cos, sin, None)))
-    return {
+    parts = {}
+    if base_table is not None:
+        pair = base_table(q, k, cos, sin, None, scale, qk.QK_TAG)
+        assert pair is not None and all(map(cpp_launch.same_bits, pair,
+                                            table(q, k, cos, sin, None, scale, qk.QK_TAG)))
+        parts = {
+            "base_qk_cpp_table": lambda: base_table(q, k, cos, sin, None, scale, qk.QK_TAG),
+            "base_qk_fused": (lambda: qk.try_rotate_qk(q, k, scale, None, cos, sin),
+                              _sets(cpp_launch, "QK_TABLE", base_table)),
+        }
+    return parts | {
         "qk_clone_pair": lambda: (q.clone(), k.clone()),
         "qk_fused": (lambda: qk.try_rotate_qk(q, k, scale, None, cos, sin),
                      _sets(cpp_launch, "QK_TABLE", table)),
@@ -177,6 +256,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--baseline-source", type=Path, default=None,
+                        help="another cpp_launch.cpp to time side by side (base_* parts)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("host_breakdown.py needs a GPU")
@@ -185,9 +266,13 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     cpp_launch.module()  # builds unless cached (use an empty HF_HADAMARD_KQ_CACHE_DIR)
     build_s = time.perf_counter() - start
+    baseline = None
+    if args.baseline_source is not None:
+        baseline = cpp_launch._load(cpp_launch.build(args.baseline_source))
+        baseline.load_driver()
     rows = []
     for tokens in (1, 16, 64):
-        parts = parts_for(tokens)
+        parts = parts_for(tokens, baseline)
         samples: dict[str, list[float]] = {name: [] for name in parts}
         for part in parts.values():  # warm-up
             timed(part, 200)
@@ -202,7 +287,8 @@ def main(argv=None) -> None:
         print({k: v for k, v in row.items() if not k.endswith("_all")}, flush=True)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, calls=args.calls, rounds=args.rounds,
-               native_module_s=round(build_s, 2))
+               native_module_s=round(build_s, 2),
+               baseline_source=None if baseline is None else str(args.baseline_source))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 

@@ -26,7 +26,8 @@ calls the original unchanged unless an installed layer is mid-forward). Per call
 
 Anything else falls back to the general path in the same call: no armed module (the layer
 never called the wrapper, e.g. NoPE layers), extra arguments (mrope), a head dim other than
-the rotation block (partial rotary), torch.compile, autograd, tensor subclasses (DTensor).
+the rotation block (partial rotary), torch.compile, autograd, tensor subclasses (DTensor),
+an active dispatch mode (a flop counter or FakeTensorMode must see the op).
 If a tensor was *replaced* between RoPE and the cache / attention (the identity check fails),
 rotation already happened and cannot be redone: the install probe finds such layers and turns
 the fused path off for them; at run time it is an error, never a silent wrong rotation. (The
@@ -73,7 +74,7 @@ from typing import Any, Optional
 
 import torch
 
-from .ops.op import hadamard_apply
+from .ops.op import _dispatch_modes, hadamard_apply
 from .specs import marker_slot
 
 #: Module ``__dict__`` key of an attention module's fused rotation: a :class:`FusedRotation`,
@@ -274,6 +275,7 @@ def _make_wrapper(original: Callable, standard: bool) -> Callable:
             or type(k) is not torch.Tensor
             or q.shape[-1] != fused.block
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            or _dispatch_modes()  # a mode must see the op: the general path's hadamard_apply
         ):
             return original(q, k, cos, sin, *args, **kwargs)
         pair = _rotate_pair(q, k, cos, sin, original, standard, fused, module)

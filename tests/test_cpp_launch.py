@@ -259,6 +259,44 @@ def test_table_keys_launches_by_layout_and_block(mod):
     assert sys.getrefcount(first) == refs
 
 
+def test_table_finds_recent_launches_as_its_keys_do(mod):
+    """A call's Launch comes from the recently used entries when one matches (tag and every
+    input's layout), else from the key; either way the one the key names: a recent entry of
+    another tag or layout is never taken, and a replaced or cleared entry is forgotten."""
+    like = torch.zeros(2, 3, 128, dtype=torch.bfloat16)
+    other = like.transpose(0, 1)
+    table = mod.Table()
+    a, b, c = _launch(mod, like=like), _launch(mod, like=like), _launch(mod, like=other)
+    table.add(128, a)
+    table.add(64, b)
+    table.add(128, c)
+    for _ in range(2):  # first from the keys, then from the recent entries
+        assert table.find(128, like) is a and table.find(64, like) is b
+        assert table.find(128, other) is c
+        assert table.find(32, like) is None and table.find(64, other) is None
+        assert table.find(128, like.half()) is None and table.find(128, None) is None
+    for n in range(6):  # more layouts than recent entries: each still finds its own
+        launch = _launch(mod, like=torch.zeros(n + 3, 3, 128, dtype=torch.bfloat16))
+        table.add(128, launch)
+        assert table.find(128, torch.zeros(n + 3, 3, 128, dtype=torch.bfloat16)) is launch
+    assert table.find(128, like) is a
+    d = _launch(mod, like=like)
+    table.add(128, d)  # replaces a: the recent entry must not outlive it
+    assert table.find(128, like) is d and table.find(64, like) is b
+    table.clear()
+    assert table.find(128, like) is None and table.find(64, like) is None
+    with_rope, inputs = _qk_launch(mod)
+    without, bare = _qk_launch(mod, rope=False, matrix=False)
+    table.add(0, with_rope)
+    table.add(0, without)
+    for _ in range(2):
+        assert table.find(0, *inputs) is with_rope and table.find(0, *bare) is without
+        assert table.find(1, *inputs) is None
+        assert table.find(0, *inputs[:2], None, None, inputs[4]) is None  # RoPE inputs None
+    with pytest.raises(TypeError):
+        table.find(0, 1.0)
+
+
 def test_clear_plans_empties_the_table(mod, monkeypatch):
     tk = pytest.importorskip("hf_hadamard_kq.ops.triton_kernel")
     table = mod.Table()
@@ -722,6 +760,52 @@ def test_gpu_cpp_launch_declines_hooks_misalignment_and_other_streams_work():
         z = fast(x, S128)
     torch.cuda.current_stream().wait_stream(side)
     assert_single_rounding(z, reference_transform(x))
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: its own dispatch must run, so no direct launch may serve it."""
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fresh_plans")
+def test_gpu_cpp_launch_declines_subclasses_autograd_and_dispatch_modes():
+    """The C++ Launch and Table decline what the hot path's Python checks route to the custom
+    op: a tensor subclass, an input autograd would record, any dispatch mode; the op path then
+    gives the same rotation (and the mode sees the op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hf_hadamard_kq.ops import op as op_mod
+    from tests.reference import assert_single_rounding, reference_transform
+
+    x = torch.randn(1, 1, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    fast = _seen_twice(x, S128, 128)
+    assert type(fast).__name__ == "Launch" and nl.TABLE(x, S128, 128) is not None
+    sub = x.as_subclass(_Sub)
+    leaf = x.detach().requires_grad_()
+    assert fast(sub, S128) is None and nl.TABLE(sub, S128, 128) is None
+    assert fast(leaf, S128) is None and nl.TABLE(leaf, S128, 128) is None
+    with torch.no_grad():  # nothing to record: served
+        assert_single_rounding(fast(leaf, S128), reference_transform(x))
+        assert_single_rounding(nl.TABLE(leaf, S128, 128), reference_transform(x))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        assert fast(x, S128) is None and nl.TABLE(x, S128, 128) is None
+        y = op_mod.hadamard_apply(x, S128, None, 128)
+    assert any("hadamard_kq.hadamard_transform" in name for name in mode.ops), mode.ops
+    assert_single_rounding(y, reference_transform(x))
+    y = op_mod.hadamard_apply(leaf, S128, None, 128)
+    assert y.requires_grad and y.grad_fn is not None  # the op, with its autograd
+    assert_single_rounding(y.detach(), reference_transform(x))
+    assert fast(x, S128) is not None  # and plain calls are served again
 
 
 @pytest.mark.gpu

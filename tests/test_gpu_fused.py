@@ -281,6 +281,48 @@ def test_model_fused_path_matches_general_and_reference(fixture, block, monkeypa
         assert diff <= 4 * torch.finfo(torch.bfloat16).eps * b.keys.float().abs().max().item()
 
 
+def test_model_under_a_dispatch_mode_rotates_through_the_op(monkeypatch):
+    """Under a dispatch mode (a flop counter, a tracer) no direct launch serves the layers:
+    the fused wrapper leaves them to the general path, whose calls are the custom op the mode
+    sees (query and key per layer), and the logits are the fused path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    path = FIXTURES / "llama_r3_hadamard_hd64"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="hadamard_kq", dtype=torch.bfloat16, device_map=DEV)
+    fused_calls = []
+    original = qk_kernel.try_rotate_qk
+    monkeypatch.setattr(qk_kernel, "try_rotate_qk",
+                        lambda *a, **k: fused_calls.append(1) or original(*a, **k))
+    x = torch.randint(3, 256, (2, 12), device=DEV)
+    with torch.no_grad():
+        want = model(x).logits.float()
+        assert fused_calls  # the fused path served the plain call
+        fused_calls.clear()
+        with Seen() as mode:
+            got = model(x).logits.float()
+    n_layers = model.config.num_hidden_layers
+    assert not fused_calls
+    ours = [name for name in mode.ops if "hadamard_kq.hadamard_transform" in name]
+    assert len(ours) == 2 * n_layers, ours
+    plain = load_unrotated(path, dtype=torch.bfloat16, device_map=DEV)
+    fp32 = load_unrotated(path, dtype=torch.float32, device_map=DEV)
+    with torch.no_grad():
+        exact = fp32(x).logits
+        floor = (plain(x).logits.float() - exact).abs().max().item()
+    assert (want - exact).abs().max().item() <= 3 * floor + 1e-3
+    assert (got - exact).abs().max().item() <= 3 * floor + 1e-3
+
+
 @pytest.mark.parametrize("form", ["auto", "native"])
 def test_compiled_static_generate_with_fused_layers(form, monkeypatch):
     """Under torch.compile the fused layers take the marked route (fused.py, "Under

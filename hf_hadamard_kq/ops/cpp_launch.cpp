@@ -3,9 +3,10 @@
 // A Launch object is made for one set of input layouts and one compiled Triton kernel: the
 // single-tensor rotation (inputs: x; outputs: out) and the fused Q/K rotation (inputs: q, k,
 // cos, sin, matrix -- the last three may be None --; outputs: qo, ko). Calling it with
-// (*inputs, scale) checks what its cache cannot know (each input's layout, the current
-// device, triton's launch hooks, 16-byte alignment, a current CUDA context), allocates the
-// outputs with their recorded layouts and launches the kernel with cuLaunchKernel. It returns
+// (*inputs, scale) checks what its cache cannot know (plain tensors -- no subclass, no
+// dispatch mode, nothing autograd would record --, each input's layout, the current device, triton's launch hooks,
+// 16-byte alignment, a current CUDA context), allocates the outputs with their recorded
+// layouts from the CUDA allocator and launches the kernel with cuLaunchKernel. It returns
 // None, having launched nothing, when a check fails: the caller then takes triton's own
 // launch path, which handles every case.
 //
@@ -29,8 +30,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_strided.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -199,8 +203,11 @@ bool layout_matches(const Operand& want, const at::Tensor& x) {
 }
 
 // The call's inputs: each a tensor or None (nullptr here), as a vectorcall passes them.
+// `plain`: every tensor is a torch.Tensor itself (or a Parameter), not a subclass, whose
+// dispatch a direct launch would skip.
 struct Inputs {
   size_t n = 0;
+  bool plain = true;
   const at::Tensor* tensors[kMaxInputs];
 };
 
@@ -211,10 +218,14 @@ PyObject* launch_checked(State* st, const Inputs& in, double scale);
 // Python error set when one is neither.
 bool read_inputs(PyObject* const* args, size_t n, const char* what, Inputs* in) {
   in->n = n;
+  in->plain = true;
   for (size_t i = 0; i < n; ++i) {
     if (args[i] == Py_None) {
       in->tensors[i] = nullptr;
+    } else if (THPVariable_CheckExact(args[i])) {
+      in->tensors[i] = &THPVariable_Unpack(args[i]);
     } else if (THPVariable_Check(args[i])) {
+      in->plain = false;
       in->tensors[i] = &THPVariable_Unpack(args[i]);
     } else {
       PyErr_Format(PyExc_TypeError, "%s: input %zu must be a torch.Tensor or None", what, i);
@@ -257,7 +268,7 @@ PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargsf, PyOb
 
 // Whether the call's inputs are this launch's: a tensor exactly where it has one (None where
 // it has None), each on its device index with its dtype, sizes and strides. (Not whether they
-// are CUDA tensors: launch_checked asks that first.)
+// are plain CUDA tensors: inputs_usable asks that first.)
 bool inputs_match(const State* st, const Inputs& in) {
   if (in.n != st->inputs.size()) {
     return false;
@@ -278,20 +289,32 @@ bool inputs_match(const State* st, const Inputs& in) {
   return true;
 }
 
+// Whether a direct launch may serve these inputs at all, whatever their layouts: plain
+// tensors (a subclass's own dispatch must run), no dispatch mode active (a mode -- a flop
+// counter, FakeTensorMode -- must see the op), all on CUDA devices, and none that autograd
+// would record (the launch makes no graph: grad mode on and an input requiring grad is the
+// custom op's case).
+bool inputs_usable(const Inputs& in) {
+  if (!in.plain || cu_launch_kernel == nullptr ||  // no driver: load_driver() was not called
+      c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+    return false;
+  }
+  const bool grad = c10::GradMode::is_enabled();
+  for (size_t i = 0; i < in.n; ++i) {
+    const at::Tensor* x = in.tensors[i];
+    if (x != nullptr && (!x->is_cuda() || (grad && x->requires_grad()))) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // A call for inputs of any layout: None unless they are this launch's. May throw c10 errors
 // (an allocation's out-of-memory error among them): callers wrap it in HANDLE_TH_ERRORS,
 // which raises the matching Python exception (torch.OutOfMemoryError for that one).
 PyObject* launch_checked(State* st, const Inputs& in, double scale) {
-  for (size_t i = 0; i < in.n; ++i) {
-    if (in.tensors[i] != nullptr && !in.tensors[i]->is_cuda()) {
-      Py_RETURN_NONE;
-    }
-  }
-  if (!inputs_match(st, in)) {
+  if (!inputs_usable(in) || !inputs_match(st, in)) {
     Py_RETURN_NONE;
-  }
-  if (cu_launch_kernel == nullptr) {
-    Py_RETURN_NONE;  // load_driver() was not called: nothing can launch
   }
   return launch_cuda(st, in, scale);
 }
@@ -325,12 +348,18 @@ PyObject* launch_cuda(State* st, const Inputs& in, double scale) {
   if (any & 15) {
     Py_RETURN_NONE;
   }
+  // The outputs come straight from the CUDA allocator (the current one: a pluggable allocator
+  // is respected) on the current device, which is the launch's (checked above): what
+  // at::empty_strided does for CUDA, without the dispatcher and a device guard (~0.5 us).
+  c10::Allocator* allocator = at::detail::getCUDAHooks().getCUDADeviceAllocator();
+  const c10::DispatchKeySet cuda_keys(c10::DispatchKey::CUDA);
   const size_t n_out = st->outputs.size();
   at::Tensor outs[kMaxOutputs];
   uint64_t out_ptrs[kMaxOutputs] = {};
   for (size_t j = 0; j < n_out; ++j) {
     const Operand& o = st->outputs[j];
-    outs[j] = at::empty_strided(o.sizes, o.strides, at::TensorOptions().dtype(o.dtype).device(device));
+    outs[j] = at::detail::empty_strided_generic(o.sizes, o.strides, allocator, cuda_keys,
+                                                o.dtype);
     out_ptrs[j] = reinterpret_cast<uint64_t>(outs[j].data_ptr());
     any |= out_ptrs[j];
   }
@@ -714,11 +743,29 @@ PyTypeObject LaunchType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 // Why: building the Python key (shapes, strides, dtypes, devices, block) and hashing it cost
 // about 1 us per call on the lent H100 hosts, a tenth of the whole rotation.
 
+// How many recently used Launches a Table checks before building a key: a decode step of a
+// model whose rotations are not fused alternates a few layouts (query, key) per table.
+constexpr size_t kRecent = 4;
+
 struct TableObject {
   PyObject_HEAD
   vectorcallfunc vectorcall;
   std::unordered_map<std::string, PyObject*>* map;  // owned references to Launch objects
+  // Recently hit entries of `map` with their tags (borrowed: valid while the map holds them,
+  // so every change of the map forgets them), checked first by the per-input comparison
+  // (inputs_match), which decides exactly what the key does -- without building a key.
+  PyObject* recent[kRecent];
+  int64_t recent_tag[kRecent];
+  size_t recent_next;
 };
+
+void forget_recent(TableObject* t) {
+  for (size_t i = 0; i < kRecent; ++i) {
+    t->recent[i] = nullptr;
+    t->recent_tag[i] = 0;
+  }
+  t->recent_next = 0;
+}
 
 // Appends one input's part of a layout key: -1 for None, else dtype, device, rank, sizes,
 // strides.
@@ -764,7 +811,38 @@ void release_map(LaunchMap* map) {
 void table_clear_map(TableObject* t) {
   LaunchMap* map = t->map;
   t->map = new LaunchMap();
+  forget_recent(t);
   release_map(map);
+}
+
+// The Launch a call's inputs (already known usable) and tag select: a recent entry whose
+// tag and layouts match, else the map's entry for the key (then remembered as recent);
+// borrowed, nullptr when there is none.
+PyObject* find_launch(TableObject* t, int64_t tag, const Inputs& in) {
+  for (size_t i = 0; i < kRecent; ++i) {
+    PyObject* entry = t->recent[i];
+    if (entry != nullptr && t->recent_tag[i] == tag &&
+        inputs_match(reinterpret_cast<LaunchObject*>(entry)->state, in)) {
+      return entry;
+    }
+  }
+  std::vector<int64_t> words{tag, static_cast<int64_t>(in.n)};
+  for (size_t i = 0; i < in.n; ++i) {
+    const at::Tensor* x = in.tensors[i];
+    if (x == nullptr) {
+      key_operand(&words, false, c10::ScalarType::Undefined, 0, {}, {});
+    } else {
+      key_operand(&words, true, x->scalar_type(), x->get_device(), x->sizes(), x->strides());
+    }
+  }
+  auto found = t->map->find(key_bytes(words));
+  if (found == t->map->end()) {
+    return nullptr;
+  }
+  t->recent[t->recent_next] = found->second;
+  t->recent_tag[t->recent_next] = tag;
+  t->recent_next = (t->recent_next + 1) % kRecent;
+  return found->second;
 }
 
 // table(*inputs, scale, tag) -> the Launch's result (an output, or a tuple of them), or None
@@ -788,26 +866,16 @@ PyObject* table_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObj
   if (tag == -1 && PyErr_Occurred()) {
     return nullptr;
   }
-  std::vector<int64_t> words{tag, static_cast<int64_t>(in.n)};
-  for (size_t i = 0; i < in.n; ++i) {
-    const at::Tensor* x = in.tensors[i];
-    if (x == nullptr) {
-      key_operand(&words, false, c10::ScalarType::Undefined, 0, {}, {});
-      continue;
-    }
-    if (!x->is_cuda()) {
-      Py_RETURN_NONE;
-    }
-    key_operand(&words, true, x->scalar_type(), x->get_device(), x->sizes(), x->strides());
-  }
-  auto found = t->map->find(key_bytes(words));
-  if (found == t->map->end()) {
+  if (!inputs_usable(in)) {
     Py_RETURN_NONE;
   }
-  PyObject* entry = found->second;
+  PyObject* entry = find_launch(t, tag, in);
+  if (entry == nullptr) {
+    Py_RETURN_NONE;
+  }
   Py_INCREF(entry);  // the hook check runs Python, which could clear the table
   THPObjectPtr entry_ref(entry);  // released on return and on an exception
-  return launch_checked(reinterpret_cast<LaunchObject*>(entry)->state, in, scale);
+  return launch_cuda(reinterpret_cast<LaunchObject*>(entry)->state, in, scale);
   END_HANDLE_TH_ERRORS
 }
 
@@ -820,6 +888,7 @@ PyObject* table_add(PyObject* self, PyObject* args) {
     return nullptr;
   }
   std::string key = launch_key(tag, reinterpret_cast<LaunchObject*>(launch)->state);
+  forget_recent(t);  // an entry may be replaced below
   auto found = t->map->find(key);
   if (found != t->map->end()) {
     PyObject* old = found->second;
@@ -831,6 +900,31 @@ PyObject* table_add(PyObject* self, PyObject* args) {
     Py_INCREF(launch);
   }
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// For tests: the Launch a call of these inputs (tensors or None, of any device) and tag would
+// take (find_launch, which also remembers it as recent), or None.
+PyObject* table_find(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs < 2 || nargs > static_cast<Py_ssize_t>(kMaxInputs) + 1) {
+    PyErr_Format(PyExc_TypeError, "find(tag, *inputs) takes 1 to %zu inputs", kMaxInputs);
+    return nullptr;
+  }
+  long long tag = PyLong_AsLongLong(args[0]);
+  if (tag == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  Inputs in;
+  if (!read_inputs(args + 1, static_cast<size_t>(nargs - 1), "find", &in)) {
+    return nullptr;
+  }
+  PyObject* entry = find_launch(reinterpret_cast<TableObject*>(self), tag, in);
+  if (entry == nullptr) {
+    Py_RETURN_NONE;
+  }
+  Py_INCREF(entry);
+  return entry;
   END_HANDLE_TH_ERRORS
 }
 
@@ -854,6 +948,7 @@ PyObject* table_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   }
   reinterpret_cast<TableObject*>(self)->vectorcall = table_call;
   reinterpret_cast<TableObject*>(self)->map = new LaunchMap();
+  forget_recent(reinterpret_cast<TableObject*>(self));
   return self;
 }
 
@@ -861,6 +956,7 @@ void table_dealloc(PyObject* self) {
   TableObject* t = reinterpret_cast<TableObject*>(self);
   LaunchMap* map = t->map;
   t->map = nullptr;
+  forget_recent(t);
   if (map != nullptr) {
     release_map(map);
   }
@@ -870,6 +966,8 @@ void table_dealloc(PyObject* self) {
 PyMethodDef table_methods[] = {
     {"add", table_add, METH_VARARGS, "add(tag, launch): the Launch for its input layouts and tag."},
     {"clear", table_clear, METH_NOARGS, "Forget every Launch."},
+    {"find", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(table_find)),
+     METH_FASTCALL, "find(tag, *inputs): the Launch a call would take (tests), or None."},
     {nullptr, nullptr, 0, nullptr}};
 
 PySequenceMethods table_sequence = {table_len};

@@ -142,10 +142,10 @@ def compile_command(cxx: str, source: Path, output: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _artifact(cxx: str) -> Path:
+def _artifact(cxx: str, source: Optional[Path] = None) -> Path:
     """The cached module's path: named by a hash of everything the build depends on."""
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    digest.update((SOURCE if source is None else source).read_bytes())
     for part in (torch.__version__, getattr(torch.version, "git_version", ""), sys.version,
                  " ".join(compile_command(cxx, Path("src"), Path("out")))):
         digest.update(part.encode())
@@ -153,21 +153,23 @@ def _artifact(cxx: str) -> Path:
     return cache_dir() / f"cpp_launch_{digest.hexdigest()[:20]}{suffix}"
 
 
-def build() -> Path:
+def build(source: Optional[Path] = None) -> Path:
     """Compile the module into the cache (if not there yet); its path. Raises
-    :class:`CppLaunchError` with the compiler's output when it cannot."""
+    :class:`CppLaunchError` with the compiler's output when it cannot. ``source``: another
+    version of ``cpp_launch.cpp`` (benchmarks/host_breakdown.py's same-process A/B)."""
+    source = SOURCE if source is None else source
     cxx = compiler()
     if cxx is None:
         raise CppLaunchError(
             "no C++ compiler found (set CXX, or install g++); "
             f"or set {ENV}=0 to use triton's launcher")
-    target = _artifact(cxx)
+    target = _artifact(cxx, source)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
     os.close(fd)
-    cmd = compile_command(cxx, SOURCE, Path(tmp))
+    cmd = compile_command(cxx, source, Path(tmp))
     # a warning so that the pause (~10 s on an H100 host) is explained; once per machine
     _log.warning("hf_hadamard_kq: building the C++ launcher once (cached in %s)", target.parent)
     start = time.perf_counter()

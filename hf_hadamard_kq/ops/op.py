@@ -80,6 +80,14 @@ def _hadamard_op(
     return torch_hadamard(x, scale, matrix, block)
 
 
+#: ``torch.compiler.is_compiling`` (dynamo folds it to True while tracing, so a traced call
+#: never reaches the C++ table, which it could not trace).
+_is_compiling = torch.compiler.is_compiling
+
+#: How many dispatch modes are active (a mode -- a flop counter, FakeTensorMode -- must see the
+#: op, so none of the direct paths below serves a call under one).
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
 _triton_impl = None
 _warned_no_triton = False
 #: triton_kernel.FAST once the kernel module is loaded (the eager fast path's closures).
@@ -182,19 +190,25 @@ def hadamard_apply(
     ``fusable=False`` keeps the op even then: for a caller whose roundings around the call
     matter (a scheme ``precision`` cast), which inductor would fuse away.
     """
+    if matrix is None and not _is_compiling():
+        # The C++ launches, looked up in C++, which also declines what the checks below
+        # exclude (a subclass, a dispatch mode, an input autograd would record, not CUDA, a
+        # new layout): the common eager call pays for no Python check.
+        table = cpp_launch.TABLE
+        if table is not None:
+            out = table(x, scale, block)
+            if out is not None:
+                return out
     if (
         type(x) is torch.Tensor
-        and not torch.compiler.is_compiling()
+        and not _is_compiling()
+        and not _dispatch_modes()
         and not (
             torch.is_grad_enabled()
             and (x.requires_grad or (matrix is not None and matrix.requires_grad))
         )
     ):
         if matrix is None and x.is_cuda:  # a layout seen before
-            table = cpp_launch.TABLE  # the C++ launches, looked up in C++
-            out = None if table is None else table(x, scale, block)
-            if out is not None:
-                return out
             fast = _FAST.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
             if fast is not None:
                 out = fast(x, scale)

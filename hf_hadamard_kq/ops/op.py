@@ -182,7 +182,7 @@ def hadamard_apply(
     launcher (``triton_kernel.FAST``); either does per call only the checks that depend on
     the call, the allocation and the launch. Under
     ``torch.compile``, autograd, tensor subclasses (DTensor, FakeTensor) or dispatch modes,
-    the op is used so that the compiler, autograd and subclass dispatch see one node
+    the op is used so that the compiler, autograd, subclass dispatch and the mode see one node
     (FakeTensor is a subclass, so fake/meta tracing also takes the op) -- except where
     :func:`native.use_native` says the tensor takes the native form (small tensors by
     default, see native.set_compile_rotation): then torch.compile traces plain torch ops it

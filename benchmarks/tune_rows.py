@@ -6,8 +6,7 @@ Prefill (target 1: >= 97% of ``torch.clone``): for each (tokens, heads, d, dtype
 and the row kernel under every combination of
 
 * ``bn``: a resident ``H_d`` or the SPLIT2 / SPLIT4 forms (``H_d = H_2 ⊗ H_{d/2}``,
-  ``H_4 ⊗ H_{d/4}``; ``bn = d / 2``, ``d / 4``), or for d = 64 and 128 the register
-  butterfly (``bn = 8``: one chunk per thread, ``BLOCK_M = 32 * warps``, ``--butterfly-warps``),
+  ``H_4 ⊗ H_{d/4}``; ``bn = d / 2``, ``d / 4``),
 * ``BLOCK_M`` (tile rows) and ``num_warps`` -- each (bn, BLOCK_M, warps) is one compiled kernel,
 * programs per SM of the persistent grid (``0`` = one program per tile, not persistent),
 * ``--stages``: triton's software-pipelining depth (1 = none; 3 = triton's CUDA default).
@@ -56,23 +55,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_ERR_VS_FLOOR = 1.05
 
 
-def configs(n: int, small: bool, block_ms, warps, programs_per_sm, stages=(1, 2, 3),
-            butterfly_warps=(1, 2, 4)):
+def configs(n: int, small: bool, block_ms, warps, programs_per_sm, stages=(1, 2, 3)):
     """(RowsConfig candidate, default RowsConfig) for a Sylvester block ``n`` with 16-bit
     operands: a resident ``H_n`` (n <= 128), or the SPLIT2 / SPLIT4 forms ``bn = n / 2``,
-    ``n / 4`` (bn >= 16); for n = 64 and 128 also the register butterfly (``bn = 8``, one
-    chunk per thread: ``block_m = 32 * warps`` for each of ``butterfly_warps``)."""
+    ``n / 4`` (bn >= 16)."""
     default = tk.rows_config.__wrapped__(n, False, True, small)
     np2 = max(16, n)
     bns = [b for b in (np2, np2 // 2, np2 // 4) if 16 <= b <= 128]
     for bn, block_m, num_warps, pps, st in itertools.product(bns, block_ms, warps,
                                                             programs_per_sm, stages):
         yield tk.RowsConfig(bn, np2 // bn, block_m, num_warps, default.log2n, pps, st), default
-    if n in (64, 128):
-        bn = tk.BUTTERFLY_BN
-        for num_warps, pps, st in itertools.product(butterfly_warps, programs_per_sm, stages):
-            yield tk.RowsConfig(bn, n // bn, 32 * num_warps, num_warps, default.log2n, pps,
-                                st), default
 
 
 def run_config(x: torch.Tensor, n: int, cfg) -> torch.Tensor:
@@ -113,8 +105,6 @@ def main(argv=None) -> None:
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3],
                    help="triton pipelining depths (1: no pipelining; 3: triton's CUDA default)")
-    p.add_argument("--butterfly-warps", type=int, nargs="*", default=[1, 2, 4],
-                   help="warps of the register-butterfly candidates (d 64, 128); [] for none")
     p.add_argument("--bn", type=int, nargs="*", default=None,
                    help="only these sub-tile widths (default: every form)")
     p.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 16, 64],
@@ -147,8 +137,7 @@ def main(argv=None) -> None:
         """Every candidate on ``x``: error vs float64, and (GPU) time vs the baseline."""
         pps_list = [0] if small else args.programs_per_sm  # a decode call is 1-2 tiles
         block_ms = [b for b in args.block_m if not small or b <= 64]
-        for cfg, default in configs(d, small, block_ms, args.warps, pps_list, args.stages,
-                                    args.butterfly_warps):
+        for cfg, default in configs(d, small, block_ms, args.warps, pps_list, args.stages):
             if args.bn and cfg.bn not in args.bn:
                 continue
             row = dict(shape, bn=cfg.bn, block_m=cfg.block_m, num_warps=cfg.num_warps,

@@ -120,12 +120,10 @@ if not IN_INTERPRETER:
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
     def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int,
-                     aligned_ptrs: bool = False, stages: int | None = None,
-                     divisible: tuple[str, ...] = ()):
+                     aligned_ptrs: bool = False, stages: int | None = None):
         """``aligned_ptrs``: pointer arguments specialised as 16-byte aligned, as triton does
-        at run time for aligned tensors; ``divisible``: int arguments specialised as multiples
-        of 16, as triton does at run time for such values; ``stages`` None: triton's default
-        pipelining depth, as the package launches it."""
+        at run time for aligned tensors; ``stages`` None: triton's default pipelining depth,
+        as the package launches it."""
         compiler = pytest.importorskip("triton.compiler")
         backend = pytest.importorskip("triton.backends.compiler")
         import triton
@@ -136,7 +134,7 @@ if not IN_INTERPRETER:
             for name in fn.arg_names  # type: ignore[attr-defined]
         }
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if (aligned_ptrs and full[name].startswith("*")) or name in divisible}
+                 if aligned_ptrs and full[name].startswith("*")}
         src = compiler.ASTSource(fn, full, const, attrs=attrs)
         target = backend.GPUTarget("cuda", 90, 32)
         options: dict[str, int] = {"num_warps": warps}
@@ -238,8 +236,7 @@ if not IN_INTERPRETER:
                     N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
                     SYLVESTER=sylvester, STRIDED=bool(strided), STRIDED_OUT=strided == "out",
                     SPLIT2=sylvester and cfg.nb == 2,
-                    SPLIT4=sylvester and cfg.nb == 4,
-                    BUTTERFLY=tk.is_butterfly(cfg, sylvester), LOADS_FIRST=loads_first,
+                    SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
                     WIDE=wide, DOT_F32=dot_f32,
                     EMULATE_RTNE=False,
                 )  # fmt: skip
@@ -299,45 +296,6 @@ if not IN_INTERPRETER:
             assert k.metadata.shared <= SMEM_LIMIT_SM90, (name, k.metadata.shared)
             spill = _local_bytes(k.asm["cubin"])
             assert not spill, f"{name}: {spill} bytes of local memory (register spills)"
-
-    @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-    @pytest.mark.parametrize("n", [64, 128])
-    @pytest.mark.parametrize("xdt", ["bf16", "fp16"])  # the 16-bit tables' form only: an
-    # fp32 chunk's 8 columns are two 16-byte vectors, split between threads (shared memory)
-    def test_butterfly_compiles_to_registers_only(n: int, xdt: str) -> None:
-        """The BUTTERFLY form compiled for sm_90, as launched (16-byte aligned pointers): no
-        shared memory, no barrier, no shuffle, 16-byte loads and stores, no spills, and
-        ``n * log2(n)`` fp32 additions per chunk -- each thread transforms its chunk in
-        registers, which is the form's point (the reshape / split / join steps must not
-        become layout conversions). Flat, strided and STRIDED_OUT layouts; 1, 2, 4 warps."""
-        pytest.importorskip("triton")
-        tk = _kernel_module_compiled()
-        ty = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-        for warps, strided in itertools.product((1, 2, 4), (False, True, "out")):
-            cfg = tk.RowsConfig(tk.BUTTERFLY_BN, n // tk.BUTTERFLY_BN, 32 * warps, warps,
-                                n.bit_length() - 1, 0, 1)
-            assert tk.is_butterfly(cfg, True) and not tk.is_butterfly(cfg, False)
-            assert not tk.is_butterfly(cfg._replace(block_m=16), True)
-            sig = {"x_ptr": ty[xdt], "w_ptr": ty[xdt], "out_ptr": ty[xdt], "scale": "fp32"}
-            const = dict(
-                N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
-                SYLVESTER=True, STRIDED=bool(strided), STRIDED_OUT=strided == "out",
-                SPLIT2=False, SPLIT4=False, BUTTERFLY=True, LOADS_FIRST=False, WIDE=False,
-                DOT_F32=False, EMULATE_RTNE=False,
-            )  # fmt: skip
-            # strides that are multiples of 16 (the projection views' 4096, 128, ...)
-            k = _aot_compile(tk._rows_kernel, sig, const, warps, aligned_ptrs=True, stages=1,
-                             divisible=("s0", "s1", "s2"))
-            ptx, name = k.asm["ptx"], f"n={n} {xdt} warps={warps} strided={strided}"
-            assert k.metadata.shared == 0, (name, k.metadata.shared)
-            for word in ("bar.sync", "shfl", "st.shared", "ld.shared", "mma"):
-                assert word not in ptx, (name, word)
-            assert "ld.global.v4" in ptx and "st.global.v4" in ptx, name
-            adds = sum(ptx.count(op) for op in ("add.f32", "sub.f32", "add.rn.f32",
-                                                "sub.rn.f32"))
-            assert adds == n * (n.bit_length() - 1), (name, adds)
-            assert not _local_bytes(k.asm["cubin"]), name
-
 
 else:
     triton = pytest.importorskip("triton")
@@ -795,58 +753,6 @@ else:
         finally:
             monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
             tk.rows_config.cache_clear()
-
-    @pytest.mark.parametrize("warps", [1, 4])
-    @pytest.mark.parametrize("n", [64, 128])
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)
-    def test_butterfly_tiling(dtype: torch.dtype, n: int, warps: int, monkeypatch) -> None:
-        """The register butterfly (``bn = 8``, one chunk per thread), as a table entry would
-        select it: the float64 rotation within the single-rounding bound in the flat,
-        strided and STRIDED_OUT layouts (a projection's decode view among them), with partial
-        tiles, one program per tile and a persistent grid, and inf/NaN kept in their chunk."""
-        small = True
-        block_m = 32 * warps
-        for pps in (0, 1):
-            monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (tk.BUTTERFLY_BN, block_m, warps,
-                                                             pps, 1))
-            tk.rows_config.cache_clear()
-            monkeypatch.setattr(tk, "_ROW_PLANS", {})
-            try:
-                cfg = tk.rows_config(n, False, True, small)
-                assert tk.is_butterfly(cfg, True)
-                x = rand(37, 3, 2 * n, dtype=dtype, seed=n + warps) * 3  # 222 chunks
-                proj = rand(1, 5, 32, n, dtype=dtype, seed=n).transpose(1, 2)  # decode view
-                views = [x, x.transpose(0, 1), x[:, :, n:], proj, proj[:, :, :1]]
-                forms = set()
-                for view in views:
-                    layout = None if view.is_contiguous() else (
-                        tk._dense_layout(view) or tk._row_layout(view))
-                    plan = tk._rows_plan(view, view, view.dtype, n, True, False, layout)
-                    assert plan.meta["BUTTERFLY"] and plan.meta["BLOCK_M"] == block_m
-                    forms.add((plan.meta["STRIDED"], plan.meta["STRIDED_OUT"]))
-                    out = tk.hadamard_triton(view, n**-0.5, None, n)
-                    assert out.is_contiguous() and out.shape == view.shape
-                    assert_matches(out, view, n, None, n**-0.5)
-                assert forms == {(False, False), (True, False), (True, True)}, forms
-                bad = x.clone()
-                bad[2, 1, n + 1] = float("inf")
-                bad[4, 0, 3] = float("nan")
-                out = tk.hadamard_triton(bad, 1.0, None, n).reshape(-1, n)
-                finite = out.isfinite().all(dim=-1)
-                assert int((~finite).sum()) == 2
-                clean = tk.hadamard_triton(x, 1.0, None, n).reshape(-1, n)
-                assert torch.equal(out[finite], clean[finite])
-            finally:
-                monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
-                tk.rows_config.cache_clear()
-        with pytest.raises(ValueError, match="only the butterfly form"):
-            monkeypatch.setitem(tk.TUNED_16BIT, (n, small), (tk.BUTTERFLY_BN, 16, 4, 0, 1))
-            tk.rows_config.cache_clear()
-            try:
-                tk.rows_config(n, False, True, small)
-            finally:
-                monkeypatch.delitem(tk.TUNED_16BIT, (n, small))
-                tk.rows_config.cache_clear()
 
     def test_medium_size_class(monkeypatch) -> None:
         """Calls whose chunk count is in MEDIUM_ROWS take TUNED_16BIT_MEDIUM's tiling (d = 256:

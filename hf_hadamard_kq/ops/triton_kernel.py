@@ -253,11 +253,7 @@ def rows_config(
         tuned = (medium and TUNED_16BIT_MEDIUM.get(n)) or TUNED_16BIT.get((n, small))
     if tuned is not None:
         bn, block_m, num_warps, pps, stages = tuned
-        cfg = RowsConfig(bn, np2 // bn, block_m, num_warps, log2n, pps, stages)
-        if bn < 16 and not is_butterfly(cfg, sylvester):
-            raise ValueError(f"tiling {tuned} for n = {n}: bn < 16 is only the butterfly form "
-                             f"(n 64 or 128, bn {BUTTERFLY_BN}, block_m = 32 * num_warps)")
-        return cfg
+        return RowsConfig(bn, np2 // bn, block_m, num_warps, log2n, pps, stages)
     if dot_f32:
         bn = min(np2, 128) if np2 <= 128 else 64
         block_m = 16 if np2 >= 128 else min(128, 4096 // np2)
@@ -277,20 +273,6 @@ def mid_config(m: int, inner: int) -> MidConfig:
     """
     block_i = max(16, min(_next_pow2(inner), 1024 // m, 128))
     return MidConfig(block_i, 8 if m >= 128 else 4)
-
-
-#: ``bn`` of the register-butterfly form (:func:`is_butterfly`): column tiles of 8.
-BUTTERFLY_BN: int = 8
-
-
-def is_butterfly(cfg: RowsConfig, sylvester: bool) -> bool:
-    """Whether a tiling is the row kernel's ``BUTTERFLY`` form: a Sylvester block of 64 or
-    128 transformed in registers, one chunk per thread (``bn = 8``, ``block_m = 32 *
-    num_warps``); other blocks and explicit matrices never are. Only the 16-bit tables
-    (:data:`TUNED_16BIT`) may name it: a chunk's 8 columns are then one 16-byte vector in one
-    thread (fp32 would split them between threads, through shared memory)."""
-    return (sylvester and cfg.bn == BUTTERFLY_BN and cfg.nb * BUTTERFLY_BN in (64, 128)
-            and cfg.block_m == 32 * cfg.num_warps)
 
 
 def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
@@ -424,56 +406,6 @@ if _HAS_TRITON:
         return w
 
     @triton.jit
-    def _bfly8(v, M: tl.constexpr):
-        """``v @ H_8`` for an fp32 ``[M, 8]`` tile, by butterflies on bits 0, 1 and 2 of the
-        column index. reshape / permute / split / join only move elements between registers
-        when a thread holds a row's 8 elements (the 16-byte vector it loaded): no shared
-        memory, no shuffles (checked by compiling for sm_90)."""
-        a, b = tl.split(tl.reshape(v, [M, 4, 2]))  # bit 0: columns (2k, 2k + 1)
-        v = tl.reshape(tl.join(a + b, a - b), [M, 8])
-        t = tl.permute(tl.reshape(v, [M, 2, 2, 2]), [0, 1, 3, 2])  # bit 1 last
-        a, b = tl.split(t)
-        v = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [M, 8])
-        t = tl.permute(tl.reshape(v, [M, 2, 4]), [0, 2, 1])  # bit 2 last
-        a, b = tl.split(t)
-        return tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 2, 1]), [M, 8])
-
-    @triton.jit
-    def _fwht64(x_ptr, at, mask, M: tl.constexpr):
-        """The 64 columns at ``x_ptr + at`` (``at``: ``[M, 8]`` offsets of the first 8) times
-        ``H_64``, in fp32, as 8 ``[M, 8]`` tiles: ``H_64 = H_8 ⊗ H_8``, the tile index's 3
-        bits by butterflies between tiles (elementwise), the column's within each tile."""
-        t0 = _bfly8(tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32), M)
-        t1 = _bfly8(tl.load(x_ptr + at + 8, mask=mask, other=0.0).to(tl.float32), M)
-        t2 = _bfly8(tl.load(x_ptr + at + 16, mask=mask, other=0.0).to(tl.float32), M)
-        t3 = _bfly8(tl.load(x_ptr + at + 24, mask=mask, other=0.0).to(tl.float32), M)
-        t4 = _bfly8(tl.load(x_ptr + at + 32, mask=mask, other=0.0).to(tl.float32), M)
-        t5 = _bfly8(tl.load(x_ptr + at + 40, mask=mask, other=0.0).to(tl.float32), M)
-        t6 = _bfly8(tl.load(x_ptr + at + 48, mask=mask, other=0.0).to(tl.float32), M)
-        t7 = _bfly8(tl.load(x_ptr + at + 56, mask=mask, other=0.0).to(tl.float32), M)
-        t0, t1, t2, t3 = t0 + t1, t0 - t1, t2 + t3, t2 - t3  # bit 3: tiles (2k, 2k + 1)
-        t4, t5, t6, t7 = t4 + t5, t4 - t5, t6 + t7, t6 - t7
-        t0, t2, t1, t3 = t0 + t2, t0 - t2, t1 + t3, t1 - t3  # bit 4
-        t4, t6, t5, t7 = t4 + t6, t4 - t6, t5 + t7, t5 - t7
-        t0, t4, t1, t5 = t0 + t4, t0 - t4, t1 + t5, t1 - t5  # bit 5
-        t2, t6, t3, t7 = t2 + t6, t2 - t6, t3 + t7, t3 - t7
-        return t0, t1, t2, t3, t4, t5, t6, t7
-
-    @triton.jit
-    def _store8(out_ptr, at, mask, t0, t1, t2, t3, t4, t5, t6, t7, scale,
-                EMULATE_RTNE: tl.constexpr):
-        """Store 8 fp32 ``[M, 8]`` tiles, times ``scale``, rounded once, at ``out_ptr + at``,
-        ``+ 8``, ..., ``+ 56``."""
-        tl.store(out_ptr + at, _round_to(t0 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 8, _round_to(t1 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 16, _round_to(t2 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 24, _round_to(t3 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 32, _round_to(t4 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 40, _round_to(t5 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 48, _round_to(t6 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-        tl.store(out_ptr + at + 56, _round_to(t7 * scale, out_ptr, EMULATE_RTNE), mask=mask)
-
-    @triton.jit
     def _rows_kernel(
         x_ptr,
         w_ptr,
@@ -497,7 +429,6 @@ if _HAS_TRITON:
         STRIDED_OUT: tl.constexpr,
         SPLIT2: tl.constexpr,
         SPLIT4: tl.constexpr,
-        BUTTERFLY: tl.constexpr,
         LOADS_FIRST: tl.constexpr,
         WIDE: tl.constexpr,
         DOT_F32: tl.constexpr,
@@ -520,9 +451,6 @@ if _HAS_TRITON:
         ``LOADS_FIRST`` (every program has exactly one tile): build the resident ``W`` after
         issuing the tile's loads instead of before the loop, so that the matrix generation
         overlaps the load latency (decode-sized calls are latency-bound).
-        ``BUTTERFLY`` (Sylvester, ``N`` 64 or 128, ``BLOCK_M = 32 * num_warps``): each thread
-        transforms one chunk in registers, a fast Walsh-Hadamard butterfly in fp32 (no matrix,
-        no tensor cores, no shared memory; see :func:`_fwht64`).
         """
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -563,22 +491,7 @@ if _HAS_TRITON:
             else:
                 x_row = o_row
                 x_tile = x_ptr + start
-            if BUTTERFLY:
-                r8 = tl.arange(0, 8)
-                mask = row_ok[:, None] & (r8 < 8)[None, :]
-                x_at = x_row[:, None] + r8[None, :]
-                o_at = o_row[:, None] + r8[None, :]
-                a0, a1, a2, a3, a4, a5, a6, a7 = _fwht64(x_tile, x_at, mask, BLOCK_M)
-                if N == 128:  # H_128 = H_2 ⊗ H_64: bit 6 between the two halves
-                    b0, b1, b2, b3, b4, b5, b6, b7 = _fwht64(x_tile, x_at + 64, mask, BLOCK_M)
-                    a0, b0, a1, b1 = a0 + b0, a0 - b0, a1 + b1, a1 - b1
-                    a2, b2, a3, b3 = a2 + b2, a2 - b2, a3 + b3, a3 - b3
-                    a4, b4, a5, b5 = a4 + b4, a4 - b4, a5 + b5, a5 - b5
-                    a6, b6, a7, b7 = a6 + b6, a6 - b6, a7 + b7, a7 - b7
-                    _store8(o_ptr, o_at + 64, mask, b0, b1, b2, b3, b4, b5, b6, b7, scale,
-                            EMULATE_RTNE)
-                _store8(o_ptr, o_at, mask, a0, a1, a2, a3, a4, a5, a6, a7, scale, EMULATE_RTNE)
-            elif NB == 1:
+            if NB == 1:
                 mask = row_ok[:, None] & (rk < N)[None, :]
                 xk = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
@@ -827,7 +740,7 @@ def _rows_plan(
     meta = dict(
         N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
         STRIDED=strided, STRIDED_OUT=strided_out, SPLIT2=sylvester and cfg.nb == 2,
-        SPLIT4=sylvester and cfg.nb == 4, BUTTERFLY=is_butterfly(cfg, sylvester),
+        SPLIT4=sylvester and cfg.nb == 4,
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
     )  # fmt: skip

@@ -274,7 +274,8 @@ def _make_wrapper(original: Callable, standard: bool) -> Callable:
             or type(q) is not torch.Tensor
             or type(k) is not torch.Tensor
             or q.shape[-1] != fused.block
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                             or cos.requires_grad or sin.requires_grad))
             or _dispatch_modes()  # a mode must see the op: the general path's hadamard_apply
         ):
             return original(q, k, cos, sin, *args, **kwargs)

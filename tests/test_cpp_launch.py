@@ -270,20 +270,30 @@ def test_table_finds_recent_launches_as_its_keys_do(mod):
     table.add(128, a)
     table.add(64, b)
     table.add(128, c)
+    assert table.recent() == ()
     for _ in range(2):  # first from the keys, then from the recent entries
         assert table.find(128, like) is a and table.find(64, like) is b
         assert table.find(128, other) is c
         assert table.find(32, like) is None and table.find(64, other) is None
         assert table.find(128, like.half()) is None and table.find(128, None) is None
+        assert sorted(table.recent(), key=lambda e: id(e[1])) == sorted(
+            [(128, a), (64, b), (128, c)], key=lambda e: id(e[1]))  # hits only, once each
     for n in range(6):  # more layouts than recent entries: each still finds its own
         launch = _launch(mod, like=torch.zeros(n + 3, 3, 128, dtype=torch.bfloat16))
         table.add(128, launch)
         assert table.find(128, torch.zeros(n + 3, 3, 128, dtype=torch.bfloat16)) is launch
     assert table.find(128, like) is a
+    for n in range(6):  # six hits without a change between: the four latest are kept
+        table.find(128, torch.zeros(n + 3, 3, 128, dtype=torch.bfloat16))
+    latest = table.recent()
+    assert len(latest) == 4 and {e[1].matches(torch.zeros(n + 3, 3, 128, dtype=torch.bfloat16))
+                                 for e in latest for n in (0, 1)} == {False}
     d = _launch(mod, like=like)
     table.add(128, d)  # replaces a: the recent entry must not outlive it
+    assert table.recent() == ()
     assert table.find(128, like) is d and table.find(64, like) is b
     table.clear()
+    assert table.recent() == ()
     assert table.find(128, like) is None and table.find(64, like) is None
     with_rope, inputs = _qk_launch(mod)
     without, bare = _qk_launch(mod, rope=False, matrix=False)
@@ -295,6 +305,33 @@ def test_table_finds_recent_launches_as_its_keys_do(mod):
         assert table.find(0, *inputs[:2], None, None, inputs[4]) is None  # RoPE inputs None
     with pytest.raises(TypeError):
         table.find(0, 1.0)
+
+
+def test_table_declines_what_is_not_a_tensor(mod, monkeypatch):
+    """A Table declines (None) a call whose inputs are not tensors -- an FX proxy while a model
+    is traced symbolically -- so that the hot-path entry records the custom op, as it did
+    before it asked the table first; Launch calls and ``find`` still raise."""
+    from hf_hadamard_kq.ops import op as op_mod
+
+    table = mod.Table()
+    table.add(64, _launch(mod, like=torch.zeros(2, 64, dtype=torch.bfloat16)))
+    assert table(object(), 1.0, 64) is None and table("x", None, 1.0, 0) is None
+    monkeypatch.setattr(nl, "TABLE", table)
+    graph = torch.fx.symbolic_trace(lambda x: op_mod.hadamard_apply(x, 0.125, None, 64)).graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert any("hadamard_kq.hadamard_transform" in t for t in targets), targets
+    with pytest.raises(TypeError):
+        _launch(mod)(object(), 1.0)
+
+
+def test_plain_cuda_refuses_cpu_and_wrapped_tensors():
+    """The Python launch paths' key test: CPU tensors, lazily negated views and zero tensors
+    are not plain CUDA data (on a GPU, tests below: plain CUDA tensors are)."""
+    x = torch.randn(2, 8)
+    assert not nl.plain_cuda(x) and not nl.plain_cuda(None, x)
+    assert nl.plain_cuda() and nl.plain_cuda(None)
+    assert not nl.plain_cuda(torch._neg_view(x))
+    assert not nl.plain_cuda(torch._efficientzerotensor(3))
 
 
 def test_clear_plans_empties_the_table(mod, monkeypatch):
@@ -806,6 +843,51 @@ def test_gpu_cpp_launch_declines_subclasses_autograd_and_dispatch_modes():
     assert y.requires_grad and y.grad_fn is not None  # the op, with its autograd
     assert_single_rounding(y.detach(), reference_transform(x))
     assert fast(x, S128) is not None  # and plain calls are served again
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fresh_plans")
+def test_gpu_wrapped_and_lazy_tensors_take_the_op():
+    """Tensors whose data a kernel must not read directly -- a functionalization wrapper (no
+    storage: a null data pointer), a lazily negated view (its data is -x), a zero tensor (no
+    storage) -- are declined by the C++ launch and the Python paths alike and take the op,
+    which unwraps or materializes them: the right rotation, no illegal address."""
+    from hf_hadamard_kq.ops import op as op_mod
+    from hf_hadamard_kq.ops import qk_kernel as qk
+    from tests.reference import assert_single_rounding, reference_transform
+
+    x = torch.randn(1, 1, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    fast = _seen_twice(x, S128, 128)
+    assert type(fast).__name__ == "Launch" and nl.plain_cuda(x)
+    with torch.inference_mode():
+        assert nl.plain_cuda(x.clone())
+    assert nl.plain_cuda(torch.nn.Parameter(x.clone(), requires_grad=False))
+    neg = torch._neg_view(x)
+    assert (neg.shape, neg.stride()) == (x.shape, x.stride()) and not nl.plain_cuda(neg)
+    assert fast(neg, S128) is None and nl.TABLE(neg, S128, 128) is None
+    assert_single_rounding(op_mod.hadamard_apply(neg, S128, None, 128), reference_transform(-x))
+    zero = torch._efficientzerotensor(x.shape, dtype=x.dtype, device="cuda")
+    assert not nl.plain_cuda(zero)
+    assert not op_mod.hadamard_apply(zero, S128, None, 128).any()
+    seen = {}
+
+    def body(t):
+        seen["plain"] = nl.plain_cuda(t)
+        seen["table"] = nl.TABLE(t, S128, 128)
+        return op_mod.hadamard_apply(t, S128, None, 128)
+
+    y = torch.func.functionalize(body)(x)
+    torch.cuda.synchronize()  # an illegal address would surface here
+    assert seen == {"plain": False, "table": None}
+    assert_single_rounding(y, reference_transform(x))
+    # the fused launch: declined by its table and by its Python path (the caller's op then)
+    q = torch.randn(1, 3, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 3, 8, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    for _ in range(3):
+        assert qk.try_rotate_qk(q, k, S128, None) is not None
+    assert qk.try_rotate_qk(torch._neg_view(q), k, S128, None) is None
+    assert qk.try_rotate_qk(q, torch._neg_view(k), S128, None) is None
+    qk.clear_plans()
 
 
 @pytest.mark.gpu

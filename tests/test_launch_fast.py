@@ -239,6 +239,7 @@ def test_qk_fast_closure_passes_the_direct_launch_arguments(monkeypatch, rope, e
     monkeypatch.setattr(qk, "_PLANS", {})
     monkeypatch.setattr(qk, "_current_device", lambda: device[0])
     monkeypatch.setattr(qk, "qk_supported", lambda *a: True)  # CPU tensors stand in
+    monkeypatch.setattr(qk.cpp_launch, "plain_cuda", lambda *t: True)  # (for CUDA ones)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)
 
     def tensors(offset=0):

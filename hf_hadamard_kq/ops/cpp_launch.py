@@ -7,8 +7,9 @@ layer pays. Through triton's own C launcher the cached per-layout closure
 triton's launcher parses two dozen Python arguments per call (3.7-4.9 us with everything
 prebuilt), the output allocation from Python took 2.0-3.7 us, and the closure's own Python
 about 1.5 us. A :class:`Launch` object does the same work in one C++ call: it checks that
-the inputs are plain CUDA tensors (no subclass, no dispatch mode, nothing autograd would
-record: the hot path's own Python checks, done here so that a plain call pays for none), the
+the inputs are plain dense CUDA tensors (by their dispatch keys: no subclass, wrapper, lazy
+view or zero tensor; no dispatch mode; nothing autograd would record: the hot path's own
+Python checks, done here so that a plain call pays for none), the
 layout, the current device, triton's launch hooks and the alignment, allocates the output
 from torch's CUDA allocator (not through ``at::empty_strided``'s dispatch: 0.7-1.6 us less
 on the lent H100 hosts) and calls ``cuLaunchKernel`` with parameters packed once per layout.
@@ -92,6 +93,26 @@ _failed: Optional[str] = None  # why the build or libcuda failed (auto mode: war
 _checked: dict[int, Any] = {}
 #: Compiled kernels whose Launch disagreed with triton's (``auto`` mode), by ``id``; kept.
 _rejected: dict[int, Any] = {}
+
+
+_KEY = torch._C.DispatchKey
+#: The dispatch keys of a plain dense CUDA tensor (its data, autograd, autocast): the C++
+#: side's ``kPlainCuda``.
+_PLAIN_CUDA = (torch._C.DispatchKeySet(_KEY.CUDA) | torch._C.DispatchKeySet(_KEY.AutogradCUDA)
+               | torch._C.DispatchKeySet(_KEY.ADInplaceOrView)
+               | torch._C.DispatchKeySet(_KEY.AutocastCUDA))
+
+
+def plain_cuda(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether every tensor (None skipped) is plain dense CUDA data a kernel may read directly
+    (the C++ launch's ``inputs_usable`` key test, for the Python launch paths): not a
+    functionalization or functorch wrapper (no storage of its own: a null data pointer), a
+    lazily negated or conjugated view, a zero tensor, a subclass, sparse or nested. Those take
+    the custom op, whose dispatch unwraps or materializes them. (~0.5 us per tensor: only the
+    paths behind a declined or absent C++ launch pay it.)"""
+    plain = _PLAIN_CUDA
+    keys = torch._C._dispatch_keys
+    return all(t is None or (keys(t) | plain) == plain for t in tensors)
 
 
 class CppLaunchError(RuntimeError):

@@ -208,15 +208,17 @@ def hadamard_apply(
             and (x.requires_grad or (matrix is not None and matrix.requires_grad))
         )
     ):
-        if matrix is None and x.is_cuda:  # a layout seen before
-            fast = _FAST.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
-            if fast is not None:
-                out = fast(x, scale)
-                if out is not None:
-                    return out
-        if x.device.type == "cuda":
-            return _hadamard_cuda(x, scale, matrix, block)
-        if x.device.type == "cpu":
+        if x.is_cuda:
+            if cpp_launch.plain_cuda(x, matrix):  # else (a functionalization wrapper, a lazy
+                # view...) the op's dispatch unwraps it: a direct launch would read no data
+                if matrix is None:  # a layout seen before
+                    fast = _FAST.get((x.shape, x.stride(), x.dtype, x.get_device(), block))
+                    if fast is not None:
+                        out = fast(x, scale)
+                        if out is not None:
+                            return out
+                return _hadamard_cuda(x, scale, matrix, block)
+        elif x.device.type == "cpu":
             return torch_hadamard(x, scale, matrix, block)
     if (
         fusable

@@ -453,6 +453,8 @@ def try_rotate_qk(
         pair = table(*inputs, scale, QK_TAG)
         if pair is not None:
             return pair
+    if _LAUNCHER is not None and not cpp_launch.plain_cuda(*inputs):
+        return None  # a wrapper or lazy view (no data of its own to read): the caller's op
     layout = _layout(q, k, matrix, cos, sin, scale)
     fast = _FAST.get(layout)
     if fast is not None:

@@ -19,11 +19,28 @@ import math
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from hf_hadamard_kq import checkpoint as ckpt
 from tests.reference import ct_hadamard
+
+
+class OpLog(TorchDispatchMode):
+    """A dispatch mode that runs every op it sees and records its name: what a flop counter
+    or tracer would see (``count(name)``: how many op names contain ``name``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, name: str) -> int:
+        return sum(name in op for op in self.ops)
 
 
 def rotate64(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -285,16 +285,7 @@ def test_model_under_a_dispatch_mode_rotates_through_the_op(monkeypatch):
     """Under a dispatch mode (a flop counter, a tracer) no direct launch serves the layers:
     the fused wrapper leaves them to the general path, whose calls are the custom op the mode
     sees (query and key per layer), and the logits are the fused path's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from tests.oracles import OpLog
 
     path = FIXTURES / "llama_r3_hadamard_hd64"
     model = AutoModelForCausalLM.from_pretrained(
@@ -308,12 +299,11 @@ def test_model_under_a_dispatch_mode_rotates_through_the_op(monkeypatch):
         want = model(x).logits.float()
         assert fused_calls  # the fused path served the plain call
         fused_calls.clear()
-        with Seen() as mode:
+        with OpLog() as mode:
             got = model(x).logits.float()
     n_layers = model.config.num_hidden_layers
     assert not fused_calls
-    ours = [name for name in mode.ops if "hadamard_kq.hadamard_transform" in name]
-    assert len(ours) == 2 * n_layers, ours
+    assert mode.count("hadamard_kq.hadamard_transform") == 2 * n_layers, mode.ops
     plain = load_unrotated(path, dtype=torch.bfloat16, device_map=DEV)
     fp32 = load_unrotated(path, dtype=torch.float32, device_map=DEV)
     with torch.no_grad():

@@ -192,8 +192,9 @@ def hadamard_apply(
     """
     if matrix is None and not _is_compiling():
         # The C++ launches, looked up in C++, which also declines what the checks below
-        # exclude (a subclass, a dispatch mode, an input autograd would record, not CUDA, a
-        # new layout): the common eager call pays for no Python check.
+        # exclude (a subclass, a wrapper or lazy view, a dispatch mode, an input autograd
+        # would record, not CUDA, a new layout): the common eager call pays for no Python
+        # check.
         table = cpp_launch.TABLE
         if table is not None:
             out = table(x, scale, block)

@@ -11,8 +11,9 @@ the inputs are plain dense CUDA tensors (by their dispatch keys: no subclass, wr
 view or zero tensor; no dispatch mode; nothing autograd would record: the hot path's own
 Python checks, done here so that a plain call pays for none), the
 layout, the current device, triton's launch hooks and the alignment, allocates the output
-from torch's CUDA allocator (not through ``at::empty_strided``'s dispatch: 0.7-1.6 us less
-on the lent H100 hosts) and calls ``cuLaunchKernel`` with parameters packed once per layout.
+from torch's CUDA allocator (not through ``at::empty_strided``'s dispatch; a Launch call
+measured 0.5-1.6 us less than session 18's on the lent H100 hosts) and calls
+``cuLaunchKernel`` with parameters packed once per layout.
 A :class:`Table` finds the Launch of a call's layouts in C++: its few most recently used
 entries first (by the Launch's own per-input comparison), else by a key. The fused Q/K
 launch (one per layer in eager decode of a fused model) went the same way: through triton's
@@ -108,8 +109,9 @@ def plain_cuda(*tensors: Optional[torch.Tensor]) -> bool:
     (the C++ launch's ``inputs_usable`` key test, for the Python launch paths): not a
     functionalization or functorch wrapper (no storage of its own: a null data pointer), a
     lazily negated or conjugated view, a zero tensor, a subclass, sparse or nested. Those take
-    the custom op, whose dispatch unwraps or materializes them. (~0.5 us per tensor: only the
-    paths behind a declined or absent C++ launch pay it.)"""
+    the custom op, whose dispatch unwraps or materializes them. (About 0.8 us per tensor on
+    the 2-core development CPU: only the paths behind a declined or absent C++ launch pay
+    it.)"""
     plain = _PLAIN_CUDA
     keys = torch._C._dispatch_keys
     return all(t is None or (keys(t) | plain) == plain for t in tensors)

@@ -190,7 +190,8 @@ def hadamard_apply(
     ``fusable=False`` keeps the op even then: for a caller whose roundings around the call
     matter (a scheme ``precision`` cast), which inductor would fuse away.
     """
-    if matrix is None and not _is_compiling():
+    compiling = _is_compiling()
+    if matrix is None and not compiling:
         # The C++ launches, looked up in C++, which also declines what the checks below
         # exclude (a subclass, a wrapper or lazy view, a dispatch mode, an input autograd
         # would record, not CUDA, a new layout): the common eager call pays for no Python
@@ -202,7 +203,7 @@ def hadamard_apply(
                 return out
     if (
         type(x) is torch.Tensor
-        and not _is_compiling()
+        and not compiling
         and not _dispatch_modes()
         and not (
             torch.is_grad_enabled()
@@ -225,7 +226,7 @@ def hadamard_apply(
         fusable
         and block <= native.NATIVE_MAX_BLOCK
         and type(x) is torch.Tensor  # not a DTensor: plain ops with a plain matrix
-        and torch.compiler.is_compiling()
+        and compiling
         and native.use_native(x, block)
     ):
         return native.native_hadamard(x, scale, matrix, block)

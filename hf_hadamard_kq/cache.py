@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from . import fused as fused_mod
+from .ops import forward_mode
 from .ops.kv_store import kv_store
 from .ops.op import hadamard_apply
 from .plan import Rotation
@@ -169,13 +170,17 @@ def _store_static(cache: Any, key_states: torch.Tensor, value_states: torch.Tens
     rotated in plain torch ops (the ``native`` form) is left to the layer's own write, which
     inductor can fuse the rotation into. Exact classes only: a subclass may store
     differently (the sliding-window layers' rolling slots); offloading moves layers between
-    devices around the update; and a key or value that needs a gradient keeps the layer's
-    ``index_copy_`` (the op has no autograd formula).
+    devices around the update; and a key or value that needs a gradient, or any while a
+    forward-mode AD level is open, keeps the layer's ``index_copy_`` (the op has no autograd
+    formula).
     """
     if not KV_STORE or type(cache) is not StaticCache:
         return None
-    # the op has no autograd: a value (or key) that needs a gradient keeps index_copy_'s
+    # the op has no autograd: a value (or key) that needs a gradient, or may carry a
+    # forward-mode tangent, keeps index_copy_'s
     if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+        return None
+    if forward_mode.level_open():
         return None
     layer_idx = args[0] if args else kwargs.get("layer_idx")
     if type(layer_idx) is not int or cache.offloading:

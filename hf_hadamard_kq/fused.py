@@ -217,7 +217,7 @@ def _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot: int):
     the slot's markers. ``rope_rotate_qk`` (ops/qk_op.py) is one graph node and one launch of
     the fused kernel on CUDA (its key is marked ``k_op``: the cache view may then write it
     with ``kv_store``); other tensors take the model's RoPE and the planned rotation."""
-    from .ops import native
+    from .ops import forward_mode, native
     from .ops.qk_kernel import qk_supported
     from .ops.qk_op import rope_rotate_qk
     from .specs import MARKERS, SPECS, mark, unmark
@@ -237,6 +237,7 @@ def _marked_pair(q, k, cos, sin, args, kwargs, original, standard, slot: int):
         and q.shape[-1] == rotation.block
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or cos.requires_grad or sin.requires_grad))
+        and not forward_mode.level_open()  # the op has no forward formula: duals' tangents
         and qk_supported(q, k, None, cos, sin, any_device=True)
     ):
         q, k = rope_rotate_qk(q, k, cos, sin, rotation.scale, None)

@@ -74,11 +74,13 @@ def with_cache(model, cache) -> dict:
     return {name: cache, "use_cache": True}
 
 
-def load_unrotated(path, **kwargs):
-    """The checkpoint's weights with plain sdpa (our load hook warns that R3 is skipped)."""
+def load_unrotated(path, attn_implementation: str = "sdpa", **kwargs):
+    """The checkpoint's weights with plain sdpa, or the named transformers attention (our load
+    hook warns that R3 is skipped)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        return AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=attn_implementation, **kwargs)
 
 
 def hand_rotated_model(path, block: int, **kwargs):

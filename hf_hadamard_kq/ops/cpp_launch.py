@@ -63,6 +63,8 @@ from typing import Any, Optional
 
 import torch
 
+from . import forward_mode
+
 ENV = "HF_HADAMARD_KQ_CPP_LAUNCH"
 CACHE_ENV = "HF_HADAMARD_KQ_CACHE_DIR"
 SOURCE = Path(__file__).with_name("cpp_launch.cpp")
@@ -109,9 +111,13 @@ def plain_cuda(*tensors: Optional[torch.Tensor]) -> bool:
     (the C++ launch's ``inputs_usable`` key test, for the Python launch paths): not a
     functionalization or functorch wrapper (no storage of its own: a null data pointer), a
     lazily negated or conjugated view, a zero tensor, a subclass, sparse or nested. Those take
-    the custom op, whose dispatch unwraps or materializes them. (About 0.8 us per tensor on
-    the 2-core development CPU: only the paths behind a declined or absent C++ launch pay
-    it.)"""
+    the custom op, whose dispatch unwraps or materializes them. While a forward-mode AD level
+    is open (``torch.autograd.forward_ad.dual_level``, ``torch.func.jvp``) none is: any of
+    them may be a dual tensor, whose tangent only the op's autograd kernel rotates. (About
+    0.8 us per tensor on the 2-core development CPU: only the paths behind a declined or
+    absent C++ launch pay it.)"""
+    if forward_mode.level_open():
+        return False
     plain = _PLAIN_CUDA
     keys = torch._C._dispatch_keys
     return all(t is None or (keys(t) | plain) == plain for t in tensors)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import cpp_launch, native
+from . import cpp_launch, forward_mode, native
 from .matrices import MAX_SYLVESTER_SIZE, is_power_of_two, sylvester
 
 #: Largest Sylvester block the torch path multiplies densely. Above it the matrix is factored
@@ -138,30 +138,109 @@ def _hadamard_fake(
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, scale, matrix, block = inputs
-    ctx.scale = scale
-    ctx.block = block
-    keep_x = matrix is not None and matrix.requires_grad
-    ctx.save_for_backward(matrix, x if keep_x else None)
+_OP = torch.ops.hadamard_kq.hadamard_transform.default
+_fwad = torch.autograd.forward_ad
 
 
-def _backward(ctx, grad: torch.Tensor):
-    """y = x W s blockwise, so dx = g W^T s (the same op) and dW = s x^T g summed over blocks."""
-    matrix, x = ctx.saved_tensors
-    grad_x = grad_matrix = None
-    if ctx.needs_input_grad[0]:
-        mt = None if matrix is None else matrix.mT.contiguous()
-        grad_x = torch.ops.hadamard_kq.hadamard_transform(grad, ctx.scale, mt, ctx.block)
-    if matrix is not None and ctx.needs_input_grad[2]:
-        compute = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-        xb = x.reshape(-1, ctx.block).to(compute)
-        gb = grad.reshape(-1, ctx.block).to(compute)
-        grad_matrix = ((xb.mT @ gb) * ctx.scale).to(matrix.dtype)
-    return grad_x, None, grad_matrix, None
+class _Differentiable(torch.autograd.Function):
+    """The op under reverse-mode autograd (and forward mode on the same call).
+
+    ``y = x W s`` blockwise, linear in ``x`` and in ``W``, so both derivatives are the op
+    again: ``dx = g W^T s`` and ``dW = s x^T g`` summed over blocks (backward), ``dy = s (dx W
+    + x dW)`` (jvp).
+    """
+
+    @staticmethod
+    def forward(x, scale, matrix, block):
+        return _OP(x, scale, matrix, block)  # grad modes are off in here: the kernel runs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, scale, matrix, block = inputs
+        ctx.scale = scale
+        ctx.block = block
+        keep_x = matrix is not None and matrix.requires_grad
+        ctx.save_for_backward(matrix, x if keep_x else None)
+        ctx.save_for_forward(x, matrix)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        matrix, x = ctx.saved_tensors
+        grad_x = grad_matrix = None
+        if ctx.needs_input_grad[0]:
+            mt = None if matrix is None else matrix.mT.contiguous()
+            grad_x = _OP(grad, ctx.scale, mt, ctx.block)
+        if matrix is not None and ctx.needs_input_grad[2]:
+            compute = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+            xb = x.reshape(-1, ctx.block).to(compute)
+            gb = grad.reshape(-1, ctx.block).to(compute)
+            grad_matrix = ((xb.mT @ gb) * ctx.scale).to(matrix.dtype)
+        return grad_x, None, grad_matrix, None
+
+    @staticmethod
+    def jvp(ctx, x_t, scale_t, matrix_t, block_t):
+        x, matrix = ctx.saved_tensors
+        return _tangent(x, x_t, ctx.scale, matrix, matrix_t, ctx.block)
 
 
-_hadamard_op.register_autograd(_backward, setup_context=_setup_context)
+def _tangent(x, x_t, scale, matrix, matrix_t, block):
+    """The output's tangent, ``s (x_t W + x W_t)`` (None tangents are zero)."""
+    out = None if x_t is None else _OP(x_t, scale, matrix, block)
+    if matrix_t is not None:
+        part = _OP(x, scale, matrix_t, block)
+        out = part if out is None else out + part
+    return out
+
+
+def _primal_tangent(t: Optional[torch.Tensor]):
+    """``(primal, tangent)`` of ``t`` at the innermost forward-AD level (tangent None if none)."""
+    if t is None:
+        return None, None
+    return tuple(_fwad.unpack_dual(t))
+
+
+def _autograd_kernel(keyset, x, scale, matrix, block):
+    """The op's autograd kernel, in place of ``register_autograd``'s, which ignores forward-mode
+    tangents: a dual input not requiring grad reached the kernel below autograd and came back
+    without a tangent (``torch.autograd.forward_ad``: none; ``torch.func.jvp``: zero). Here the
+    tangent is computed with the op and attached to the output, as torch's own kernels do."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, matrix):
+        return _reverse(x, scale, matrix, block)  # the Function's jvp gives any tangent
+    tangent = None
+    if forward_mode.level_open() and torch._C._is_fwd_grad_enabled():
+        x_p, x_t = _primal_tangent(x)
+        m_p, m_t = _primal_tangent(matrix)
+        tangent = _tangent(x_p, x_t, scale, m_p, m_t, block)
+    with torch._C._AutoDispatchBelowAutograd():
+        y = _OP.redispatch(keyset & torch._C._after_autograd_keyset, x, scale, matrix, block)
+    return y if tangent is None else _fwad.make_dual(y, tangent)
+
+
+def _reverse(x, scale, matrix, block):
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            "hadamard_kq::hadamard_transform: torch.func's reverse-mode transforms (grad, vjp, "
+            "jacrev) cannot record this op (torch applies an autograd.Function only at the "
+            "top level). Use torch.autograd.grad or .backward(), or torch.func.jvp / jacfwd "
+            "(forward mode), which are supported."
+        )
+    return _Differentiable.apply(x, scale, matrix, block)
+
+
+#: Every runtime autograd key torch can name: a kernel on the ``Autograd`` alias itself would
+#: replace the one ``custom_op`` registered there (torch warns on that), while a runtime key's
+#: own kernel takes precedence over the alias's. Keys this torch cannot name in a registration
+#: (MTIA, MAIA, VE here) keep the alias's kernel: reverse mode below, no forward mode.
+_AUTOGRAD_KEYS = [
+    k for k in dir(torch._C.DispatchKey)
+    if k.startswith("Autograd") and k not in ("Autograd", "AutogradFunctionality")
+    and torch._C._parse_dispatch_key(k) is not None
+]
+_hadamard_op.register_autograd(_Differentiable.backward,
+                               setup_context=_Differentiable.setup_context)
+_AUTOGRAD_LIB = torch.library.Library("hadamard_kq", "IMPL")
+for _key in _AUTOGRAD_KEYS:
+    _AUTOGRAD_LIB.impl("hadamard_transform", _autograd_kernel, _key, with_keyset=True)
 
 
 def hadamard_apply(

@@ -153,6 +153,28 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradgradcheck(lambda t: hadamard_transform(t, block=8), (x,))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_backward_through_the_op(backend):
+    """torch.compile traces the op's own autograd kernel (ops/op.py) into its joint graph:
+    forward and gradients for x and an explicit matrix equal float64 matmuls'."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 2, 32, requires_grad=True)
+    m = torch.randn(16, 16, requires_grad=True)
+    g = torch.randn(3, 2, 32)
+
+    def f(t, w):
+        return torch.ops.hadamard_kq.hadamard_transform(t, 0.3, w, 16)
+
+    out = torch.compile(f, backend=backend, fullgraph=True)(x, m)
+    out.backward(g)
+    torch._dynamo.reset()
+    xb, gb, m64 = x.detach().double().reshape(-1, 16), g.double().reshape(-1, 16), m.double()
+    tol = dict(rtol=1e-5, atol=1e-5)  # fp32 accumulation against float64
+    torch.testing.assert_close(out.double(), (xb @ m64 * 0.3).reshape(3, 2, 32), **tol)
+    torch.testing.assert_close(x.grad.double(), (gb @ m64.T * 0.3).reshape(3, 2, 32), **tol)
+    torch.testing.assert_close(m.grad.double(), xb.T @ gb * 0.3, **tol)
+
+
 @pytest.mark.parametrize("compile_form", ["op", "auto"], indirect=True)
 def test_torch_compile_fullgraph_cpu(compile_form):
     """Under inductor in both forms these small tensors can take (``auto`` traces them as

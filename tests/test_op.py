@@ -153,6 +153,37 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradgradcheck(lambda t: hadamard_transform(t, block=8), (x,))
 
 
+@pytest.fixture
+def no_vmap_fallback():
+    """torch's per-example vmap fallback raises instead of looping: a vmap that works used
+    the op's own rule."""
+    before = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(before)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_vmap_rule(dim, device, no_vmap_fallback):
+    dtype = torch.float64 if device == "cpu" else torch.float32  # fp32: the CUDA kernel's
+    x = torch.randn(5, 3, 32, dtype=dtype, device=device)
+    m = torch.randn(5, 8, 8, dtype=dtype, device=device)
+    op = torch.ops.hadamard_kq.hadamard_transform
+    tol = {} if device == "cpu" else dict(rtol=1e-5, atol=1e-5)
+    got = torch.vmap(lambda v: op(v, 0.25, None, 16), in_dims=dim)(x.movedim(0, dim))
+    torch.testing.assert_close(got.double(), reference_transform(x, 16, None, 0.25), **tol)
+    want = torch.stack([reference_transform(x[i], 8, m[i], 0.5) for i in range(5)])
+    got = torch.vmap(lambda v, w: op(v, 0.5, w, 8), in_dims=(dim, 0))(x.movedim(0, dim), m)
+    torch.testing.assert_close(got.double(), want, **tol)
+    got = torch.vmap(lambda w: op(x[0], 0.5, w, 8))(m)  # matrices only
+    want = torch.stack([reference_transform(x[0], 8, w, 0.5) for w in m])
+    torch.testing.assert_close(got.double(), want, **tol)
+    jac = torch.func.jacfwd(lambda v: op(v, 0.25, None, 16))(x[0, 0])  # vmap of the jvp
+    want = torch.block_diag(*[ct_hadamard(16, device) / 4] * 2)
+    torch.testing.assert_close(jac.double(), want, **tol)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_backward_through_the_op(backend):
     """torch.compile traces the op's own autograd kernel (ops/op.py) into its joint graph:

@@ -243,6 +243,23 @@ for _key in _AUTOGRAD_KEYS:
     _AUTOGRAD_LIB.impl("hadamard_transform", _autograd_kernel, _key, with_keyset=True)
 
 
+def _vmap_rule(info, in_dims, x, scale, matrix, block):
+    """``torch.vmap`` (and ``jacfwd``, which vmaps the jvp) without torch's per-example
+    fallback (a loop with a "performance drop" warning): the op already takes any leading
+    shape, so a batch of inputs is one call with the batch dimension in front; a batch of
+    matrices (rare) is one call per matrix."""
+    x_dim, _, m_dim, _ = in_dims
+    if m_dim is None:
+        return _OP(x.movedim(x_dim, 0), scale, matrix, block), 0
+    matrices = matrix.movedim(m_dim, 0)
+    xs = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+    return torch.stack([_OP(xs[i], scale, matrices[i], block)
+                        for i in range(info.batch_size)]), 0
+
+
+_hadamard_op.register_vmap(_vmap_rule)
+
+
 def hadamard_apply(
     x: torch.Tensor,
     scale: float,

@@ -161,7 +161,8 @@ class _Differentiable(torch.autograd.Function):
         ctx.block = block
         keep_x = matrix is not None and matrix.requires_grad
         ctx.save_for_backward(matrix, x if keep_x else None)
-        ctx.save_for_forward(x, matrix)
+        if forward_mode.level_open():  # (else the node would keep x alive until backward)
+            ctx.save_for_forward(x, matrix)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

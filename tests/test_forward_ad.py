@@ -83,11 +83,13 @@ def test_func_jvp_and_jacfwd(kind):
     # y = x H / 4 for a row: the Jacobian dy_j/dx_i = H_ij / 4 (H symmetric)
     jac = torch.func.jacfwd(lambda v: f(v, None, 16, 0.25))(x[0])
     torch.testing.assert_close(jac, ct_hadamard(16) / 4)
-    # nested: the tangent of a tangent of a linear map is zero, its primal the map's tangent
-    inner = lambda v: torch.func.jvp(lambda u: f(u, None, 16, 0.25), (v,), (t,))[1]  # noqa: E731
-    first, second = torch.func.jvp(inner, (x,), (t,))
-    torch.testing.assert_close(first, reference_transform(t, 16, None, 0.25))
-    torch.testing.assert_close(second, torch.zeros_like(x))
+    # nested: g(v) = d/de f(v + e t)^2 = 2 f(v) f(t), so g's tangent along s is 2 f(s) f(t)
+    s = torch.randn_like(x)
+    inner = lambda v: torch.func.jvp(lambda u: f(u, None, 16, 0.25) ** 2, (v,), (t,))[1]  # noqa: E731
+    first, second = torch.func.jvp(inner, (x,), (s,))
+    ft, fs = reference_transform(t, 16, None, 0.25), reference_transform(s, 16, None, 0.25)
+    torch.testing.assert_close(first, 2 * reference_transform(x, 16, None, 0.25) * ft)
+    torch.testing.assert_close(second, 2 * fs * ft)
 
 
 def test_gradcheck_forward_and_reverse_modes():
@@ -101,18 +103,64 @@ def test_gradcheck_forward_and_reverse_modes():
                                         check_backward_ad=True)
 
 
-def test_dual_requiring_grad_gives_tangent_and_gradient():
-    """A dual of a tensor that requires grad: the reverse-mode Function's jvp gives the
-    tangent, and backward the gradient, both against float64."""
+@pytest.mark.parametrize("explicit", [False, True], ids=["sylvester", "matrix"])
+def test_dual_requiring_grad_gives_tangent_and_gradient(explicit):
+    """Duals of tensors that require grad: the reverse-mode Function's jvp gives the tangent
+    (x's and, with an explicit non-symmetric matrix, the matrix's), and backward the
+    gradients, all against float64."""
     x = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 32, dtype=torch.float64)
     g = torch.randn(2, 32, dtype=torch.float64)
+    block = 8 if explicit else 32
+    m = _explicit(8, 3).requires_grad_() if explicit else None
+    mt = _explicit(8, 4) if explicit else None
     with fwAD.dual_level():
-        y = OP(fwAD.make_dual(x, t), 0.5, None, 32)
+        md = fwAD.make_dual(m, mt) if explicit else None
+        y = OP(fwAD.make_dual(x, t), 0.5, md, block)
         primal, tangent = fwAD.unpack_dual(y)
-        torch.testing.assert_close(tangent, reference_transform(t, 32, None, 0.5))
+        m0 = None if m is None else m.detach()
+        torch.testing.assert_close(tangent, _want(x.detach(), t, m0, mt, block, 0.5))
         (primal * g).sum().backward()
-    torch.testing.assert_close(x.grad, reference_transform(g, 32, None, 0.5))  # H symmetric
+    w = (ct_hadamard(32) if m is None else torch.block_diag(*[m0] * 4)) * 0.5
+    torch.testing.assert_close(x.grad, g @ w.T)
+    if explicit:
+        gm = sum(x.detach().reshape(-1, 8)[i::4].T @ g.reshape(-1, 8)[i::4] for i in range(4))
+        torch.testing.assert_close(m.grad, gm * 0.5)
+    if explicit:  # forward-over-reverse and reverse-over-reverse, by finite differences
+        assert torch.autograd.gradgradcheck(lambda a, b: OP(a, 0.3, b, 8), (x, m),
+                                            check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_jvp_inside_a_compiled_function(backend):
+    """A level opened inside a compiled function: AOTAutograd opens it in C++ while tracing
+    (the Python-side flag stays unset) and the tensors the op's kernel sees are functorch
+    wrappers or tracer subclasses -- the tangent must still be rotated."""
+    x, t = torch.randn(4, 64), torch.randn(4, 64)
+    want = reference_transform(t, 16, None, 0.25)
+
+    def f(u):
+        return OP(u, 0.25, None, 16) + u
+
+    def jvp(v, tv):
+        return torch.func.jvp(f, (v,), (tv,))
+
+    def dual(v, tv):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(OP(fwAD.make_dual(v, tv), 0.25, None, 16)).tangent
+
+    torch._dynamo.reset()
+    try:
+        out, tangent = torch.compile(jvp, backend=backend)(x, t)
+        torch.testing.assert_close(out.double(), reference_transform(x, 16, None, 0.25)
+                                   + x.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tangent.double(), want + t.double(), rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        tangent = torch.compile(dual, backend=backend)(x, t)
+        assert tangent is not None
+        torch.testing.assert_close(tangent.double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_func_reverse_transforms_raise_a_clear_error():
@@ -135,9 +183,11 @@ def test_no_level_open_leaves_duals_alone():
     torch.testing.assert_close(y, reference_transform(xd, 16, None, 0.25))
 
 
-def _model_tangents(path, device, attn: str, plain: bool):
+def _model_tangents(path, device, attn: str, plain: bool, grad: bool = False):
     """Logits and their tangent along a random direction of the input embeddings (fp32;
-    eager attention: torch's sdpa kernels have no forward-mode formula)."""
+    eager attention: torch's sdpa kernels have no forward-mode formula). ``grad``: with grad
+    mode on, where q and k require grad (the weights do) and the op's reverse-mode Function
+    computes the tangent; off, its kernel does (CUDA) or torch's ops do (CPU)."""
     kw = dict(dtype=torch.float32, device_map=device)
     if plain:
         model = load_unrotated(path, attn_implementation=attn, **kw)
@@ -148,27 +198,28 @@ def _model_tangents(path, device, attn: str, plain: bool):
     with torch.no_grad():
         emb = model.get_input_embeddings()(ids)
     direction = torch.randn(emb.shape, generator=g).to(device)
-    with torch.no_grad(), fwAD.dual_level():
+    with torch.set_grad_enabled(grad), fwAD.dual_level():
         out = model(inputs_embeds=fwAD.make_dual(emb, direction), use_cache=False).logits
         primal, tangent = fwAD.unpack_dual(out)
     assert tangent is not None
-    return primal, tangent
+    return primal.detach(), tangent.detach()
 
 
-def _check_model(device, tol: float):
+def _check_model(device, tol: float, grad: bool = False):
     """Ours and the unrotated model agree on logits and tangent within ``tol`` of the largest
     magnitude (a tangent left unrotated in any layer is off by the tangent's own size)."""
     path = FIXTURES / "llama_r3_hadamard_hd64"
-    p0, t0 = _model_tangents(path, device, "eager", plain=True)
-    p1, t1 = _model_tangents(path, device, "hadamard_kq_eager", plain=False)
+    p0, t0 = _model_tangents(path, device, "eager", plain=True, grad=grad)
+    p1, t1 = _model_tangents(path, device, "hadamard_kq_eager", plain=False, grad=grad)
     scale = t0.abs().max().item()
     assert scale > 1.0
     torch.testing.assert_close(p1, p0, rtol=tol, atol=tol * p0.abs().max().item())
     torch.testing.assert_close(t1, t0, rtol=tol, atol=tol * scale)
 
 
-def test_model_tangent_matches_the_unrotated_model_cpu():
-    _check_model("cpu", 1e-5)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_model_tangent_matches_the_unrotated_model_cpu(grad):
+    _check_model("cpu", 1e-5, grad)
 
 
 @pytest.mark.parametrize("compile_form", ["op", "auto"], indirect=True)
@@ -254,32 +305,45 @@ def test_model_tangent_matches_the_unrotated_model_cuda(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_fast_paths_decline_duals(dtype):
-    """The C++ table (and the Python fast path behind it) serve a layout's plain calls; a dual
-    of the same layout gets its tangent rotated (single rounding against float64), inside the
-    level and, without one, after it closed."""
+    """The C++ table (and the Python fast path behind it) serve a layout's plain calls; while
+    a dual level is open they serve none (any tensor may carry a tangent, also a view whose
+    tangent is only filled in when read), and a dual of that layout gets its tangent rotated
+    (single rounding against float64). Once the level is closed the table serves again."""
     from hf_hadamard_kq.ops import cpp_launch, qk_kernel, triton_kernel
     from hf_hadamard_kq.ops import op as op_mod
     from tests.reference import assert_single_rounding
 
     triton_kernel.clear_plans()
+    s = 128**-0.5
     x = torch.randn(1, 1, 32, 128, device="cuda").to(dtype).transpose(1, 2)
     t = torch.randn(1, 1, 32, 128, device="cuda").to(dtype).transpose(1, 2)
     for _ in range(2):
-        op_mod.hadamard_apply(x, 128**-0.5, None, 128)
-    if cpp_launch.TABLE is not None:
-        assert cpp_launch.TABLE(x, 128**-0.5, 128) is not None  # the layout is served
+        op_mod.hadamard_apply(x, s, None, 128)
+    table = cpp_launch.TABLE
+    if table is not None:
+        assert table(x, s, 128) is not None  # the layout is served
     with fwAD.dual_level():
-        y = op_mod.hadamard_apply(fwAD.make_dual(x, t), 128**-0.5, None, 128)
+        if table is not None:
+            assert table(x, s, 128) is None  # not even a plain tensor: the level is open
+        assert not cpp_launch.plain_cuda(x)
+        y = op_mod.hadamard_apply(fwAD.make_dual(x, t), s, None, 128)
         primal, tangent = fwAD.unpack_dual(y)
         assert tangent is not None, "the fast path dropped the tangent"
         assert_single_rounding(primal, reference_transform(x, 128))
         assert_single_rounding(tangent, reference_transform(t, 128))
+        # a view made before its base received a tangent in place
+        base = torch.zeros(1, 1, 32, 128, device="cuda", dtype=dtype)
+        view = base.transpose(1, 2)
+        base.copy_(fwAD.make_dual(x.transpose(1, 2), t.transpose(1, 2)))
+        tangent = fwAD.unpack_dual(op_mod.hadamard_apply(view, s, None, 128)).tangent
+        assert tangent is not None, "the view's lazily filled tangent was dropped"
+        assert_single_rounding(tangent, reference_transform(t, 128))
         q = fwAD.make_dual(x, t)
         k = fwAD.make_dual(x[:, :8], t[:, :8])
-        assert qk_kernel.try_rotate_qk(q, k, 128**-0.5, None) is None
+        assert qk_kernel.try_rotate_qk(q, k, s, None) is None
         dual = fwAD.make_dual(x.clone(), t)
-    if cpp_launch.TABLE is not None:  # a tensor that had a tangent: declined, still right
-        assert cpp_launch.TABLE(dual, 128**-0.5, 128) is None
-    assert_single_rounding(op_mod.hadamard_apply(dual, 128**-0.5, None, 128),
-                           reference_transform(x, 128))
+    if table is not None:  # closed: the tangent is gone, the table serves the tensor again
+        out = table(dual, s, 128)
+        assert out is not None
+        assert_single_rounding(out, reference_transform(x, 128))
     triton_kernel.clear_plans()

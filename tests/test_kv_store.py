@@ -143,8 +143,8 @@ def test_store_static_equals_the_caches_own_update():
 def test_store_static_leaves_other_caches_to_their_update(monkeypatch):
     """None (the cache's own ``update`` runs) for a dynamic cache, a StaticCache subclass,
     an offloading cache, a layer not yet initialized, a missing layer index, a sliding-window
-    layer, a value that needs a gradient and a failed self-check. Nothing is written in any of
-    them."""
+    layer, a value that needs a gradient, an open forward-mode AD level and a failed
+    self-check. Nothing is written in any of them."""
     _, ours = _tiny_llama("hadamard")
     k, v = torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32)
 
@@ -181,6 +181,14 @@ def test_store_static_leaves_other_caches_to_their_update(monkeypatch):
     assert cache_mod._store_static(static, k, grad_v, (0,), {}) is None
     with torch.no_grad():
         assert cache_mod._store_static(static, k, grad_v, (0,), {}) is not None
+    assert int(static.layers[0].cumulative_length) == 4
+    # while a forward-mode AD level is open (kv_store has no forward formula: a dual's
+    # tangent would not reach the cache), dual or not
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        for value in (v, fwAD.make_dual(v, torch.randn_like(v))):
+            assert cache_mod._store_static(static, k, value, (0,), {}) is None
     assert int(static.layers[0].cumulative_length) == 4
     monkeypatch.setattr(cache_mod, "KV_STORE", False)
     assert cache_mod._store_static(static, k, v, (0,), {}) is None

@@ -176,6 +176,8 @@ def test_vmap_rule(dim, device, no_vmap_fallback):
     want = torch.stack([reference_transform(x[i], 8, m[i], 0.5) for i in range(5)])
     got = torch.vmap(lambda v, w: op(v, 0.5, w, 8), in_dims=(dim, 0))(x.movedim(0, dim), m)
     torch.testing.assert_close(got.double(), want, **tol)
+    empty = torch.vmap(lambda v, w: op(v, 0.5, w, 8))(x[:0], m[:0])  # no matrices at all
+    assert empty.shape == (0, 3, 32)
     got = torch.vmap(lambda w: op(x[0], 0.5, w, 8))(m)  # matrices only
     want = torch.stack([reference_transform(x[0], 8, w, 0.5) for w in m])
     torch.testing.assert_close(got.double(), want, **tol)

@@ -40,7 +40,7 @@
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/utils/object_ptr.h>
 
 namespace {
@@ -307,25 +307,24 @@ const c10::DispatchKeySet kPlainCuda({c10::DispatchKey::CUDA, c10::DispatchKey::
                                       c10::DispatchKey::ADInplaceOrView,
                                       c10::DispatchKey::AutocastCUDA});
 
-// Whether x may carry a forward-mode AD tangent (a dual tensor of torch.autograd.forward_ad):
-// its autograd metadata has forward-gradient storage, created on the first tangent and kept
-// (empty) after its level closes -- such a tensor takes the op, which is merely slower. A
-// direct launch would return the primal's rotation without the tangent's.
-bool may_have_tangent(const at::Tensor& x) {
-  auto* meta = static_cast<torch::autograd::AutogradMeta*>(
-      x.unsafeGetTensorImpl()->autograd_meta());
-  return meta != nullptr && meta->fw_grad_ != nullptr;
+// Whether a forward-mode AD level is open (torch supports one, index 0; closing it clears every
+// tangent): any input may then be a dual tensor -- a dual of torch.autograd.forward_ad or
+// torch.func.jvp is a plain tensor by its type and dispatch keys, and a view's tangent is
+// only filled in when read -- whose tangent a direct launch would drop. torch's own level
+// registry, so a level opened in C++ (AOTAutograd tracing a compiled jvp) counts too.
+bool forward_level_open() {
+  return torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
 }
 
 // Whether a direct launch may serve these inputs at all, whatever their layouts: plain
 // dense CUDA tensors (kPlainCuda; a subclass's own dispatch must run), no dispatch mode
 // active (a mode -- a flop counter, FakeTensorMode -- must see the op), none that
 // autograd would record (the launch makes no graph: grad mode on and an input requiring grad
-// is the custom op's case) and none with a forward-mode tangent (the op's autograd kernel
-// computes it). cpp_launch.plain_cuda is the Python side's copy of these tests.
+// is the custom op's case), and no forward-mode AD level open (the op's autograd kernel
+// computes tangents). cpp_launch.plain_cuda is the Python side's copy of these tests.
 bool inputs_usable(const Inputs& in) {
   if (!in.plain || cu_launch_kernel == nullptr ||  // no driver: load_driver() was not called
-      c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+      c10::impl::TorchDispatchModeTLS::any_modes_set() || forward_level_open()) {
     return false;
   }
   const bool grad = c10::GradMode::is_enabled();
@@ -333,7 +332,7 @@ bool inputs_usable(const Inputs& in) {
     const at::Tensor* x = in.tensors[i];
     // (a subset test: DispatchKeySet's operator- keeps backend bits)
     if (x != nullptr && (!kPlainCuda.isSupersetOf(x->key_set()) || !x->is_cuda() ||
-                         (grad && x->requires_grad()) || may_have_tangent(*x))) {
+                         (grad && x->requires_grad()))) {
       return false;
     }
   }

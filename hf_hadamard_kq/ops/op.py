@@ -139,7 +139,6 @@ def _hadamard_fake(
 
 
 _OP = torch.ops.hadamard_kq.hadamard_transform.default
-_fwad = torch.autograd.forward_ad
 
 
 class _Differentiable(torch.autograd.Function):
@@ -161,7 +160,7 @@ class _Differentiable(torch.autograd.Function):
         ctx.block = block
         keep_x = matrix is not None and matrix.requires_grad
         ctx.save_for_backward(matrix, x if keep_x else None)
-        if forward_mode.level_open():  # (else the node would keep x alive until backward)
+        if forward_mode.may_be_dual(x, matrix):  # (else the node would keep x until backward)
             ctx.save_for_forward(x, matrix)
 
     @staticmethod
@@ -193,13 +192,6 @@ def _tangent(x, x_t, scale, matrix, matrix_t, block):
     return out
 
 
-def _primal_tangent(t: Optional[torch.Tensor]):
-    """``(primal, tangent)`` of ``t`` at the innermost forward-AD level (tangent None if none)."""
-    if t is None:
-        return None, None
-    return tuple(_fwad.unpack_dual(t))
-
-
 def _autograd_kernel(keyset, x, scale, matrix, block):
     """The op's autograd kernel, in place of ``register_autograd``'s, which ignores forward-mode
     tangents: a dual input not requiring grad reached the kernel below autograd and came back
@@ -208,13 +200,13 @@ def _autograd_kernel(keyset, x, scale, matrix, block):
     if torch.is_grad_enabled() and torch._C._any_requires_grad(x, matrix):
         return _reverse(x, scale, matrix, block)  # the Function's jvp gives any tangent
     tangent = None
-    if forward_mode.level_open() and torch._C._is_fwd_grad_enabled():
-        x_p, x_t = _primal_tangent(x)
-        m_p, m_t = _primal_tangent(matrix)
+    if torch._C._is_fwd_grad_enabled() and forward_mode.may_be_dual(x, matrix):
+        x_p, x_t = forward_mode.primal_tangent(x)
+        m_p, m_t = forward_mode.primal_tangent(matrix)
         tangent = _tangent(x_p, x_t, scale, m_p, m_t, block)
     with torch._C._AutoDispatchBelowAutograd():
         y = _OP.redispatch(keyset & torch._C._after_autograd_keyset, x, scale, matrix, block)
-    return y if tangent is None else _fwad.make_dual(y, tangent)
+    return y if tangent is None else forward_mode.make_dual(y, tangent)
 
 
 def _reverse(x, scale, matrix, block):
@@ -254,6 +246,8 @@ def _vmap_rule(info, in_dims, x, scale, matrix, block):
         return _OP(x.movedim(x_dim, 0), scale, matrix, block), 0
     matrices = matrix.movedim(m_dim, 0)
     xs = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+    if info.batch_size == 0:
+        return xs.new_empty(xs.shape), 0
     return torch.stack([_OP(xs[i], scale, matrices[i], block)
                         for i in range(info.batch_size)]), 0
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import cpp_launch
+from . import cpp_launch, forward_mode
 from .triton_kernel import (
     DEFAULT_STAGES,
     INTERPRET,
@@ -453,8 +453,12 @@ def try_rotate_qk(
         pair = table(*inputs, scale, QK_TAG)
         if pair is not None:
             return pair
-    if _LAUNCHER is not None and not cpp_launch.plain_cuda(*inputs):
-        return None  # a wrapper or lazy view (no data of its own to read): the caller's op
+    if _LAUNCHER is not None:
+        if not cpp_launch.plain_cuda(*inputs):
+            return None  # a wrapper or lazy view (no data of its own to read), or a dual
+            # tensor (a tangent the launch would drop): the caller's op
+    elif forward_mode.level_open():  # the interpreter (its tests also pass CPU tensors)
+        return None
     layout = _layout(q, k, matrix, cos, sin, scale)
     fast = _FAST.get(layout)
     if fast is not None:

@@ -4,12 +4,12 @@
 // single-tensor rotation (inputs: x; outputs: out) and the fused Q/K rotation (inputs: q, k,
 // cos, sin, matrix -- the last three may be None --; outputs: qo, ko). Calling it with
 // (*inputs, scale) checks what its cache cannot know (plain dense CUDA tensors by their
-// dispatch keys, no dispatch mode, nothing autograd would record; each input's layout, the
-// current device, triton's launch hooks, 16-byte alignment, a current CUDA context),
-// allocates the outputs with their recorded layouts from the CUDA allocator and launches the
-// kernel with cuLaunchKernel. It returns
-// None, having launched nothing, when a check fails: the caller then takes triton's own
-// launch path, which handles every case.
+// dispatch keys, no dispatch mode, nothing autograd would record, no forward-mode AD level
+// open; each input's layout, the current device, triton's launch hooks, 16-byte alignment, a
+// current CUDA context), allocates the outputs with their recorded layouts from the CUDA
+// allocator and launches the kernel with cuLaunchKernel. It returns None, having launched
+// nothing, when a check fails: the caller then takes triton's own launch path, which handles
+// every case.
 //
 // The kernel's parameters are the non-constexpr arguments of its Triton signature, in order,
 // each passed by address with its C type (pointers as 64-bit device addresses, fp32 as the

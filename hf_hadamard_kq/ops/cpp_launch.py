@@ -8,8 +8,9 @@ triton's launcher parses two dozen Python arguments per call (3.7-4.9 us with ev
 prebuilt), the output allocation from Python took 2.0-3.7 us, and the closure's own Python
 about 1.5 us. A :class:`Launch` object does the same work in one C++ call: it checks that
 the inputs are plain dense CUDA tensors (by their dispatch keys: no subclass, wrapper, lazy
-view or zero tensor; no dispatch mode; nothing autograd would record: the hot path's own
-Python checks, done here so that a plain call pays for none), the
+view or zero tensor; no dispatch mode; nothing autograd would record; no forward-mode AD
+level open: the hot path's own Python checks, done here so that a plain call pays for
+none), the
 layout, the current device, triton's launch hooks and the alignment, allocates the output
 from torch's CUDA allocator (not through ``at::empty_strided``'s dispatch; a Launch call
 measured 0.5-1.6 us less than session 18's on the lent H100 hosts) and calls

@@ -38,7 +38,7 @@ def may_be_dual(*tensors: Optional[torch.Tensor]) -> bool:
     :func:`level_open` does not see it: functorch's wrappers (exact ``torch.Tensor``s) and
     tracer subclasses. Cheap for plain tensors outside a level; the exact per-tensor test
     (:func:`primal_tangent`) costs ~5 us on the development CPU."""
-    if _fwad._current_level >= 0 or _functorch_active():
+    if level_open() or _functorch_active():
         return True
     return any(t is not None and type(t) is not torch.Tensor for t in tensors)
 

@@ -40,6 +40,13 @@ for the same kernels and layouts, for an A/B in one process (same host, interlea
   before session 19 (exact type, compiling, autograd, CUDA, then the table);
 * ``base_qk_fused``: ``try_rotate_qk`` with its QK table.
 
+With ``--baseline-no-pdl`` (which sets ``HF_HADAMARD_KQ_PDL=1`` for this run's own launches:
+PDL is opt-in) the baseline is this package's own module, its launches made with
+programmatic dependent launch off (``triton_kernel.pdl_enabled`` patched: the kernels
+compiled without the wait, launched with ``cuLaunchKernel``), and ``base_hadamard_apply`` is
+the current hot-path entry with the baseline's launch and table installed: the host cost of
+PDL (``cuLaunchKernelEx`` with its attribute) side by side.
+
 Usage (GPU machine): ``python benchmarks/host_breakdown.py --out results/x.json``
 """
 
@@ -48,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -117,9 +125,19 @@ def qk_inputs(tokens: int) -> tuple:
     return q, k, cos, sin
 
 
-def parts_for(tokens: int, baseline=None) -> dict:
+def _without_pdl(fn):
+    """``fn()`` with programmatic dependent launch off for the launches it makes."""
+    saved = tk.pdl_enabled, qk.pdl_enabled
+    tk.pdl_enabled = qk.pdl_enabled = lambda device: False
+    try:
+        return fn()
+    finally:
+        tk.pdl_enabled, qk.pdl_enabled = saved
+
+
+def parts_for(tokens: int, baseline=None, no_pdl: bool = False) -> dict:
     """The timed callables for a query (1, 32, tokens, 128) in the projection's view, and the
-    fused Q/K launch's."""
+    fused Q/K launch's (``no_pdl``: ``baseline`` is this module, its launches without PDL)."""
     x = torch.randn(1, tokens, 32, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)
     q, k, cos, sin = qk_inputs(tokens)
     scale = 1 / math.sqrt(128)
@@ -133,7 +151,10 @@ def parts_for(tokens: int, baseline=None) -> dict:
         return tk.FAST.get(key), cpp_launch.TABLE, cpp_launch.QK_TABLE
 
     # the baseline's launches first: making them clears every plan, closure and table
-    base = None if baseline is None else with_module(baseline, warm)
+    if baseline is None:
+        base = None
+    else:
+        base = with_module(baseline, (lambda: _without_pdl(warm)) if no_pdl else warm)
     warm()
     native = tk.FAST.get(key)
     if type(native).__name__ != "Launch":
@@ -170,15 +191,20 @@ def parts_for(tokens: int, baseline=None) -> dict:
     assert torch.equal(native(x, scale), fast(x, scale))
     if base is not None:
         base_launch, base_table = base[:2]
-        if type(base_launch).__name__ != "Launch" or type(base_launch) is type(native):
+        if type(base_launch).__name__ != "Launch" or (type(base_launch) is type(native)
+                                                      and not no_pdl):
             raise SystemExit(f"no baseline C++ launch for {key}: {base_launch!r}")
+        if no_pdl and (base_launch.pdl() or not native.pdl()):
+            raise SystemExit(f"PDL A/B: baseline pdl={base_launch.pdl()}, ours {native.pdl()}")
         assert torch.equal(base_launch(x, scale), native(x, scale))
         assert torch.equal(base_table(x, scale, 128), native(x, scale))
         parts.update({
             "base_cpp_launch": lambda: base_launch(x, scale),
             "base_cpp_table": lambda: base_table(x, scale, 128),
-            "base_hadamard_apply": lambda: apply_before_session19(base_table, x, scale, None,
-                                                                  128),
+            "base_hadamard_apply": (
+                (lambda: op_mod.hadamard_apply(x, scale, None, 128),
+                 _installs(key, base_launch, base_table)) if no_pdl else
+                (lambda: apply_before_session19(base_table, x, scale, None, 128))),
         })
     parts.update(qk_parts_for(q, k, cos, sin, scale, None if base is None else base[2]))
     return parts
@@ -258,6 +284,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--baseline-source", type=Path, default=None,
                         help="another cpp_launch.cpp to time side by side (base_* parts)")
+    parser.add_argument("--baseline-no-pdl", action="store_true",
+                        help="base_* parts: this module's launches without PDL")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("host_breakdown.py needs a GPU")
@@ -267,12 +295,18 @@ def main(argv=None) -> None:
     cpp_launch.module()  # builds unless cached (use an empty HF_HADAMARD_KQ_CACHE_DIR)
     build_s = time.perf_counter() - start
     baseline = None
+    if args.baseline_source is not None and args.baseline_no_pdl:
+        raise SystemExit("--baseline-source and --baseline-no-pdl exclude each other")
     if args.baseline_source is not None:
         baseline = cpp_launch._load(cpp_launch.build(args.baseline_source))
         baseline.load_driver()
+    elif args.baseline_no_pdl:
+        os.environ[tk.PDL_ENV] = "1"
+        tk.pdl_enabled.cache_clear()
+        baseline = cpp_launch.module()
     rows = []
     for tokens in (1, 16, 64):
-        parts = parts_for(tokens, baseline)
+        parts = parts_for(tokens, baseline, args.baseline_no_pdl)
         samples: dict[str, list[float]] = {name: [] for name in parts}
         for part in parts.values():  # warm-up
             timed(part, 200)
@@ -288,7 +322,8 @@ def main(argv=None) -> None:
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, calls=args.calls, rounds=args.rounds,
                native_module_s=round(build_s, 2),
-               baseline_source=None if baseline is None else str(args.baseline_source))
+               baseline_source=None if args.baseline_source is None else str(args.baseline_source),
+               baseline_no_pdl=args.baseline_no_pdl)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 

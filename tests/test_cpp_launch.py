@@ -50,6 +50,22 @@ def _launch(mod, slots=SLOTS, runtime=None, like=None, extra=nl.EXTRA_PARAMS, ow
     return mod.Launch(0x1234, grid, num_warps, 0, (like,), (out,), slots, runtime, extra, owner)
 
 
+def test_a_pdl_launch_needs_the_drivers_launch_ex(mod):
+    """``pdl=True`` (a kernel compiled with ``launch_pdl``) launches through
+    ``cuLaunchKernelEx``; without that driver entry point the Launch is refused, loudly (here:
+    no driver loaded), and ``make_launch`` does not ask for one (``has_launch_ex``)."""
+    assert _launch(mod).pdl() is False
+    like = torch.zeros(2, 3, 128, dtype=torch.bfloat16)
+    out = torch.empty(like.shape, dtype=like.dtype, device="meta")
+    if mod.has_launch_ex():  # pragma: no cover - a machine with a CUDA driver
+        assert mod.Launch(0x1234, 5, 4, 0, (like,), (out,), SLOTS, None, nl.EXTRA_PARAMS, None,
+                          pdl=True).pdl() is True
+    else:
+        with pytest.raises(RuntimeError, match="cuLaunchKernelEx"):
+            mod.Launch(0x1234, 5, 4, 0, (like,), (out,), SLOTS, None, nl.EXTRA_PARAMS, None,
+                       pdl=True)
+
+
 def test_packed_parameters_are_the_kernels_c_types(mod):
     launch = _launch(mod)
     xp, op = 0x7F00_0000_1000, 0x7F00_0000_2000

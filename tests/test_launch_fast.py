@@ -122,6 +122,76 @@ def test_launcher_passes_the_pipelining_depth_only_when_named():
     assert [c[0] for c in calls] == ["jit"] * 3
 
 
+@pytest.mark.parametrize("device_has_pdl", [True, False])
+def test_decode_plans_launch_with_pdl_where_the_device_has_it(recorded, monkeypatch,
+                                                              device_has_pdl):
+    """Decode-sized row-kernel plans wait for their predecessor in the kernel (``PDL``) and
+    ask triton's compiling call for ``launch_pdl`` (its launcher then sets the attribute)
+    exactly where ``pdl_enabled`` says the device has PDL; prefill-sized plans never do (their
+    tilings were measured without it). The interpreter/CPU case: tests below."""
+    calls, _ = recorded
+    seen = []
+    monkeypatch.setattr(tk, "pdl_enabled", lambda device: seen.append(device) or device_has_pdl)
+    for tokens in (1, 64, 300):  # 32, 2048 and 9600 rows (SMALL_ROWS: 2048)
+        x = _decode_query(tokens)
+        plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
+        want = device_has_pdl and tokens * 32 <= tk.SMALL_ROWS
+        assert plan.pdl is want and plan.meta["PDL"] is want, tokens
+        tk._launch_plan(plan, x, x, torch.empty(x.shape, dtype=x.dtype), 1.0)
+        assert calls[-1][0] == "jit", "each case is its own compiled kernel"
+        assert calls[-1][3].get("launch_pdl", False) is want, tokens
+    assert seen and all(d == torch.device("cpu") for d in seen)
+
+
+def test_fused_plans_launch_with_pdl_at_decode_sizes(monkeypatch):
+    from hf_hadamard_kq.ops import qk_kernel as qk
+
+    monkeypatch.setattr(qk, "pdl_enabled", lambda device: True)
+    for tokens, want in ((1, True), (64, True), (65, False)):  # rows: 32 x tokens query heads
+        q = torch.empty(1, 32, tokens, 128, dtype=torch.bfloat16)
+        k = torch.empty(1, 8, tokens, 128, dtype=torch.bfloat16)
+        cos = torch.empty(1, tokens, 128, dtype=torch.bfloat16)
+        plan = qk._make_plan(q, k, q, k, cos, 1.0, q)
+        assert plan.pdl is want and plan.meta["PDL"] is want, tokens
+    monkeypatch.setattr(qk, "pdl_enabled", lambda device: False)
+    assert not qk._make_plan(q[:, :, :1], k[:, :, :1], q, k, cos, 1.0, q).pdl
+
+
+def test_pdl_is_opt_in_and_needs_cuda_compute_capability_9(monkeypatch):
+    """``pdl_enabled``: only with ``HF_HADAMARD_KQ_PDL=1`` (off by default: measured gains and
+    losses, see its docstring), never off CUDA or under the interpreter, only from sm_90 (PTX
+    ``griddepcontrol``); another value is an error naming the variable."""
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    cuda = torch.device("cuda", 0)
+    available = tk._triton_has_pdl() and torch.version.hip is None
+    try:
+        for value, want in ((None, False), ("0", False), ("", False), ("1", available)):
+            tk.pdl_enabled.cache_clear()
+            if value is None:
+                monkeypatch.delenv(tk.PDL_ENV, raising=False)
+            else:
+                monkeypatch.setenv(tk.PDL_ENV, value)
+            assert tk.pdl_enabled(cuda) is want, value
+            assert not tk.pdl_enabled(torch.device("cpu"))
+        tk.pdl_enabled.cache_clear()
+        capability[0] = (8, 0)
+        assert not tk.pdl_enabled(cuda)
+        tk.pdl_enabled.cache_clear()
+        capability[0] = (9, 0)
+        monkeypatch.setattr(tk, "INTERPRET", True)
+        assert not tk.pdl_enabled(cuda)
+        monkeypatch.setattr(tk, "INTERPRET", False)
+        tk.pdl_enabled.cache_clear()
+        monkeypatch.setenv(tk.PDL_ENV, "yes")
+        if torch.version.hip is None:
+            with pytest.raises(ValueError, match="HF_HADAMARD_KQ_PDL"):
+                tk.pdl_enabled(cuda)
+    finally:
+        tk.pdl_enabled.cache_clear()
+
+
 def test_fast_closure_refuses_other_calls(recorded, monkeypatch):
     """Misaligned pointers (same shape and strides, so the same FAST key), another current
     device, or an installed launch hook: the closure launches nothing and returns None (the

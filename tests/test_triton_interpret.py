@@ -41,6 +41,7 @@ import itertools
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -142,8 +143,19 @@ if not IN_INTERPRETER:
             options["num_stages"] = stages
         return triton.compile(src, target=target, options=options)
 
+    def _waits_before_memory(ptx: str) -> bool:
+        """A PDL kernel's ``griddepcontrol.wait`` comes before its first global load, store or
+        asynchronous copy in the code (a software-pipelined prologue hoisted above it would
+        read the previous kernel's output before it is written)."""
+        wait = ptx.find("griddepcontrol.wait")
+        first = min((m.start() for m in re.finditer(
+            r"\b(ld\.global|st\.global|cp\.async|red\.global|atom\.global)", ptx)),
+            default=len(ptx))
+        return 0 <= wait < first
+
     def _aot_qk(d: int, xdt: str, wdt: str | None, block_m: int, loads_first: bool, align: int,
-                warps: int, rope: bool, fence: bool, stages: int | None = None):
+                warps: int, rope: bool, fence: bool, stages: int | None = None,
+                pdl: bool = False):
         """The fused Q/K kernel compiled for sm_90 with these constexprs (aligned pointers)."""
         from hf_hadamard_kq.ops import qk_kernel
 
@@ -153,7 +165,7 @@ if not IN_INTERPRETER:
         const = dict(
             D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m, ROPE=rope,
             SYLVESTER=wdt is None, DOT_F32=xdt == "fp32" or wdt == "fp32", EMULATE_RTNE=False,
-            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence,
+            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence, PDL=pdl,
         )  # fmt: skip
         return _aot_compile(qk_kernel._qk_kernel, sig, const, warps, aligned_ptrs=True,
                             stages=stages)
@@ -238,10 +250,13 @@ if not IN_INTERPRETER:
                     SPLIT2=sylvester and cfg.nb == 2,
                     SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
                     WIDE=wide, DOT_F32=dot_f32,
-                    EMULATE_RTNE=False,
+                    EMULATE_RTNE=False, PDL=small,  # decode-sized launches use PDL on sm_90
                 )  # fmt: skip
                 k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps,
                                  stages=cfg.num_stages)
+                # PDL: the programs wait for the previous kernel (before any load or store)
+                assert ("griddepcontrol.wait" in k.asm["ptx"]) == small, (n, xdt, small)
+                assert not small or _waits_before_memory(k.asm["ptx"]), (n, xdt, cfg)
                 results.append((f"rows n={n} {xdt} W={wdt} strided={strided} {cfg} "
                                 f"loads_first={loads_first}", k))
         for m, odt in AOT_MID:
@@ -263,9 +278,12 @@ if not IN_INTERPRETER:
                 128, "bf16", None) and block_m == 16 else [])
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
-                k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages)
+                k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages,
+                            pdl=decode)
                 name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
                         f"loads_first={loads_first} align={align} warps={nw} stages={stages}")
+                assert ("griddepcontrol.wait" in k.asm["ptx"]) == decode, name
+                assert not decode or _waits_before_memory(k.asm["ptx"]), name
                 results.append((name, k))
                 # ALIGN is what lets the compiler use 16-byte accesses (the strides are not
                 # specialised): without it every element is a separate 2- or 4-byte access
@@ -788,7 +806,8 @@ else:
             int_key = staticmethod(lambda scalars: tuple(type(v).__name__ for v in scalars))
 
             def launch(self, grid, key, device, tensors, scalars, meta, num_warps, int_key,
-                       num_stages):
+                       num_stages, pdl=False):
+                assert not pdl and not meta["PDL"]  # never under the interpreter
                 launches.append((grid, key, scalars, tuple(meta.items()), num_warps, int_key,
                                  num_stages))
                 tk._rows_kernel[(grid,)](*tensors, *scalars, **meta, num_warps=num_warps,

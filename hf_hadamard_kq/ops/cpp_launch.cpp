@@ -7,7 +7,8 @@
 // dispatch keys, no dispatch mode, nothing autograd would record, no forward-mode AD level
 // open; each input's layout, the current device, triton's launch hooks, 16-byte alignment, a
 // current CUDA context), allocates the outputs with their recorded layouts from the CUDA
-// allocator and launches the kernel with cuLaunchKernel. It returns None, having launched
+// allocator and launches the kernel with cuLaunchKernel (cuLaunchKernelEx with the programmatic
+// stream serialization attribute for a kernel compiled for PDL). It returns None, having launched
 // nothing, when a check fails: the caller then takes triton's own launch path, which handles
 // every case.
 //
@@ -54,7 +55,32 @@ typedef CUresult (*LaunchKernelFn)(CUfunction, unsigned, unsigned, unsigned, uns
 typedef CUresult (*CtxGetCurrentFn)(CUcontext*);
 typedef CUresult (*GetErrorNameFn)(CUresult, const char**);
 
+// cuLaunchKernelEx's argument types, as the driver API defines them (CUDA 12.0+): needed for
+// one attribute, programmatic stream serialization (PDL: the kernel may start while the
+// previous kernel in the stream finishes; it waits for it with griddepcontrol.wait before
+// touching memory).
+constexpr int kAttrProgrammaticStreamSerialization = 6;  // CU_LAUNCH_ATTRIBUTE_..._SERIALIZATION
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int value;
+  } value;
+};
+struct LaunchConfig {
+  unsigned grid_x, grid_y, grid_z;
+  unsigned block_x, block_y, block_z;
+  unsigned shared;
+  CUstream stream;
+  LaunchAttribute* attrs;
+  unsigned num_attrs;
+};
+static_assert(sizeof(LaunchAttribute) == 72, "CUlaunchAttribute is 72 bytes");
+typedef CUresult (*LaunchKernelExFn)(const LaunchConfig*, CUfunction, void**, void**);
+
 LaunchKernelFn cu_launch_kernel = nullptr;
+LaunchKernelExFn cu_launch_kernel_ex = nullptr;  // nullptr where the driver lacks it (< 12.0)
 CtxGetCurrentFn cu_ctx_get_current = nullptr;
 GetErrorNameFn cu_get_error_name = nullptr;
 
@@ -80,6 +106,7 @@ bool load_driver() {
   }
   cu_ctx_get_current = ctx;
   cu_get_error_name = name;
+  cu_launch_kernel_ex = reinterpret_cast<LaunchKernelExFn>(dlsym(lib, "cuLaunchKernelEx"));
   cu_launch_kernel = launch;
   return true;
 }
@@ -118,6 +145,8 @@ struct State {
   bool has_scale = false;
   PyObject* runtime = nullptr;  // triton's knobs.runtime (owned), or nullptr
   PyObject* owner = nullptr;    // the triton CompiledKernel (owned): keeps `function` loaded
+  bool pdl = false;  // launch with programmatic stream serialization (cuLaunchKernelEx)
+  LaunchAttribute pdl_attr{};
 };
 
 // Thread safety: a call writes its pointers and scale into the Launch's parameter slots and
@@ -408,14 +437,20 @@ PyObject* launch_cuda(State* st, const Inputs& in, double scale) {
   write_pointers(st, in_ptrs, out_ptrs);
   if (st->grid > 0) {
     CUstream stream = guard->getStream(device).native_handle();
-    CUresult rc = cu_launch_kernel(st->function, st->grid, 1, 1, st->block, 1, 1, st->shared,
-                                   stream, st->params.data(), nullptr);
+    CUresult rc;
+    if (st->pdl) {
+      LaunchConfig config{st->grid, 1, 1, st->block, 1, 1, st->shared, stream, &st->pdl_attr, 1};
+      rc = cu_launch_kernel_ex(&config, st->function, st->params.data(), nullptr);
+    } else {
+      rc = cu_launch_kernel(st->function, st->grid, 1, 1, st->block, 1, 1, st->shared, stream,
+                            st->params.data(), nullptr);
+    }
     if (rc != 0) {
       const char* name = "unknown";
       cu_get_error_name(rc, &name);
       PyErr_Format(PyExc_RuntimeError,
-                   "hf_hadamard_kq cpp launch: cuLaunchKernel failed with %s (%d)", name,
-                   rc);
+                   "hf_hadamard_kq cpp launch: %s failed with %s (%d)",
+                   st->pdl ? "cuLaunchKernelEx" : "cuLaunchKernel", name, rc);
       return nullptr;
     }
   }
@@ -587,11 +622,18 @@ PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   PyObject *function_obj, *inputs, *outputs, *slots, *runtime, *owner;
   long long grid, num_warps, shared;
   int extra = 0;
-  static const char* names[] = {"function", "grid", "num_warps", "shared", "inputs", "outputs",
-                                "slots", "runtime", "extra_params", "owner", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLLLOOOOiO", const_cast<char**>(names),
+  int pdl = 0;
+  static const char* names[] = {"function", "grid",    "num_warps",    "shared", "inputs",
+                                "outputs",  "slots",   "runtime",      "extra_params",
+                                "owner",    "pdl",     nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLLLOOOOiO|p", const_cast<char**>(names),
                                    &function_obj, &grid, &num_warps, &shared, &inputs, &outputs,
-                                   &slots, &runtime, &extra, &owner)) {
+                                   &slots, &runtime, &extra, &owner, &pdl)) {
+    return nullptr;
+  }
+  if (pdl && cu_launch_kernel_ex == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    "Launch: pdl=True needs cuLaunchKernelEx, which this CUDA driver lacks");
     return nullptr;
   }
   if (num_warps < 1 || num_warps > 32 || extra < 0 || extra > 8 || grid < 0 ||
@@ -619,6 +661,9 @@ PyObject* launch_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   st->grid = static_cast<unsigned>(grid);
   st->block = static_cast<unsigned>(32 * num_warps);
   st->shared = static_cast<unsigned>(shared);
+  st->pdl = pdl != 0;
+  st->pdl_attr.id = kAttrProgrammaticStreamSerialization;
+  st->pdl_attr.value.value = 1;
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
   st->storage.assign(n + extra, 0);
   std::vector<bool> in_used(st->inputs.size(), false);
@@ -756,6 +801,11 @@ PyObject* launch_matches(PyObject* self, PyObject* const* args, Py_ssize_t nargs
   END_HANDLE_TH_ERRORS
 }
 
+// For tests: whether this Launch uses programmatic dependent launch.
+PyObject* launch_pdl(PyObject* self, PyObject*) {
+  return PyBool_FromLong(reinterpret_cast<LaunchObject*>(self)->state->pdl);
+}
+
 // For tests: whether the per-call hook check refuses (mirrors launch.hooks_active).
 PyObject* launch_hooks_active(PyObject* self, PyObject*) {
   int r = hooks_active(reinterpret_cast<LaunchObject*>(self)->state);
@@ -768,6 +818,7 @@ PyObject* launch_hooks_active(PyObject* self, PyObject*) {
 PyMethodDef launch_methods[] = {
     {"pack", launch_pack, METH_VARARGS, "pack(in_ptrs, out_ptrs, scale): the parameter bytes."},
     {"hooks_active", launch_hooks_active, METH_NOARGS, "The per-call launch-hook check."},
+    {"pdl", launch_pdl, METH_NOARGS, "Whether it launches with programmatic dependent launch."},
     {"matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(launch_matches)),
      METH_FASTCALL, "matches(*inputs): whether they pass the per-input checks."},
     {nullptr, nullptr, 0, nullptr}};
@@ -1040,8 +1091,14 @@ PyObject* load_driver_py(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* has_launch_ex_py(PyObject*, PyObject*) {
+  return PyBool_FromLong(cu_launch_kernel_ex != nullptr);
+}
+
 PyMethodDef module_methods[] = {
     {"load_driver", load_driver_py, METH_NOARGS, "Look up the CUDA driver entry points."},
+    {"has_launch_ex", has_launch_ex_py, METH_NOARGS,
+     "Whether the driver has cuLaunchKernelEx (needed for Launch(pdl=True))."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "hf_hadamard_kq_cpp_launch",

@@ -14,7 +14,9 @@ none), the
 layout, the current device, triton's launch hooks and the alignment, allocates the output
 from torch's CUDA allocator (not through ``at::empty_strided``'s dispatch; a Launch call
 measured 0.5-1.6 us less than session 18's on the lent H100 hosts) and calls
-``cuLaunchKernel`` with parameters packed once per layout.
+``cuLaunchKernel`` with parameters packed once per layout (``cuLaunchKernelEx`` with the
+programmatic-stream-serialization attribute for a kernel compiled with ``launch_pdl``, as
+triton's own launcher does for it: see ``triton_kernel.pdl_enabled``).
 A :class:`Table` finds the Launch of a call's layouts in C++: its few most recently used
 entries first (by the Launch's own per-input comparison), else by a key. The fused Q/K
 launch (one per layer in eager decode of a fused model) went the same way: through triton's
@@ -348,8 +350,9 @@ def make_launch(
     if mod is None or id(kernel) in _rejected:
         return None
     meta = kernel.metadata
+    pdl = bool(getattr(meta, "launch_pdl", False))
     if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
-            or getattr(meta, "launch_pdl", False)
+            or (pdl and not mod.has_launch_ex())
             or getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
             or kernel.function is None):
         return None
@@ -361,7 +364,8 @@ def make_launch(
     if launch_mod.hooks_active():  # the launch and its self-check would decline: not now
         return RETRY
     launch = mod.Launch(kernel.function, grid, meta.num_warps, meta.shared, tuple(inputs),
-                        tuple(outputs), packed, launch_mod._RUNTIME, EXTRA_PARAMS, kernel)
+                        tuple(outputs), packed, launch_mod._RUNTIME, EXTRA_PARAMS, kernel,
+                        pdl=pdl)
     if _checked.get(kernel.function) is not kernel:
         verdict = _self_check(launch, reference, inputs, scale, kernel)
         if verdict is None:

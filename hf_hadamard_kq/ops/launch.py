@@ -150,10 +150,13 @@ class CachedLauncher:
         num_warps: int,
         int_key: tuple | None = None,
         num_stages: int | None = None,
+        pdl: bool = False,
     ) -> None:
         """``int_key``: :meth:`int_key` of ``scalars`` when the caller already has it;
-        ``num_stages``: triton's pipelining depth (None: triton's default). ``key`` must name
-        ``num_warps`` and ``num_stages`` too (each pair is a different compiled kernel)."""
+        ``num_stages``: triton's pipelining depth (None: triton's default); ``pdl``: compile
+        and launch with programmatic dependent launch (the kernel must wait for its
+        predecessor itself). ``key`` must name ``num_warps``, ``num_stages`` and ``pdl`` too
+        (each is a different compiled kernel; the row kernel's ``PDL`` constexpr does)."""
         ptrs = [t.data_ptr() for t in tensors]
         merged = 0
         for p in ptrs:
@@ -169,6 +172,8 @@ class CachedLauncher:
             opts = {"num_warps": num_warps}
             if num_stages is not None:
                 opts["num_stages"] = num_stages
+            if pdl:
+                opts["launch_pdl"] = True
             kernel = self.fn[(grid,)](*tensors, *scalars, **meta, **opts)
             if (entry is None and not _PLAIN and hasattr(kernel, "run")
                     and hasattr(kernel, "packed_metadata")):

@@ -43,6 +43,7 @@ from .triton_kernel import (
     _max_programs,
     _round_to,
     _w_tile,
+    pdl_enabled,
     stage_option,
     tl,
     triton,
@@ -169,11 +170,13 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
-        ROPE_FENCE: tl.constexpr,
+        ROPE_FENCE: tl.constexpr, PDL: tl.constexpr,
     ):
         """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid).
         ``LOADS_FIRST`` (one tile per program): ``W`` is built per tile after its loads,
-        else once before the loop."""
+        else once before the loop. ``PDL`` (launched with programmatic dependent launch,
+        ``triton_kernel.pdl_enabled``): wait for the previous kernel in the stream before
+        the first load or store."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         rk = tl.arange(0, HALF)
@@ -181,8 +184,13 @@ if triton is not None:
         w01 = 0
         w10 = 0
         w11 = 0
+        # PDL: wait after building a Sylvester W (registers), before loading an explicit one
+        if PDL and not SYLVESTER:
+            tl.extra.cuda.gdc_wait()
         if not LOADS_FIRST:
             w00, w01, w10, w11 = _qk_w(q_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32)
+        if PDL and SYLVESTER:
+            tl.extra.cuda.gdc_wait()
         for t in range(pid, n_tiles, nprog):
             if t < tq:
                 _qk_tile(
@@ -340,6 +348,7 @@ class _Plan(NamedTuple):
     key: tuple
     num_warps: int
     num_stages: int | None
+    pdl: bool = False  # compiled and launched with programmatic dependent launch
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -398,6 +407,8 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         # PTX fence after the RoPE (see _fence): CUDA, 16-bit tensor-core operands
         "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
         and torch.version.hip is None,
+        # decode-sized launches on sm_90+: the launch latency overlaps the previous kernel
+        "PDL": max(nq, nk) <= SMALL_ROWS and pdl_enabled(q.device),
     }  # in the kernel's constexpr order: the direct launch passes the values by position
     scalars = (
         nq, nk, tq, n_tiles, hq, hk, s,
@@ -405,7 +416,7 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
     )
     key = (tuple(meta.values()), dtype, w.dtype, num_warps, num_stages)
-    return _Plan(grid, scalars, meta, key, num_warps, num_stages)
+    return _Plan(grid, scalars, meta, key, num_warps, num_stages, meta["PDL"])
 
 
 def _layout(q, k, matrix, cos, sin, scale) -> tuple:
@@ -484,16 +495,16 @@ def try_rotate_qk(
         tensors = (q, k, qo, ko, q, q, w)
     if _LAUNCHER is None:  # interpreter: the plain triton call
         _qk_kernel[(plan.grid,)](*tensors, *plan.scalars, **plan.meta, num_warps=plan.num_warps,
-                                 **stage_option(plan.num_stages))
+                                 **stage_option(plan.num_stages, plan.pdl))
         return qo, ko
     device = q.get_device()
     if device != torch.cuda.current_device():
         with torch.cuda.device(device):
             _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
-                             plan.num_warps, None, plan.num_stages)
+                             plan.num_warps, None, plan.num_stages, plan.pdl)
     else:
         _LAUNCHER.launch(plan.grid, plan.key, device, tensors, plan.scalars, plan.meta,
-                         plan.num_warps, None, plan.num_stages)
+                         plan.num_warps, None, plan.num_stages, plan.pdl)
         if layout not in _FAST and (w is q or w is matrix):
             _remember_fast(layout, plan, device, inputs, (qo, ko))
     return qo, ko

@@ -61,6 +61,10 @@ Why it is built this way
   and loses occupancy and a staging hop: depth 1 measured 1-7 points of clone bandwidth
   faster. At decode sizes the best depth was 1 for d = 64 and 128 (d = 128 also moved from 2
   to 4 warps; together 0.06-0.1 us faster) and 2 for d = 256 (session 12).
+* Decode-sized launches can use programmatic dependent launch (opt-in,
+  ``HF_HADAMARD_KQ_PDL=1``; :func:`pdl_enabled` says when and why it is not the default): the
+  kernel's launch latency then overlaps the previous kernel, and the kernel waits for that
+  kernel before touching memory.
 * Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
   parameters come from :func:`rows_config` / :func:`mid_config` (cached pure functions of the
   size class, block and dtypes; tiles chosen so that nothing spills on sm_90), a Sylvester
@@ -112,7 +116,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["hadamard_triton", "mid_config", "rows_config", "triton_available"]
+__all__ = ["hadamard_triton", "mid_config", "pdl_enabled", "rows_config", "triton_available"]
 
 #: True when kernels run in the CPU interpreter (read once, like triton reads it for ``@jit``).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
@@ -282,6 +286,64 @@ def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
     return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
 
 
+#: ``1``: launch decode-sized rotations with programmatic dependent launch (:func:`pdl_enabled`);
+#: unset or ``0``: without (the default).
+PDL_ENV: str = "HF_HADAMARD_KQ_PDL"
+
+
+def _triton_has_pdl() -> bool:
+    """triton can compile ``gdc_wait`` and launch with ``launch_pdl`` (3.3+)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a triton without the CUDA backend
+        return False
+    cuda_extra = getattr(getattr(tl, "extra", None), "cuda", None)
+    return (hasattr(cuda_extra, "gdc_wait")
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
+
+
+def _pdl_requested() -> bool:
+    value = os.environ.get(PDL_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PDL_ENV}={value!r}: use 1 (programmatic dependent launch for "
+                         f"decode-sized rotations on sm_90+ GPUs) or 0 / unset (off)")
+    return value == "1"
+
+
+@functools.cache
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether decode-sized rotation launches (the row kernel's and the fused Q/K kernel's)
+    on ``device`` use programmatic dependent launch (PDL): only when asked for with
+    ``HF_HADAMARD_KQ_PDL=1``, on a CUDA device of compute capability 9.0+ (``griddepcontrol``
+    is sm_90 PTX) with triton 3.3+; never on ROCm or under the interpreter. Read when a
+    device's first plan is made: set it before the first rotation, or call
+    ``pdl_enabled.cache_clear()`` and both modules' ``clear_plans()``. Prefill-sized
+    launches (bandwidth-bound; their tilings were measured without it) never use it.
+
+    What it does: the rotation is launched with the programmatic-stream-serialization
+    attribute, so its programs may be scheduled while the previous kernel in the stream
+    finishes; they wait for it (``griddepcontrol.wait``, which also makes its writes
+    visible) before their first load or store, so their launch latency overlaps that
+    kernel. Outputs are bit-identical either way.
+
+    Why it is off by default (session 21, BENCHMARKS.md, two H100 machines): back to back in
+    a CUDA graph it saves 0.23-0.34 us per launch at every decode size (d = 128: 1.63 /
+    1.82 / 1.95 -> 1.36 / 1.53 / 1.64 us at 1 / 16 / 64 tokens). But behind the kernel that
+    really precedes it -- the q or k projection's cuBLAS GEMM -- the effect depends on that
+    GEMM: at batch 1 with up to 16 tokens and d = 64 or 128 it saved 0.15-1.0 us per launch,
+    while with d = 128 and 32-64 tokens in a step (batch 32 or 64 decode) the fused launch
+    cost up to 1.6 us more (3.2 on one machine) and the single-tensor one 0.1-0.2 more, and
+    the single-tensor rotation at d = 256 0.3-0.4 us more at every size. A default cannot
+    know the preceding kernel, and the gains land where decode is host-bound (batch 1), the
+    losses where it is not.
+    """
+    if device.type != "cuda" or INTERPRET or not _HAS_TRITON or torch.version.hip is not None:
+        return False
+    if not _pdl_requested():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 and _triton_has_pdl()
+
+
 @functools.cache
 def _max_programs(device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Persistent-grid bound for ``device``; ``programs_per_sm = 0``: unbounded (a program per
@@ -433,6 +495,7 @@ if _HAS_TRITON:
         WIDE: tl.constexpr,
         DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """``out[r] = (x[r] @ W) * scale`` for every chunk ``r`` of ``N`` elements.
 
@@ -451,6 +514,10 @@ if _HAS_TRITON:
         ``LOADS_FIRST`` (every program has exactly one tile): build the resident ``W`` after
         issuing the tile's loads instead of before the loop, so that the matrix generation
         overlaps the load latency (decode-sized calls are latency-bound).
+        ``PDL`` (launched with programmatic dependent launch, :func:`pdl_enabled`): the
+        programs may start while the previous kernel in the stream still runs, so they wait
+        for it (``griddepcontrol.wait``) after the register-only set-up and before their first
+        load or store -- reading ``x`` or writing ``out`` earlier could race with it.
         """
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -459,10 +526,17 @@ if _HAS_TRITON:
         # SPLIT2 (Sylvester, N = 2 * BN): H_N = H_2 ⊗ H_BN, so with x = [x0, x1] (halves of a
         # chunk) and z_i = x_i @ H_BN: y = [z0 + z1, z0 - z1]. One resident H_BN, two dots.
         # SPLIT4 (Sylvester, N = 4 * BN): H_N = H_4 ⊗ H_BN, the same with a 4-point butterfly.
+        # PDL: wait for the previous kernel before touching memory -- after building a
+        # Sylvester W (registers only), before loading an explicit one (it may be that
+        # kernel's output)
+        if PDL and not SYLVESTER:
+            tl.extra.cuda.gdc_wait()
         w_full = 0  # placeholder: built per tile (LOADS_FIRST), or no resident W (NB > 1)
         if not LOADS_FIRST:
             if NB == 1 or SPLIT2 or SPLIT4:  # W stays in registers for the persistent loop
                 w_full = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
+        if PDL and SYLVESTER:
+            tl.extra.cuda.gdc_wait()
         for t in range(pid, n_tiles, nprog):
             start = tl.cast(t, tl.int64) * (BLOCK_M * N)
             o_ptr = out_ptr + start
@@ -711,6 +785,7 @@ class _RowsPlan(NamedTuple):
     int_key: tuple | None  # the launcher's key of the int scalars (None: no launcher)
     num_warps: int
     num_stages: int | None
+    pdl: bool = False  # compiled and launched with programmatic dependent launch
 
 
 def _rows_plan(
@@ -733,7 +808,9 @@ def _rows_plan(
         wide = (n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + d >= _WIDE_OFFSETS
     n_rows = numel // n
     medium = MEDIUM_ROWS[0] <= n_rows <= MEDIUM_ROWS[1]
-    cfg = rows_config(n, dot_f32, sylvester, n_rows <= SMALL_ROWS, medium)
+    small = n_rows <= SMALL_ROWS
+    cfg = rows_config(n, dot_f32, sylvester, small, medium)
+    pdl = small and pdl_enabled(x.device)
     n_tiles = (n_rows + cfg.block_m - 1) // cfg.block_m
     grid = min(n_tiles, _max_programs(x.device, cfg.programs_per_sm))
     scalars = (n_rows, n_tiles, x.shape[-1] // n if strided else 1, n1, n2, s0, s1, s2)
@@ -742,17 +819,21 @@ def _rows_plan(
         STRIDED=strided, STRIDED_OUT=strided_out, SPLIT2=sylvester and cfg.nb == 2,
         SPLIT4=sylvester and cfg.nb == 4,
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
-        EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16,
+        EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16, PDL=pdl,
     )  # fmt: skip
     # every constexpr, warps and stages (the launcher reuses a compiled kernel by this key)
     key = (*meta.values(), cfg.num_warps, cfg.num_stages, x.dtype, w.dtype, out_dtype)
     int_key = None if _ROWS is None else _ROWS.int_key(scalars)
-    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps, cfg.num_stages)
+    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps, cfg.num_stages, pdl)
 
 
-def stage_option(num_stages: int | None) -> dict:
-    """The launch keyword for a pipelining depth: none for None (triton's backend default)."""
-    return {} if num_stages is None else {"num_stages": num_stages}
+def stage_option(num_stages: int | None, pdl: bool = False) -> dict:
+    """The launch keywords for a pipelining depth (none for None: triton's backend default)
+    and for programmatic dependent launch (only when on: triton < 3.3 has no such option)."""
+    opts = {} if num_stages is None else {"num_stages": num_stages}
+    if pdl:
+        opts["launch_pdl"] = True
+    return opts
 
 
 def _launch_plan(plan: _RowsPlan, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
@@ -761,10 +842,11 @@ def _launch_plan(plan: _RowsPlan, x: torch.Tensor, w: torch.Tensor, out: torch.T
     layout)."""
     if _ROWS is None:  # interpreter, or no launcher: the plain triton call
         _rows_kernel[(plan.grid,)](x, w, out, *plan.scalars, scale, **plan.meta,
-                                   num_warps=plan.num_warps, **stage_option(plan.num_stages))
+                                   num_warps=plan.num_warps,
+                                   **stage_option(plan.num_stages, plan.pdl))
         return
     _ROWS.launch(plan.grid, plan.key, x.get_device(), (x, w, out), (*plan.scalars, scale),
-                 plan.meta, plan.num_warps, plan.int_key, plan.num_stages)
+                 plan.meta, plan.num_warps, plan.int_key, plan.num_stages, plan.pdl)
 
 
 def _launch_rows(

@@ -327,15 +327,15 @@ def pdl_enabled(device: torch.device) -> bool:
     kernel. Outputs are bit-identical either way.
 
     Why it is off by default (session 21, BENCHMARKS.md, two H100 machines): back to back in
-    a CUDA graph it saves 0.23-0.34 us per launch at every decode size (d = 128: 1.63 /
+    a CUDA graph it saves 0.23-0.35 us per launch at every decode size (d = 128: 1.63 /
     1.82 / 1.95 -> 1.36 / 1.53 / 1.64 us at 1 / 16 / 64 tokens). But behind the kernel that
     really precedes it -- the q or k projection's cuBLAS GEMM -- the effect depends on that
-    GEMM: at batch 1 with up to 16 tokens and d = 64 or 128 it saved 0.15-1.0 us per launch,
-    while with d = 128 and 32-64 tokens in a step (batch 32 or 64 decode) the fused launch
-    cost up to 1.6 us more (3.2 on one machine) and the single-tensor one 0.1-0.2 more, and
-    the single-tensor rotation at d = 256 0.3-0.4 us more at every size. A default cannot
-    know the preceding kernel, and the gains land where decode is host-bound (batch 1), the
-    losses where it is not.
+    GEMM: with d = 64, and d = 128 at batch 1 with up to 16 tokens, it saved 0.15-1.1 us
+    per launch, while with d = 128 and 32-64 tokens in a step (batch 32 or 64 decode) the
+    fused launch cost up to 1.6 us more (3.2 on one machine) and the single-tensor one
+    0.1-0.2 more, and the single-tensor rotation at d = 256 0.3-0.4 us more at every size.
+    A default cannot know the preceding kernel, and the gains land where decode is
+    host-bound (batch 1), the losses where it is not.
     """
     if device.type != "cuda" or INTERPRET or not _HAS_TRITON or torch.version.hip is not None:
         return False

@@ -206,11 +206,11 @@ def parts_for(tokens: int, baseline=None, no_pdl: bool = False) -> dict:
                  _installs(key, base_launch, base_table)) if no_pdl else
                 (lambda: apply_before_session19(base_table, x, scale, None, 128))),
         })
-    parts.update(qk_parts_for(q, k, cos, sin, scale, None if base is None else base[2]))
+    parts.update(qk_parts_for(q, k, cos, sin, scale, None if base is None else base[2], no_pdl))
     return parts
 
 
-def qk_parts_for(q, k, cos, sin, scale: float, base_table=None) -> dict:
+def qk_parts_for(q, k, cos, sin, scale: float, base_table=None, no_pdl: bool = False) -> dict:
     """The fused Q/K launch's timed callables (after the hot path made its launches);
     ``base_table``: the baseline module's QK table, made for the same tensors."""
     table = cpp_launch.QK_TABLE
@@ -220,6 +220,11 @@ def qk_parts_for(q, k, cos, sin, scale: float, base_table=None) -> dict:
     assert all(map(cpp_launch.same_bits, table(q, k, cos, sin, None, scale, qk.QK_TAG),
                    python(q, k, cos, sin, None)))
     parts = {}
+    if base_table is not None and no_pdl:
+        ours = table.find(qk.QK_TAG, q, k, cos, sin, None)
+        base = base_table.find(qk.QK_TAG, q, k, cos, sin, None)
+        if ours is None or base is None or base.pdl() or not ours.pdl():
+            raise SystemExit(f"PDL A/B (fused): baseline {base!r}, ours {ours!r}")
     if base_table is not None:
         pair = base_table(q, k, cos, sin, None, scale, qk.QK_TAG)
         assert pair is not None and all(map(cpp_launch.same_bits, pair,

@@ -7,6 +7,10 @@ here); tests/test_gpu_fused.py runs the real kernel through the fast path on a G
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -108,6 +112,24 @@ def test_fast_closure_passes_the_direct_launch_arguments(recorded, tokens):
         assert calls[-1][scale_at + 1 :] == direct[scale_at + 1 :]
 
 
+@pytest.mark.parametrize("pdl", [True, False])
+def test_direct_launches_pass_the_compiled_kernels_pdl_flag(recorded, monkeypatch, pdl):
+    """A kernel compiled with ``launch_pdl`` must be launched with the attribute (and one
+    compiled without it, without): the cached direct launch and the fast closure pass the
+    compiled kernel's own flag to triton's C launcher (its 7th argument)."""
+    calls, _ = recorded
+    monkeypatch.setattr(_Run, "launch_pdl", pdl)
+    x = _decode_query(1)
+    plan = tk._rows_plan(x, x, x.dtype, 128, True, False, tk._row_layout(x))
+    out = torch.empty(x.shape, dtype=x.dtype)
+    tk._launch_plan(plan, x, x, out, 1.0)  # compiles (fake)
+    tk._launch_plan(plan, x, x, out, 1.0)  # the cached direct launch
+    tk._remember_fast(x, plan, 128, 1.0)
+    tk.FAST[(x.shape, x.stride(), x.dtype, -1, 128)](x, 1.0)
+    assert len(calls) == 3 and calls[0][0] == "jit"
+    assert calls[1][6] is pdl and calls[2][6] is pdl
+
+
 def test_launcher_passes_the_pipelining_depth_only_when_named():
     """``num_stages`` reaches the compiling call when given; None (a tiling without a measured
     depth) passes nothing, so triton keeps its own default for the backend (3 on CUDA, 2 on
@@ -160,7 +182,7 @@ def test_fused_plans_launch_with_pdl_at_decode_sizes(monkeypatch):
 def test_pdl_is_opt_in_and_needs_cuda_compute_capability_9(monkeypatch):
     """``pdl_enabled``: only with ``HF_HADAMARD_KQ_PDL=1`` (off by default: measured gains and
     losses, see its docstring), never off CUDA or under the interpreter, only from sm_90 (PTX
-    ``griddepcontrol``); another value is an error naming the variable."""
+    ``griddepcontrol``); another value is an error naming the variable, at import too."""
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(tk, "INTERPRET", False)
@@ -185,11 +207,14 @@ def test_pdl_is_opt_in_and_needs_cuda_compute_capability_9(monkeypatch):
         monkeypatch.setattr(tk, "INTERPRET", False)
         tk.pdl_enabled.cache_clear()
         monkeypatch.setenv(tk.PDL_ENV, "yes")
-        if torch.version.hip is None:
+        for device in (cuda, torch.device("cpu")):  # an error everywhere, not just on sm_90
             with pytest.raises(ValueError, match="HF_HADAMARD_KQ_PDL"):
-                tk.pdl_enabled(cuda)
+                tk.pdl_enabled(device)
     finally:
         tk.pdl_enabled.cache_clear()
+    proc = subprocess.run([sys.executable, "-c", "import hf_hadamard_kq"], capture_output=True,
+                          text=True, env={**os.environ, tk.PDL_ENV: "on"})
+    assert proc.returncode != 0 and "HF_HADAMARD_KQ_PDL='on'" in proc.stderr, proc.stderr[-500:]
 
 
 def test_fast_closure_refuses_other_calls(recorded, monkeypatch):

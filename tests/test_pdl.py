@@ -115,6 +115,8 @@ def test_single_rotation_waits_for_the_previous_kernel(d, tokens):
     buf = torch.zeros(1, tokens, 32, d, device="cuda", dtype=torch.bfloat16)
     x = buf.transpose(1, 2)  # the projection's view, as a decode step passes it
     s = 1 / math.sqrt(d)
+    op_mod.hadamard_apply(x, s, None, d)  # compiles the kernel (slower than the writer's spin)
+    tk.clear_plans()  # ... but keeps it: the next call launches it through triton's launcher
     for i in range(4):  # first call: triton's launcher; then the C++ launch
         src = torch.randn_like(buf)
         buf.zero_()
@@ -127,6 +129,39 @@ def test_single_rotation_waits_for_the_previous_kernel(d, tokens):
     launch = tk.FAST[(x.shape, x.stride(), x.dtype, x.get_device(), d)]
     if cpp_launch.module() is not None:
         assert type(launch).__name__ == "Launch" and launch.pdl(), launch
+
+
+def test_cpp_launch_sets_the_pdl_attribute():
+    """The C++ launch's own ``cuLaunchKernelEx`` attribute (hand-declared structs, no CUDA
+    headers) takes effect: a kernel without the wait, launched through a ``Launch(pdl=True)``
+    behind the writer, reads the stale input."""
+    mod = cpp_launch.module()
+    if mod is None:
+        pytest.skip("no C++ launcher on this machine")
+    n = 4096
+    buf = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn_like(buf) + 10  # never zero
+    kernel = _copy_without_wait[(4,)](buf, torch.empty_like(buf), n, BLOCK=1024,
+                                      launch_pdl=True)
+    torch.cuda.synchronize()
+    assert kernel.metadata.launch_pdl
+    packed = cpp_launch.slots(kernel.src.signature,
+                              (cpp_launch.IN_PTR, cpp_launch.OUT_PTR, cpp_launch.VALUE,
+                               cpp_launch.VALUE), (0, 0, n, 1024))
+    out_layout = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
+    launch = mod.Launch(kernel.function, 4, kernel.metadata.num_warps, kernel.metadata.shared,
+                        (buf,), (out_layout,), packed, None, cpp_launch.EXTRA_PARAMS, kernel,
+                        pdl=True)
+    assert launch.pdl()
+    stale = 0
+    for _ in range(3):
+        buf.zero_()
+        _write_late(buf, src)
+        got = launch(buf, 1.0)
+        torch.cuda.synchronize()
+        assert got is not None, "the C++ launch declined the call"
+        stale += int((got == 0).sum())
+    assert stale > 0, "the Launch did not start early: is its PDL attribute set?"
 
 
 def test_explicit_matrix_written_by_the_previous_kernel():
@@ -176,6 +211,27 @@ def test_fused_rotation_waits_for_the_previous_kernel(tokens):
         assert found is not None and found.pdl()
 
 
+def test_fused_rotation_with_an_explicit_matrix_written_by_the_previous_kernel():
+    d = 128
+    q = torch.randn(1, 1, 32, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 1, 8, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    mbuf = torch.zeros(d, d, device="cuda", dtype=torch.bfloat16)
+    for i in range(4):
+        msrc = (torch.randn(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+        mbuf.zero_()
+        _write_late(mbuf, msrc)
+        qo, ko = qk.rotate_qk(q, k, 1.0, mbuf)
+        torch.cuda.synchronize()
+        settled = qk.rotate_qk(q, k, 1.0, mbuf)
+        for got, ok, x in zip((qo, ko), settled, (q, k)):
+            torch.testing.assert_close(got, ok, atol=0, rtol=0,
+                                       msg=lambda m, i=i: f"call {i}: {m}")
+            want = (x.double().reshape(-1, d) @ msrc.double()).reshape(x.shape)
+            torch.testing.assert_close(ok.double(), want, atol=0.05, rtol=0.02)
+    plans = [p for p in qk._PLANS.values() if p]
+    assert plans and all(p.pdl and not p.meta["SYLVESTER"] for p in plans)
+
+
 def test_rotation_in_a_cuda_graph_waits_for_the_previous_kernel():
     d = 128
     buf = torch.zeros(1, 1, 32, d, device="cuda", dtype=torch.bfloat16)
@@ -187,19 +243,30 @@ def test_rotation_in_a_cuda_graph_waits_for_the_previous_kernel():
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    control_in = torch.zeros(4096, device="cuda", dtype=torch.bfloat16)
+    control_src = torch.randn_like(control_in) + 10  # never zero
+    control = torch.empty_like(control_in)
+    _copy_without_wait[(4,)](control_in, control, 4096, BLOCK=1024, launch_pdl=True)
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         buf.zero_()
         _write_late(buf, src)
         y = op_mod.hadamard_apply(x, s, None, d)
+        # the control: the graph keeps the programmatic edge (a no-wait kernel reads early)
+        control_in.zero_()
+        _write_late(control_in, control_src)
+        _copy_without_wait[(4,)](control_in, control, 4096, BLOCK=1024, launch_pdl=True)
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()  # (capturing ran nothing: buf holds src only after a replay)
     torch.cuda.synchronize()
     settled = op_mod.hadamard_apply(x, s, None, d)
+    stale = 0
     for i in range(3):
         y.zero_()
         graph.replay()
         torch.cuda.synchronize()
         _check(y, settled, src.transpose(1, 2), d, f"replay {i}")
+        stale += int((control == 0).sum())
+    assert stale > 0, "no early start inside the graph: this test could not catch a race"
 
 
 @pytest.mark.parametrize("value", [None, "0"])

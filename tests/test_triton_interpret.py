@@ -113,6 +113,9 @@ if not IN_INTERPRETER:
         (64, "fp16", None, False, 128, False),
         (128, "bf16", "bf16", True, 64, False),
         (128, "bf16", "fp32", True, 64, False),
+        # explicit matrices at decode size: PDL waits before loading them
+        (128, "bf16", "bf16", True, 16, True),
+        (128, "bf16", "fp32", True, 16, True),
         # fp32 tensors: the TUNED_QK_F32 tilings (session 16), decode and prefill
         (128, "fp32", None, True, 16, True),
         (128, "fp32", None, True, 16, False),

@@ -26,6 +26,7 @@
 
 #include <dlfcn.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -60,15 +61,16 @@ typedef CUresult (*GetErrorNameFn)(CUresult, const char**);
 // previous kernel in the stream finishes; it waits for it with griddepcontrol.wait before
 // touching memory).
 constexpr int kAttrProgrammaticStreamSerialization = 6;  // CU_LAUNCH_ATTRIBUTE_..._SERIALIZATION
-struct LaunchAttribute {
+struct alignas(8) LaunchAttribute {  // CUlaunchAttribute (its value union holds pointers)
   int id;
   char pad[4];
   union {
     char bytes[64];
-    int value;
+    int value;  // programmaticStreamSerializationAllowed
+    void* align;
   } value;
 };
-struct LaunchConfig {
+struct LaunchConfig {  // CUlaunchConfig
   unsigned grid_x, grid_y, grid_z;
   unsigned block_x, block_y, block_z;
   unsigned shared;
@@ -76,7 +78,12 @@ struct LaunchConfig {
   LaunchAttribute* attrs;
   unsigned num_attrs;
 };
-static_assert(sizeof(LaunchAttribute) == 72, "CUlaunchAttribute is 72 bytes");
+static_assert(sizeof(LaunchAttribute) == 72 && alignof(LaunchAttribute) == 8,
+              "CUlaunchAttribute: 72 bytes, 8-byte aligned");
+static_assert(offsetof(LaunchAttribute, value) == 8, "CUlaunchAttribute::value at 8");
+static_assert(sizeof(LaunchConfig) == 56 && offsetof(LaunchConfig, stream) == 32 &&
+                  offsetof(LaunchConfig, attrs) == 40 && offsetof(LaunchConfig, num_attrs) == 48,
+              "CUlaunchConfig layout");
 typedef CUresult (*LaunchKernelExFn)(const LaunchConfig*, CUfunction, void**, void**);
 
 LaunchKernelFn cu_launch_kernel = nullptr;

@@ -303,6 +303,7 @@ def _triton_has_pdl() -> bool:
 
 
 def _pdl_requested() -> bool:
+    """``HF_HADAMARD_KQ_PDL`` is ``1``; ValueError for a value other than 0, 1 or empty."""
     value = os.environ.get(PDL_ENV, "0").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{PDL_ENV}={value!r}: use 1 (programmatic dependent launch for "
@@ -310,13 +311,17 @@ def _pdl_requested() -> bool:
     return value == "1"
 
 
+_pdl_requested()  # a bad value fails at import, not at the first decode step
+
+
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
     """Whether decode-sized rotation launches (the row kernel's and the fused Q/K kernel's)
     on ``device`` use programmatic dependent launch (PDL): only when asked for with
     ``HF_HADAMARD_KQ_PDL=1``, on a CUDA device of compute capability 9.0+ (``griddepcontrol``
-    is sm_90 PTX) with triton 3.3+; never on ROCm or under the interpreter. Read when a
-    device's first plan is made: set it before the first rotation, or call
+    is sm_90 PTX) with triton 3.3+; never on ROCm or under the interpreter. Checked when
+    this module is imported (another value than 0, 1 or empty is a ValueError) and read when
+    a device's first decode-sized plan is made: set it before the first rotation, or call
     ``pdl_enabled.cache_clear()`` and both modules' ``clear_plans()``. Prefill-sized
     launches (bandwidth-bound; their tilings were measured without it) never use it.
 
@@ -328,18 +333,19 @@ def pdl_enabled(device: torch.device) -> bool:
 
     Why it is off by default (session 21, BENCHMARKS.md, two H100 machines): back to back in
     a CUDA graph it saves 0.23-0.35 us per launch at every decode size (d = 128: 1.63 /
-    1.82 / 1.95 -> 1.36 / 1.53 / 1.64 us at 1 / 16 / 64 tokens). But behind the kernel that
+    1.82 / 1.95 -> 1.35 / 1.53 / 1.64 us at 1 / 16 / 64 tokens). But behind the kernel that
     really precedes it -- the q or k projection's cuBLAS GEMM -- the effect depends on that
-    GEMM: with d = 64, and d = 128 at batch 1 with up to 16 tokens, it saved 0.15-1.1 us
-    per launch, while with d = 128 and 32-64 tokens in a step (batch 32 or 64 decode) the
-    fused launch cost up to 1.6 us more (3.2 on one machine) and the single-tensor one
-    0.1-0.2 more, and the single-tensor rotation at d = 256 0.3-0.4 us more at every size.
+    GEMM: with d = 64, and d = 128 at batch 1 with up to 16 tokens, it saved 0.15-1.0 us
+    per launch (the fused launch at d = 256: up to 1.1), while with d = 128 and 32-64
+    tokens in a step (batch 32 or 64 decode) the fused launch cost up to 1.6 us more (3.2 on
+    one machine) and the single-tensor one 0.1-0.2 more, and the single-tensor rotation at
+    d = 256 0.3-0.4 us more at every size.
     A default cannot know the preceding kernel, and the gains land where decode is
     host-bound (batch 1), the losses where it is not.
     """
-    if device.type != "cuda" or INTERPRET or not _HAS_TRITON or torch.version.hip is not None:
+    if not _pdl_requested():  # (read first: a bad value is an error on every platform)
         return False
-    if not _pdl_requested():
+    if device.type != "cuda" or INTERPRET or not _HAS_TRITON or torch.version.hip is not None:
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9 and _triton_has_pdl()
 

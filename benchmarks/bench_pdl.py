@@ -35,7 +35,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_op import graph_us
+from host_breakdown import per_call_us
 
 from hf_hadamard_kq.ops import op as op_mod
 from hf_hadamard_kq.ops import qk_kernel as qk
@@ -62,14 +62,11 @@ def set_pdl(on: bool) -> None:
 
 
 def host_us(fn, n: int = 2000) -> float:
+    """Host time per call over ``n`` back-to-back eager calls and one sync (issue 6's method),
+    after 50 calls of warm-up."""
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+    return per_call_us(fn, n)
 
 
 def rotation_ref(x: torch.Tensor, d: int) -> torch.Tensor:

@@ -339,9 +339,10 @@ def pdl_enabled(device: torch.device) -> bool:
     per launch (the fused launch at d = 256: up to 1.1), while with d = 128 and 32-64
     tokens in a step (batch 32 or 64 decode) the fused launch cost up to 1.6 us more (3.2 on
     one machine) and the single-tensor one 0.1-0.2 more, and the single-tensor rotation at
-    d = 256 0.3-0.4 us more at every size.
-    A default cannot know the preceding kernel, and the gains land where decode is
-    host-bound (batch 1), the losses where it is not.
+    d = 256 0.3-0.4 us more at every size. (The fused launch's losses: scheduled while the
+    GEMM still held most SMs, its programs crowded onto the few free ones -- 9 SMs for 160
+    programs, benchmarks/pdl_placement.py.) A default cannot know the preceding kernel, and
+    the gains land where decode is host-bound (batch 1), the losses where it is not.
     """
     if not _pdl_requested():  # (read first: a bad value is an error on every platform)
         return False

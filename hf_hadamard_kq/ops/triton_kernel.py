@@ -341,8 +341,9 @@ def pdl_enabled(device: torch.device) -> bool:
     one machine) and the single-tensor one 0.1-0.2 more, and the single-tensor rotation at
     d = 256 0.3-0.4 us more at every size. (The fused launch's losses: scheduled while the
     GEMM still held most SMs, its programs crowded onto the few free ones -- 9 SMs for 160
-    programs, benchmarks/pdl_placement.py.) A default cannot know the preceding kernel, and
-    the gains land where decode is host-bound (batch 1), the losses where it is not.
+    programs, benchmarks/pdl_placement.py; a third machine measured the opposite at 1 and
+    at 32-64 tokens.) A default cannot know the preceding kernel or the machine, and the
+    gains land where decode is host-bound (batch 1), the losses where it is not.
     """
     if not _pdl_requested():  # (read first: a bad value is an error on every platform)
         return False

@@ -3,8 +3,8 @@ target 2: a decode-sized rotation's GPU time in a CUDA graph, and its host cost)
 
 Why a separate benchmark: PDL changes how a kernel overlaps the kernel *before* it, so its
 effect depends on that neighbour. Three views, each with PDL on (``HF_HADAMARD_KQ_PDL=1``, set
-by this script: PDL is opt-in) and off (``triton_kernel.pdl_enabled`` patched), every plan,
-closure and C++ launch rebuilt at each switch:
+by this script: PDL is opt-in) and off (``pdl_enabled`` patched where triton_kernel and
+qk_kernel use it), every plan, closure and C++ launch rebuilt at each switch:
 
 * ``b2b``: a CUDA graph of 100 back-to-back calls (what ``bench_op.py`` and ``tune_rows.py``
   report as GPU time per call), against ``torch.clone`` of the same tensor;
@@ -46,11 +46,12 @@ from bench_op import graph_us
 from host_breakdown import per_call_us
 
 from hf_hadamard_kq.ops import op as op_mod
+from hf_hadamard_kq.ops import pdl
 from hf_hadamard_kq.ops import qk_kernel as qk
 from hf_hadamard_kq.ops import triton_kernel as tk
 from hf_hadamard_kq.ops.matrices import sylvester
 
-_PDL_ON = tk.pdl_enabled
+_PDL_ON = pdl.pdl_enabled
 
 
 def set_pdl(on: bool) -> None:
@@ -164,10 +165,10 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=["1x1", "1x16", "1x64"],
                         help="BATCHxTOKENS of each case (decode: 32 query heads, 8 kv heads)")
     args = parser.parse_args(argv)
-    os.environ[tk.PDL_ENV] = "1"  # opt-in: the "on" side of every comparison
-    tk.pdl_enabled.cache_clear()
+    os.environ[pdl.ENV] = "1"  # opt-in: the "on" side of every comparison
+    pdl.pdl_enabled.cache_clear()
     if not _PDL_ON(torch.device("cuda", torch.cuda.current_device())):
-        raise SystemExit("PDL is not available here (tk.pdl_enabled is False): nothing to compare")
+        raise SystemExit("PDL is not available here (pdl.pdl_enabled is False): nothing to compare")
     import triton
 
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

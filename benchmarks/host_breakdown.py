@@ -42,10 +42,10 @@ for the same kernels and layouts, for an A/B in one process (same host, interlea
 
 With ``--baseline-no-pdl`` (which sets ``HF_HADAMARD_KQ_PDL=1`` for this run's own launches:
 PDL is opt-in) the baseline is this package's own module, its launches made with
-programmatic dependent launch off (``triton_kernel.pdl_enabled`` patched: the kernels
-compiled without the wait, launched with ``cuLaunchKernel``), and ``base_hadamard_apply`` is
-the current hot-path entry with the baseline's launch and table installed: the host cost of
-PDL (``cuLaunchKernelEx`` with its attribute) side by side.
+programmatic dependent launch off (``pdl_enabled`` patched where the kernels' modules use
+it: the kernels compiled without the wait, launched with ``cuLaunchKernel``), and
+``base_hadamard_apply`` is the current hot-path entry with the baseline's launch and table
+installed: the host cost of PDL (``cuLaunchKernelEx`` with its attribute) side by side.
 
 Usage (GPU machine): ``python benchmarks/host_breakdown.py --out results/x.json``
 """
@@ -65,7 +65,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_hadamard_kq.ops import cpp_launch
+from hf_hadamard_kq.ops import cpp_launch, pdl
 from hf_hadamard_kq.ops import launch as launch_mod
 from hf_hadamard_kq.ops import op as op_mod
 from hf_hadamard_kq.ops import qk_kernel as qk
@@ -306,8 +306,8 @@ def main(argv=None) -> None:
         baseline = cpp_launch._load(cpp_launch.build(args.baseline_source))
         baseline.load_driver()
     elif args.baseline_no_pdl:
-        os.environ[tk.PDL_ENV] = "1"
-        tk.pdl_enabled.cache_clear()
+        os.environ[pdl.ENV] = "1"
+        pdl.pdl_enabled.cache_clear()
         baseline = cpp_launch.module()
     rows = []
     for tokens in (1, 16, 64):

@@ -17,6 +17,7 @@ import torch
 tk = pytest.importorskip("hf_hadamard_kq.ops.triton_kernel")
 from hf_hadamard_kq.ops import launch as launch_mod  # noqa: E402
 from hf_hadamard_kq.ops import op as op_mod  # noqa: E402
+from hf_hadamard_kq.ops import pdl  # noqa: E402
 
 #: Position of the first kernel argument in a C launcher call: grid (3), stream, function,
 #: coop, pdl, two scratch buffers, packed metadata, hook args, enter and exit hooks.
@@ -185,35 +186,35 @@ def test_pdl_is_opt_in_and_needs_cuda_compute_capability_9(monkeypatch):
     ``griddepcontrol``); another value is an error naming the variable, at import too."""
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
-    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.setattr(pdl, "INTERPRET", False)
     cuda = torch.device("cuda", 0)
-    available = tk._triton_has_pdl() and torch.version.hip is None
+    available = pdl.triton_has_pdl() and torch.version.hip is None
     try:
         for value, want in ((None, False), ("0", False), ("", False), ("1", available)):
-            tk.pdl_enabled.cache_clear()
+            pdl.pdl_enabled.cache_clear()
             if value is None:
-                monkeypatch.delenv(tk.PDL_ENV, raising=False)
+                monkeypatch.delenv(pdl.ENV, raising=False)
             else:
-                monkeypatch.setenv(tk.PDL_ENV, value)
-            assert tk.pdl_enabled(cuda) is want, value
-            assert not tk.pdl_enabled(torch.device("cpu"))
-        tk.pdl_enabled.cache_clear()
+                monkeypatch.setenv(pdl.ENV, value)
+            assert pdl.pdl_enabled(cuda) is want, value
+            assert not pdl.pdl_enabled(torch.device("cpu"))
+        pdl.pdl_enabled.cache_clear()
         capability[0] = (8, 0)
-        assert not tk.pdl_enabled(cuda)
-        tk.pdl_enabled.cache_clear()
+        assert not pdl.pdl_enabled(cuda)
+        pdl.pdl_enabled.cache_clear()
         capability[0] = (9, 0)
-        monkeypatch.setattr(tk, "INTERPRET", True)
-        assert not tk.pdl_enabled(cuda)
-        monkeypatch.setattr(tk, "INTERPRET", False)
-        tk.pdl_enabled.cache_clear()
-        monkeypatch.setenv(tk.PDL_ENV, "yes")
+        monkeypatch.setattr(pdl, "INTERPRET", True)
+        assert not pdl.pdl_enabled(cuda)
+        monkeypatch.setattr(pdl, "INTERPRET", False)
+        pdl.pdl_enabled.cache_clear()
+        monkeypatch.setenv(pdl.ENV, "yes")
         for device in (cuda, torch.device("cpu")):  # an error everywhere, not just on sm_90
             with pytest.raises(ValueError, match="HF_HADAMARD_KQ_PDL"):
-                tk.pdl_enabled(device)
+                pdl.pdl_enabled(device)
     finally:
-        tk.pdl_enabled.cache_clear()
+        pdl.pdl_enabled.cache_clear()
     proc = subprocess.run([sys.executable, "-c", "import hf_hadamard_kq"], capture_output=True,
-                          text=True, env={**os.environ, tk.PDL_ENV: "on"})
+                          text=True, env={**os.environ, pdl.ENV: "on"})
     assert proc.returncode != 0 and "HF_HADAMARD_KQ_PDL='on'" in proc.stderr, proc.stderr[-500:]
 
 

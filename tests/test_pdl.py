@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from hf_hadamard_kq.ops import cpp_launch  # noqa: E402
+from hf_hadamard_kq.ops import cpp_launch, pdl  # noqa: E402
 from hf_hadamard_kq.ops import op as op_mod  # noqa: E402
 from hf_hadamard_kq.ops import qk_kernel as qk  # noqa: E402
 from hf_hadamard_kq.ops import triton_kernel as tk  # noqa: E402
@@ -58,7 +58,7 @@ def _write_late(buf: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def _reset() -> None:
-    tk.pdl_enabled.cache_clear()
+    pdl.pdl_enabled.cache_clear()
     tk.clear_plans()
     qk.clear_plans()
 
@@ -67,13 +67,13 @@ def _reset() -> None:
 def _pdl_on(monkeypatch):
     """PDL asked for (``HF_HADAMARD_KQ_PDL=1``, opt-in) where this GPU and triton have it."""
     device = torch.device("cuda", torch.cuda.current_device())
-    if torch.cuda.get_device_capability(device)[0] < 9 or not tk._triton_has_pdl():
+    if torch.cuda.get_device_capability(device)[0] < 9 or not pdl.triton_has_pdl():
         pytest.skip("this device or triton has no PDL (needs sm_90+, triton 3.3+)")
-    monkeypatch.setenv(tk.PDL_ENV, "1")
+    monkeypatch.setenv(pdl.ENV, "1")
     _reset()
-    assert tk.pdl_enabled(device)
+    assert pdl.pdl_enabled(device)
     yield
-    monkeypatch.delenv(tk.PDL_ENV, raising=False)
+    monkeypatch.delenv(pdl.ENV, raising=False)
     _reset()
 
 
@@ -273,9 +273,9 @@ def test_rotation_in_a_cuda_graph_waits_for_the_previous_kernel():
 def test_pdl_is_off_unless_asked_for(monkeypatch, value):
     """Default (unset) and ``HF_HADAMARD_KQ_PDL=0``: decode plans are made without PDL."""
     if value is None:
-        monkeypatch.delenv(tk.PDL_ENV)
+        monkeypatch.delenv(pdl.ENV)
     else:
-        monkeypatch.setenv(tk.PDL_ENV, value)
+        monkeypatch.setenv(pdl.ENV, value)
     _reset()
     x = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     y = op_mod.hadamard_apply(x, 128**-0.5, None, 128)

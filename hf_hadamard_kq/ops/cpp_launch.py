@@ -16,7 +16,7 @@ from torch's CUDA allocator (not through ``at::empty_strided``'s dispatch; a Lau
 measured 0.5-1.6 us less than session 18's on the lent H100 hosts) and calls
 ``cuLaunchKernel`` with parameters packed once per layout (``cuLaunchKernelEx`` with the
 programmatic-stream-serialization attribute for a kernel compiled with ``launch_pdl``, as
-triton's own launcher does for it: see ``triton_kernel.pdl_enabled``).
+triton's own launcher does for it: see ``pdl.pdl_enabled``).
 A :class:`Table` finds the Launch of a call's layouts in C++: its few most recently used
 entries first (by the Launch's own per-input comparison), else by a key. The fused Q/K
 launch (one per layer in eager decode of a fused model) went the same way: through triton's

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import cpp_launch, forward_mode
+from .pdl import pdl_enabled
 from .triton_kernel import (
     DEFAULT_STAGES,
     INTERPRET,
@@ -43,7 +44,6 @@ from .triton_kernel import (
     _max_programs,
     _round_to,
     _w_tile,
-    pdl_enabled,
     stage_option,
     tl,
     triton,
@@ -175,7 +175,7 @@ if triton is not None:
         """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid).
         ``LOADS_FIRST`` (one tile per program): ``W`` is built per tile after its loads,
         else once before the loop. ``PDL`` (launched with programmatic dependent launch,
-        ``triton_kernel.pdl_enabled``): wait for the previous kernel in the stream before
+        ``pdl.pdl_enabled``): wait for the previous kernel in the stream before
         the first load or store."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)

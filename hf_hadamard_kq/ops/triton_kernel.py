@@ -62,7 +62,7 @@ Why it is built this way
   faster. At decode sizes the best depth was 1 for d = 64 and 128 (d = 128 also moved from 2
   to 4 warps; together 0.06-0.1 us faster) and 2 for d = 256 (session 12).
 * Decode-sized launches can use programmatic dependent launch (opt-in,
-  ``HF_HADAMARD_KQ_PDL=1``; :func:`pdl_enabled` says when and why it is not the default): the
+  ``HF_HADAMARD_KQ_PDL=1``; ``pdl.pdl_enabled`` says when and why it is not the default): the
   kernel's launch latency then overlaps the previous kernel, and the kernel waits for that
   kernel before touching memory.
 * Host overhead matters (decode calls are ~1 token x 32 heads x 128): no autotuner; launch
@@ -103,8 +103,13 @@ import torch
 
 if __package__:
     from . import cpp_launch
+    from .pdl import pdl_enabled
 else:  # loaded by file path, outside the package (the interpreter tests): no cached launches
     cpp_launch = None
+
+    def pdl_enabled(device: torch.device) -> bool:
+        """Loaded by file path: no programmatic dependent launch."""
+        return False
 
 try:  # triton is optional: CUDA builds of torch pin their own, CPU installs may lack it.
     import triton
@@ -116,7 +121,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["hadamard_triton", "mid_config", "pdl_enabled", "rows_config", "triton_available"]
+__all__ = ["hadamard_triton", "mid_config", "rows_config", "triton_available"]
 
 #: True when kernels run in the CPU interpreter (read once, like triton reads it for ``@jit``).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
@@ -284,72 +289,6 @@ def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
     itself (``nb == 1``) or the factor of a split Sylvester form (``nb`` 2 or 4); otherwise
     (explicit ``W`` wider than 128) it reloads sub-tiles."""
     return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
-
-
-#: ``1``: launch decode-sized rotations with programmatic dependent launch (:func:`pdl_enabled`);
-#: unset or ``0``: without (the default).
-PDL_ENV: str = "HF_HADAMARD_KQ_PDL"
-
-
-def _triton_has_pdl() -> bool:
-    """triton can compile ``gdc_wait`` and launch with ``launch_pdl`` (3.3+)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:  # pragma: no cover - a triton without the CUDA backend
-        return False
-    cuda_extra = getattr(getattr(tl, "extra", None), "cuda", None)
-    return (hasattr(cuda_extra, "gdc_wait")
-            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
-
-
-def _pdl_requested() -> bool:
-    """``HF_HADAMARD_KQ_PDL`` is ``1``; ValueError for a value other than 0, 1 or empty."""
-    value = os.environ.get(PDL_ENV, "0").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{PDL_ENV}={value!r}: use 1 (programmatic dependent launch for "
-                         f"decode-sized rotations on sm_90+ GPUs) or 0 / unset (off)")
-    return value == "1"
-
-
-_pdl_requested()  # a bad value fails at import, not at the first decode step
-
-
-@functools.cache
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether decode-sized rotation launches (the row kernel's and the fused Q/K kernel's)
-    on ``device`` use programmatic dependent launch (PDL): only when asked for with
-    ``HF_HADAMARD_KQ_PDL=1``, on a CUDA device of compute capability 9.0+ (``griddepcontrol``
-    is sm_90 PTX) with triton 3.3+; never on ROCm or under the interpreter. Checked when
-    this module is imported (another value than 0, 1 or empty is a ValueError) and read when
-    a device's first decode-sized plan is made: set it before the first rotation, or call
-    ``pdl_enabled.cache_clear()`` and both modules' ``clear_plans()``. Prefill-sized
-    launches (bandwidth-bound; their tilings were measured without it) never use it.
-
-    What it does: the rotation is launched with the programmatic-stream-serialization
-    attribute, so its programs may be scheduled while the previous kernel in the stream
-    finishes; they wait for it (``griddepcontrol.wait``, which also makes its writes
-    visible) before their first load or store, so their launch latency overlaps that
-    kernel. Outputs are bit-identical either way.
-
-    Why it is off by default (session 21, BENCHMARKS.md, two H100 machines): back to back in
-    a CUDA graph it saves 0.23-0.35 us per launch at every decode size (d = 128: 1.63 /
-    1.82 / 1.95 -> 1.35 / 1.53 / 1.64 us at 1 / 16 / 64 tokens). But behind the kernel that
-    really precedes it -- the q or k projection's cuBLAS GEMM -- the effect depends on that
-    GEMM: with d = 64, and d = 128 at batch 1 with up to 16 tokens, it saved 0.15-1.0 us
-    per launch (the fused launch at d = 256: up to 1.1), while with d = 128 and 32-64
-    tokens in a step (batch 32 or 64 decode) the fused launch cost up to 1.6 us more (3.2 on
-    one machine) and the single-tensor one 0.1-0.2 more, and the single-tensor rotation at
-    d = 256 0.3-0.4 us more at every size. (The fused launch's losses: scheduled while the
-    GEMM still held most SMs, its programs crowded onto the few free ones -- 9 SMs for 160
-    programs, benchmarks/pdl_placement.py; a third machine measured the opposite at 1 and
-    at 32-64 tokens.) A default cannot know the preceding kernel or the machine, and the
-    gains land where decode is host-bound (batch 1), the losses where it is not.
-    """
-    if not _pdl_requested():  # (read first: a bad value is an error on every platform)
-        return False
-    if device.type != "cuda" or INTERPRET or not _HAS_TRITON or torch.version.hip is not None:
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9 and _triton_has_pdl()
 
 
 @functools.cache
@@ -522,7 +461,7 @@ if _HAS_TRITON:
         ``LOADS_FIRST`` (every program has exactly one tile): build the resident ``W`` after
         issuing the tile's loads instead of before the loop, so that the matrix generation
         overlaps the load latency (decode-sized calls are latency-bound).
-        ``PDL`` (launched with programmatic dependent launch, :func:`pdl_enabled`): the
+        ``PDL`` (launched with programmatic dependent launch, ``pdl.pdl_enabled``): the
         programs may start while the previous kernel in the stream still runs, so they wait
         for it (``griddepcontrol.wait``) after the register-only set-up and before their first
         load or store -- reading ``x`` or writing ``out`` earlier could race with it.

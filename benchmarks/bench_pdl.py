@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_op import graph_us
-from host_breakdown import per_call_us
+from host_breakdown import per_call_us, set_pdl_decision
 
 from hf_hadamard_kq.ops import op as op_mod
 from hf_hadamard_kq.ops import pdl
@@ -56,8 +56,7 @@ _PDL_ON = pdl.pdl_enabled
 
 def set_pdl(on: bool) -> None:
     """PDL on (the package's own decision) or off, with every cached launch rebuilt."""
-    chosen = _PDL_ON if on else (lambda device: False)
-    tk.pdl_enabled = qk.pdl_enabled = chosen
+    set_pdl_decision(_PDL_ON if on else (lambda device: False))
     tk.clear_plans()
     qk.clear_plans()
 

@@ -125,14 +125,22 @@ def qk_inputs(tokens: int) -> tuple:
     return q, k, cos, sin
 
 
+def set_pdl_decision(decide):
+    """Make ``decide(device)`` the PDL decision of every module that plans rotation launches
+    (the row kernel's and the fused Q/K kernel's); returns the previous one. Plans made
+    before keep theirs: clear them to rebuild."""
+    saved = tk.pdl_enabled
+    tk.pdl_enabled = qk.pdl_enabled = decide
+    return saved
+
+
 def _without_pdl(fn):
     """``fn()`` with programmatic dependent launch off for the launches it makes."""
-    saved = tk.pdl_enabled, qk.pdl_enabled
-    tk.pdl_enabled = qk.pdl_enabled = lambda device: False
+    saved = set_pdl_decision(lambda device: False)
     try:
         return fn()
     finally:
-        tk.pdl_enabled, qk.pdl_enabled = saved
+        set_pdl_decision(saved)
 
 
 def parts_for(tokens: int, baseline=None, no_pdl: bool = False) -> dict:

@@ -348,7 +348,11 @@ class _Plan(NamedTuple):
     key: tuple
     num_warps: int
     num_stages: int | None
-    pdl: bool = False  # compiled and launched with programmatic dependent launch
+
+    @property
+    def pdl(self) -> bool:
+        """Compiled (the ``PDL`` constexpr) and launched with programmatic dependent launch."""
+        return self.meta["PDL"]
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -416,7 +420,7 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         qost[0], qost[1], qost[2], kost[0], kost[1], kost[2], cb, cs, float(scale),
     )
     key = (tuple(meta.values()), dtype, w.dtype, num_warps, num_stages)
-    return _Plan(grid, scalars, meta, key, num_warps, num_stages, meta["PDL"])
+    return _Plan(grid, scalars, meta, key, num_warps, num_stages)
 
 
 def _layout(q, k, matrix, cos, sin, scale) -> tuple:

@@ -732,7 +732,11 @@ class _RowsPlan(NamedTuple):
     int_key: tuple | None  # the launcher's key of the int scalars (None: no launcher)
     num_warps: int
     num_stages: int | None
-    pdl: bool = False  # compiled and launched with programmatic dependent launch
+
+    @property
+    def pdl(self) -> bool:
+        """Compiled (the ``PDL`` constexpr) and launched with programmatic dependent launch."""
+        return self.meta["PDL"]
 
 
 def _rows_plan(
@@ -771,7 +775,7 @@ def _rows_plan(
     # every constexpr, warps and stages (the launcher reuses a compiled kernel by this key)
     key = (*meta.values(), cfg.num_warps, cfg.num_stages, x.dtype, w.dtype, out_dtype)
     int_key = None if _ROWS is None else _ROWS.int_key(scalars)
-    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps, cfg.num_stages, pdl)
+    return _RowsPlan(grid, scalars, meta, key, int_key, cfg.num_warps, cfg.num_stages)
 
 
 def stage_option(num_stages: int | None, pdl: bool = False) -> dict:

@@ -292,6 +292,11 @@ if not IN_INTERPRETER:
                 # specialised): without it every element is a separate 2- or 4-byte access
                 vector = "ld.global.v4" in k.asm["ptx"] and "st.global.v4" in k.asm["ptx"]
                 assert vector == (align > 1), (name, vector)
+                # ...for every access of q, k, cos and sin (a trial with a tile-uniform cos/sin
+                # row offset, session 22, compiled them to 2-byte loads)
+                scalar = [a for a in re.findall(r"\b(?:ld|st)\.global[.\w]*", k.asm["ptx"])
+                          if ".v" not in a]
+                assert align == 1 or not scalar, (name, scalar)
                 if fence:
                     # the fence keeps the MMA-layout conversion after the RoPE: as many
                     # barriers as the same kernel without RoPE (without the fence triton

@@ -24,6 +24,21 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 
+@gluon.constexpr_function
+def _mma(wm, wn):
+    """``mma.sync`` (m16n8k16) accumulators, ``wm x wn`` warps over rows x columns."""
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[wm, wn], instr_shape=[16, 8])
+
+
+@gluon.constexpr_function
+def _io_layout(width, frag_layout, frag, warps):
+    """How a tile of rows ``width`` elements wide meets global memory: ``frag_layout`` itself
+    (``frag``), else 16-byte vectors of consecutive elements over ``warps`` warps."""
+    if frag:
+        return frag_layout
+    return gl.BlockedLayout([1, 8], [32 // (width // 8), width // 8], [warps, 1], [1, 0])
+
+
 @gluon.jit
 def _sylvester(BN: gl.constexpr, layout: gl.constexpr, dtype: gl.constexpr):
     """``H_BN`` (entries +-1, BN <= 128) in ``layout``: ``(-1) ** popcount(k & n)``."""
@@ -53,20 +68,11 @@ def decode_rows(x_ptr, out_ptr, n_rows, n_heads, n_tok, scale, D: gl.constexpr,
     """
     NSPLIT: gl.constexpr = D // BN
     BLOCK_M: gl.constexpr = 16 * WM
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WM, WN],
-                                                  instr_shape=[16, 8])
+    mma: gl.constexpr = _mma(WM, WN)
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    TPW_N: gl.constexpr = BN // 8
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [WM * WN, 1], [1, 0])
-    if LOAD_FRAG:
-        ld_l: gl.constexpr = a_l
-    else:
-        ld_l: gl.constexpr = blk
-    if STORE_FRAG:
-        st_l: gl.constexpr = mma
-    else:
-        st_l: gl.constexpr = blk
+    ld_l: gl.constexpr = _io_layout(BN, a_l, LOAD_FRAG, WM * WN)
+    st_l: gl.constexpr = _io_layout(BN, mma, STORE_FRAG, WM * WN)
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     pid = gl.program_id(0)
     rm = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_l))
@@ -122,19 +128,10 @@ def copy_tile(x_ptr, out_ptr, n_rows, D: gl.constexpr, WN: gl.constexpr,
     """Ladder: a ``[16, D]`` tile copy, loaded in the A-operand layout or as 16-byte vectors,
     stored from the accumulator layout or as 16-byte vectors (a conversion in between when
     the two differ)."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WN],
-                                                  instr_shape=[16, 8])
+    mma: gl.constexpr = _mma(1, WN)
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    TPW_N: gl.constexpr = D // 8
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [WN, 1], [1, 0])
-    if LOAD_FRAG:
-        ld_l: gl.constexpr = a_l
-    else:
-        ld_l: gl.constexpr = blk
-    if STORE_FRAG:
-        st_l: gl.constexpr = mma
-    else:
-        st_l: gl.constexpr = blk
+    ld_l: gl.constexpr = _io_layout(D, a_l, LOAD_FRAG, WN)
+    st_l: gl.constexpr = _io_layout(D, mma, STORE_FRAG, WN)
     pid = gl.program_id(0)
     rm = pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, ld_l))
     rk = gl.arange(0, D, layout=gl.SliceLayout(0, ld_l))

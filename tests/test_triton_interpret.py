@@ -253,10 +253,20 @@ if not IN_INTERPRETER:
                     SPLIT2=sylvester and cfg.nb == 2,
                     SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
                     WIDE=wide, DOT_F32=dot_f32,
+                    # what _rows_plan asks for: decode-sized split forms with 32-wide parts
+                    WHOLE_ROWS=small and sylvester and cfg.nb in (2, 4) and cfg.bn <= 32,
                     EMULATE_RTNE=False, PDL=small,  # decode-sized launches use PDL on sm_90
                 )  # fmt: skip
                 k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps,
                                  stages=cfg.num_stages)
+                if const["WHOLE_ROWS"] and not strided:  # the point of the form: 16-byte
+                    # vectors for every load and store (given 16-byte aligned pointers, as
+                    # triton specialises them at run time)
+                    ptx = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps,
+                                       aligned_ptrs=True, stages=cfg.num_stages).asm["ptx"]
+                    narrow = [a for a in re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx)
+                              if ".v4" not in a]
+                    assert not narrow, (n, xdt, cfg, narrow)
                 # PDL: the programs wait for the previous kernel (before any load or store)
                 assert ("griddepcontrol.wait" in k.asm["ptx"]) == small, (n, xdt, small)
                 assert not small or _waits_before_memory(k.asm["ptx"]), (n, xdt, cfg)
@@ -598,6 +608,33 @@ else:
             assert out.is_contiguous() and torch.equal(x, before)
             assert_matches(out, x, block, None, block**-0.5)
             assert torch.equal(out, ref)
+
+    @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+    @pytest.mark.parametrize("d", [64, 128, 256])
+    def test_whole_rows(d: int, layout: str) -> None:
+        """Decode-sized split forms with 32-wide parts (d = 64: H_2 ⊗ H_32, d = 128:
+        H_4 ⊗ H_32) load and store whole rows (``WHOLE_ROWS``), d = 256's (64-wide parts)
+        and prefill sizes part by part; the whole-row form is bit for bit the part-wise one
+        and the float64 rotation, in the three addressings (flat, STRIDED_OUT, strided)."""
+        for tokens in (1, 5, 200):
+            base = rand(1, tokens, 12, d, dtype=torch.float16, seed=d + tokens)
+            x = {"contiguous": base, "transposed": base.transpose(1, 2),
+                 "sliced": base[:, :, 2:9].transpose(1, 2)}[layout]
+            layout_arg = (None if x.is_contiguous() else
+                          tk._dense_layout(x) or tk._row_layout(x))
+            assert (layout_arg is None) == (layout == "contiguous" or tokens == 1)
+            plan = tk._rows_plan(x, x, x.dtype, d, True, False, layout_arg)
+            small = x.numel() // d <= tk.SMALL_ROWS
+            assert plan.meta["WHOLE_ROWS"] == (small and d in (64, 128)), (d, tokens, plan.meta)
+            outs = []
+            for whole in (True, False):  # every addressing writes a contiguous output
+                out = torch.empty(x.shape, dtype=x.dtype)
+                meta = dict(plan.meta, WHOLE_ROWS=whole and plan.meta["WHOLE_ROWS"])
+                tk._rows_kernel[(plan.grid,)](x, x, out, *plan.scalars, d**-0.5, **meta,
+                                              num_warps=plan.num_warps)
+                outs.append(out)
+            assert_matches(outs[0], x, d, None, d**-0.5)
+            assert torch.equal(outs[0], outs[1])
 
     def test_dense_permuted_input_with_an_explicit_matrix() -> None:
         """The explicit-matrix kernel forms (a resident W, and W wider than 128 in sub-tiles)

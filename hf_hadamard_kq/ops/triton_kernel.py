@@ -375,6 +375,16 @@ if _HAS_TRITON:
             return y.to(out_ptr.dtype.element_ty)
 
     @triton.jit
+    def _split_row(x, BN: tl.constexpr):
+        """``x[:, :BN], x[:, BN:]`` of a ``[BLOCK_M, 2 * BN]`` tile, in registers."""
+        return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, BN)), (0, 2, 1)))
+
+    @triton.jit
+    def _join_row(y0, y1):
+        """``[y0 | y1]``: two ``[BLOCK_M, BN]`` tiles as one ``[BLOCK_M, 2 * BN]`` tile."""
+        return tl.reshape(tl.permute(tl.join(y0, y1), (0, 2, 1)), (y0.shape[0], 2 * y0.shape[1]))
+
+    @triton.jit
     def _load_x(x_ptr, offs, mask, F32: tl.constexpr):
         xk = tl.load(x_ptr + offs, mask=mask, other=0.0)
         if F32:
@@ -440,6 +450,7 @@ if _HAS_TRITON:
         SPLIT4: tl.constexpr,
         LOADS_FIRST: tl.constexpr,
         WIDE: tl.constexpr,
+        WHOLE_ROWS: tl.constexpr,
         DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr,
         PDL: tl.constexpr,
@@ -458,6 +469,12 @@ if _HAS_TRITON:
         order, so each tile's loads are one contiguous block and its stores are scattered
         (measured faster at decode sizes than scattered loads: a load's latency is on the
         tile's critical path, a store's is not).
+        ``WHOLE_ROWS`` (the split forms, ``SPLIT2`` / ``SPLIT4``): each tile row is loaded whole
+        and split into its ``BN``-wide parts in registers, and the outputs are joined into
+        ``2 * BN``-wide rows before they are stored, instead of one load and one store per
+        part. With ``BN = 32`` (the decode tilings of d = 64 and 128) the parts are 64-byte
+        pieces: 8-byte vector accesses and an epilogue through shared memory with more
+        barriers, where the whole rows take 16-byte vectors and ``stmatrix``.
         ``LOADS_FIRST`` (every program has exactly one tile): build the resident ``W`` after
         issuing the tile's loads instead of before the loop, so that the matrix generation
         overlaps the load latency (decode-sized calls are latency-bound).
@@ -523,25 +540,43 @@ if _HAS_TRITON:
             elif SPLIT2:
                 zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
                 mask = row_ok[:, None] & (rk < BN)[None, :]
-                x0 = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
-                x1 = _load_x(x_tile, x_row[:, None] + (rk + BN)[None, :], mask, DOT_F32)
+                if WHOLE_ROWS:
+                    r2 = tl.arange(0, 2 * BN)
+                    mask2 = row_ok[:, None] & (r2 < 2 * BN)[None, :]
+                    x0, x1 = _split_row(
+                        _load_x(x_tile, x_row[:, None] + r2[None, :], mask2, DOT_F32), BN)
+                else:
+                    x0 = _load_x(x_tile, x_row[:, None] + rk[None, :], mask, DOT_F32)
+                    x1 = _load_x(x_tile, x_row[:, None] + (rk + BN)[None, :], mask, DOT_F32)
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
                                 LOADS_FIRST)
                 z0 = _dot(x0, w_use, zero, DOT_F32)
                 z1 = _dot(x1, w_use, zero, DOT_F32)
                 y0 = _round_to((z0 + z1) * scale, out_ptr, EMULATE_RTNE)
-                tl.store(o_ptr + o_row[:, None] + rk[None, :], y0, mask=mask)
-                y1 = _round_to((z0 - z1) * scale, out_ptr, EMULATE_RTNE)
-                tl.store(o_ptr + o_row[:, None] + (rk + BN)[None, :], y1, mask=mask)
+                if WHOLE_ROWS:
+                    y1 = _round_to((z0 - z1) * scale, out_ptr, EMULATE_RTNE)
+                    tl.store(o_ptr + o_row[:, None] + r2[None, :], _join_row(y0, y1), mask=mask2)
+                else:
+                    tl.store(o_ptr + o_row[:, None] + rk[None, :], y0, mask=mask)
+                    y1 = _round_to((z0 - z1) * scale, out_ptr, EMULATE_RTNE)
+                    tl.store(o_ptr + o_row[:, None] + (rk + BN)[None, :], y1, mask=mask)
             elif SPLIT4:
                 zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
                 mask = row_ok[:, None] & (rk < BN)[None, :]
                 x_at = x_row[:, None] + rk[None, :]
                 o_at = o_row[:, None] + rk[None, :]
-                x0 = _load_x(x_tile, x_at, mask, DOT_F32)
-                x1 = _load_x(x_tile, x_at + BN, mask, DOT_F32)
-                x2 = _load_x(x_tile, x_at + 2 * BN, mask, DOT_F32)
-                x3 = _load_x(x_tile, x_at + 3 * BN, mask, DOT_F32)
+                if WHOLE_ROWS:
+                    r4 = tl.arange(0, 4 * BN)
+                    xw = _load_x(x_tile, x_row[:, None] + r4[None, :],
+                                 row_ok[:, None] & (r4 < 4 * BN)[None, :], DOT_F32)
+                    x01, x23 = _split_row(xw, 2 * BN)  # halves: parts 0-1 and 2-3
+                    x0, x1 = _split_row(x01, BN)
+                    x2, x3 = _split_row(x23, BN)
+                else:
+                    x0 = _load_x(x_tile, x_at, mask, DOT_F32)
+                    x1 = _load_x(x_tile, x_at + BN, mask, DOT_F32)
+                    x2 = _load_x(x_tile, x_at + 2 * BN, mask, DOT_F32)
+                    x3 = _load_x(x_tile, x_at + 3 * BN, mask, DOT_F32)
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
                                 LOADS_FIRST)
                 z0 = _dot(x0, w_use, zero, DOT_F32)
@@ -552,13 +587,25 @@ if _HAS_TRITON:
                 b = z0 - z1
                 c = z2 + z3
                 e = z2 - z3
-                tl.store(o_ptr + o_at, _round_to((a + c) * scale, out_ptr, EMULATE_RTNE), mask=mask)
-                tl.store(o_ptr + o_at + BN, _round_to((b + e) * scale, out_ptr, EMULATE_RTNE),
-                         mask=mask)
-                tl.store(o_ptr + o_at + 2 * BN, _round_to((a - c) * scale, out_ptr, EMULATE_RTNE),
-                         mask=mask)
-                tl.store(o_ptr + o_at + 3 * BN, _round_to((b - e) * scale, out_ptr, EMULATE_RTNE),
-                         mask=mask)
+                if WHOLE_ROWS:
+                    r2 = tl.arange(0, 2 * BN)
+                    mask2 = row_ok[:, None] & (r2 < 2 * BN)[None, :]
+                    o_at2 = o_row[:, None] + r2[None, :]
+                    tl.store(o_ptr + o_at2, _join_row(
+                        _round_to((a + c) * scale, out_ptr, EMULATE_RTNE),
+                        _round_to((b + e) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                    tl.store(o_ptr + o_at2 + 2 * BN, _join_row(
+                        _round_to((a - c) * scale, out_ptr, EMULATE_RTNE),
+                        _round_to((b - e) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                else:
+                    tl.store(o_ptr + o_at, _round_to((a + c) * scale, out_ptr, EMULATE_RTNE),
+                             mask=mask)
+                    tl.store(o_ptr + o_at + BN, _round_to((b + e) * scale, out_ptr, EMULATE_RTNE),
+                             mask=mask)
+                    tl.store(o_ptr + o_at + 2 * BN,
+                             _round_to((a - c) * scale, out_ptr, EMULATE_RTNE), mask=mask)
+                    tl.store(o_ptr + o_at + 3 * BN,
+                             _round_to((b - e) * scale, out_ptr, EMULATE_RTNE), mask=mask)
             else:
                 # W wider than BN (explicit W > 128): NB x NB sub-tile
                 # products in runtime (not unrolled) loops, so they all reuse the same shared
@@ -769,7 +816,9 @@ def _rows_plan(
         N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
         STRIDED=strided, STRIDED_OUT=strided_out, SPLIT2=sylvester and cfg.nb == 2,
         SPLIT4=sylvester and cfg.nb == 4,
-        LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide, DOT_F32=dot_f32,
+        LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide,
+        # decode-sized split forms with 32-wide parts (d = 64, 128): whole rows in and out
+        WHOLE_ROWS=small and sylvester and cfg.nb in (2, 4) and cfg.bn <= 32, DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16, PDL=pdl,
     )  # fmt: skip
     # every constexpr, warps and stages (the launcher reuses a compiled kernel by this key)

@@ -105,6 +105,7 @@ if not IN_INTERPRETER:
     # (the size class whose tuned warps apply when BLOCK_M is the tuned one)
     AOT_QK = [
         (128, "bf16", None, True, 16, True),
+        (64, "bf16", None, True, 16, True),  # decode, d = 64 (32-wide halves)
         (128, "bf16", None, True, 64, False),
         (128, "bf16", None, True, 32, False),  # the tuned prefill tiling (session 10)
         (256, "bf16", None, True, 16, True),
@@ -298,15 +299,18 @@ if not IN_INTERPRETER:
                 assert ("griddepcontrol.wait" in k.asm["ptx"]) == decode, name
                 assert not decode or _waits_before_memory(k.asm["ptx"]), name
                 results.append((name, k))
-                # ALIGN is what lets the compiler use 16-byte accesses (the strides are not
-                # specialised): without it every element is a separate 2- or 4-byte access
-                vector = "ld.global.v4" in k.asm["ptx"] and "st.global.v4" in k.asm["ptx"]
-                assert vector == (align > 1), (name, vector)
-                # ...for every access of q, k, cos and sin (a trial with a tile-uniform cos/sin
-                # row offset, session 22, compiled them to 2-byte loads)
-                scalar = [a for a in re.findall(r"\b(?:ld|st)\.global[.\w]*", k.asm["ptx"])
-                          if ".v" not in a]
-                assert align == 1 or not scalar, (name, scalar)
+                # ALIGN is what lets the compiler use vector accesses (the strides are not
+                # specialised): without it every element is a separate 2- or 4-byte access.
+                # With it *every* access of q, k, cos and sin is a vector (a trial with a
+                # tile-uniform cos/sin row offset, session 22, compiled them to 2-byte loads):
+                # 16-byte ones where a thread's share of a half-row allows (8-byte at d = 64)
+                accesses = re.findall(r"\b(?:ld|st)\.global[.\w]*", k.asm["ptx"])
+                vector = all(".v" in a for a in accesses) and any(
+                    a.startswith("st.") for a in accesses)
+                assert vector == (align > 1), (name, accesses)
+                wide = d >= 128 or xdt == "fp32"
+                assert align == 1 or not wide or (
+                    "ld.global.v4" in k.asm["ptx"] and "st.global.v4" in k.asm["ptx"]), name
                 if fence:
                     # the fence keeps the MMA-layout conversion after the RoPE: as many
                     # barriers as the same kernel without RoPE (without the fence triton

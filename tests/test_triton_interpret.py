@@ -254,8 +254,7 @@ if not IN_INTERPRETER:
                     SPLIT2=sylvester and cfg.nb == 2,
                     SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
                     WIDE=wide, DOT_F32=dot_f32,
-                    # what _rows_plan asks for: decode-sized split forms with 32-wide parts
-                    WHOLE_ROWS=small and sylvester and cfg.nb in (2, 4) and cfg.bn <= 32,
+                    WHOLE_ROWS=tk.takes_whole_rows(cfg, sylvester, small),  # as _rows_plan
                     EMULATE_RTNE=False, PDL=small,  # decode-sized launches use PDL on sm_90
                 )  # fmt: skip
                 k = _aot_compile(tk._rows_kernel, sig, const, cfg.num_warps,

@@ -291,6 +291,14 @@ def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
     return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
 
 
+def takes_whole_rows(cfg: RowsConfig, sylvester: bool, small: bool) -> bool:
+    """Whether a launch with this tiling moves whole rows (the row kernel's ``WHOLE_ROWS``):
+    decode-sized (``small``) split Sylvester forms with 32-wide parts (d = 64 and 128). Measured
+    on H100s (session 22): 0.05-0.13 us faster there; d = 256's 64-wide parts gained nothing
+    from joined stores and lost 1 us with whole-row loads; prefill tilings were not measured."""
+    return small and sylvester and cfg.nb in (2, 4) and cfg.bn <= 32
+
+
 @functools.cache
 def _max_programs(device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Persistent-grid bound for ``device``; ``programs_per_sm = 0``: unbounded (a program per
@@ -817,8 +825,7 @@ def _rows_plan(
         STRIDED=strided, STRIDED_OUT=strided_out, SPLIT2=sylvester and cfg.nb == 2,
         SPLIT4=sylvester and cfg.nb == 4,
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide,
-        # decode-sized split forms with 32-wide parts (d = 64, 128): whole rows in and out
-        WHOLE_ROWS=small and sylvester and cfg.nb in (2, 4) and cfg.bn <= 32, DOT_F32=dot_f32,
+        WHOLE_ROWS=takes_whole_rows(cfg, sylvester, small), DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16, PDL=pdl,
     )  # fmt: skip
     # every constexpr, warps and stages (the launcher reuses a compiled kernel by this key)

@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_op import graph_us
 from host_breakdown import per_call_us, set_pdl_decision
+from tune_rows import err_vs_floor
 
 from hf_hadamard_kq.ops import op as op_mod
 from hf_hadamard_kq.ops import pdl
 from hf_hadamard_kq.ops import qk_kernel as qk
 from hf_hadamard_kq.ops import triton_kernel as tk
-from hf_hadamard_kq.ops.matrices import sylvester
 
 _PDL_ON = pdl.pdl_enabled
 
@@ -67,16 +67,6 @@ def host_us(fn, n: int = 2000) -> float:
     for _ in range(50):
         fn()
     return per_call_us(fn, n)
-
-
-def rotation_ref(x: torch.Tensor, d: int) -> torch.Tensor:
-    h = sylvester(d, torch.float64, x.device) / math.sqrt(d)
-    return (x.double().reshape(-1, d) @ h).reshape(x.shape)
-
-
-def err_vs_floor(out: torch.Tensor, ref: torch.Tensor) -> float:
-    floor = (ref.to(out.dtype).double() - ref).abs().max().item()
-    return (out.double() - ref).abs().max().item() / floor if floor > 0 else float("nan")
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -131,9 +121,9 @@ def check(c: dict, d: int) -> dict:
     return {
         "single": single,
         "fused": (fq, fk),
-        "single_err": err_vs_floor(single, rotation_ref(q, d)),
-        "fused_q_err": err_vs_floor(fq, rotation_ref(rope_ref(q, c["cos"], c["sin"]), d)),
-        "fused_k_err": err_vs_floor(fk, rotation_ref(rope_ref(k, c["cos"], c["sin"]), d)),
+        "single_err": err_vs_floor(single, q, d),
+        "fused_q_err": err_vs_floor(fq, rope_ref(q, c["cos"], c["sin"]), d),
+        "fused_k_err": err_vs_floor(fk, rope_ref(k, c["cos"], c["sin"]), d),
     }
 
 

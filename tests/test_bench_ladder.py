@@ -17,20 +17,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gluon_decode as g  # noqa: E402
 
+from tests.aot import compile_sm90  # noqa: E402
 
-def _compile(fn, const: dict, warps: int, ptrs=("x_ptr", "out_ptr")):
+
+def _compile(fn, const: dict, warps: int):
     """``fn`` compiled ahead of time for sm_90 (bf16 pointers, 16-byte aligned)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    sig = {name: ("constexpr" if p.is_constexpr else "*bf16" if name in ptrs
-                  else "fp32" if name == "scale" else "i32")
-           for name, p in zip(fn.arg_names, fn.params)}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name in ptrs}
-    src = GluonASTSource(fn, sig, const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compile_sm90(fn, {"x_ptr": "*bf16", "out_ptr": "*bf16", "scale": "fp32"}, const,
+                        warps, aligned_ptrs=True)
 
 
 def _count(ptx: str, pattern: str) -> int:

@@ -124,28 +124,7 @@ if not IN_INTERPRETER:
     ]
     SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on an H100
 
-    def _aot_compile(fn: object, sig: dict[str, str], const: dict[str, object], warps: int,
-                     aligned_ptrs: bool = False, stages: int | None = None):
-        """``aligned_ptrs``: pointer arguments specialised as 16-byte aligned, as triton does
-        at run time for aligned tensors; ``stages`` None: triton's default pipelining depth,
-        as the package launches it."""
-        compiler = pytest.importorskip("triton.compiler")
-        backend = pytest.importorskip("triton.backends.compiler")
-        import triton
-
-        params = {p.name: p for p in fn.params}  # type: ignore[attr-defined]
-        full = {
-            name: ("constexpr" if params[name].is_constexpr else sig.get(name, "i32"))
-            for name in fn.arg_names  # type: ignore[attr-defined]
-        }
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if aligned_ptrs and full[name].startswith("*")}
-        src = compiler.ASTSource(fn, full, const, attrs=attrs)
-        target = backend.GPUTarget("cuda", 90, 32)
-        options: dict[str, int] = {"num_warps": warps}
-        if stages is not None:
-            options["num_stages"] = stages
-        return triton.compile(src, target=target, options=options)
+    from tests.aot import compile_sm90 as _aot_compile
 
     def _waits_before_memory(ptx: str) -> bool:
         """A PDL kernel's ``griddepcontrol.wait`` comes before its first global load, store or

@@ -5,8 +5,8 @@ Prefill (target 1: >= 97% of ``torch.clone``): for each (tokens, heads, d, dtype
 ``--min-mib`` it times, like bench_op.py (CUDA events, cold L2, GPU time only), ``torch.clone``
 and the row kernel under every combination of
 
-* ``bn``: a resident ``H_d`` or the SPLIT2 / SPLIT4 forms (``H_d = H_2 ⊗ H_{d/2}``,
-  ``H_4 ⊗ H_{d/4}``; ``bn = d / 2``, ``d / 4``),
+* ``bn``: a resident ``H_d`` or the SPLIT2 / SPLIT4 / SPLIT8 forms (``H_d = H_2 ⊗ H_{d/2}``,
+  ``H_4 ⊗ H_{d/4}``, ``H_8 ⊗ H_{d/8}``; ``bn = d / 2``, ``d / 4``, ``d / 8``),
 * ``BLOCK_M`` (tile rows) and ``num_warps`` -- each (bn, BLOCK_M, warps) is one compiled kernel,
 * programs per SM of the persistent grid (``0`` = one program per tile, not persistent),
 * ``--stages``: triton's software-pipelining depth (1 = none; 3 = triton's CUDA default).
@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,11 +58,11 @@ MAX_ERR_VS_FLOOR = 1.05
 
 def configs(n: int, small: bool, block_ms, warps, programs_per_sm, stages=(1, 2, 3)):
     """(RowsConfig candidate, default RowsConfig) for a Sylvester block ``n`` with 16-bit
-    operands: a resident ``H_n`` (n <= 128), or the SPLIT2 / SPLIT4 forms ``bn = n / 2``,
-    ``n / 4`` (bn >= 16)."""
+    operands: a resident ``H_n`` (n <= 128), or the SPLIT2 / SPLIT4 / SPLIT8 forms
+    ``bn = n / 2``, ``n / 4``, ``n / 8`` (bn >= 16)."""
     default = tk.rows_config.__wrapped__(n, False, True, small)
     np2 = max(16, n)
-    bns = [b for b in (np2, np2 // 2, np2 // 4) if 16 <= b <= 128]
+    bns = [b for b in (np2, np2 // 2, np2 // 4, np2 // 8) if 16 <= b <= 128]
     for bn, block_m, num_warps, pps, st in itertools.product(bns, block_ms, warps,
                                                             programs_per_sm, stages):
         yield tk.RowsConfig(bn, np2 // bn, block_m, num_warps, default.log2n, pps, st), default
@@ -111,6 +112,9 @@ def main(argv=None) -> None:
                    help="decode sweep: (1, 32, T, d) query views, CUDA-graph time; [] to skip")
     p.add_argument("--min-mib", type=float, default=4.0)
     p.add_argument("--reps", type=int, default=25)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration this many times, alternating the order "
+                        "(median reported)")
     p.add_argument("--interpret", action="store_true")
     args = p.parse_args(argv)
 
@@ -137,6 +141,7 @@ def main(argv=None) -> None:
         """Every candidate on ``x``: error vs float64, and (GPU) time vs the baseline."""
         pps_list = [0] if small else args.programs_per_sm  # a decode call is 1-2 tiles
         block_ms = [b for b in args.block_m if not small or b <= 64]
+        timed = []  # (row, fn) of every configuration that ran and is within the bound
         for cfg, default in configs(d, small, block_ms, args.warps, pps_list, args.stages):
             if args.bn and cfg.bn not in args.bn:
                 continue
@@ -147,20 +152,26 @@ def main(argv=None) -> None:
             try:
                 out = run_config(x, d, cfg)
                 row["err_vs_floor"] = round(err_vs_floor(out, x, d), 3)
-                if time_fn is not None:
-                    us = time_fn(lambda x=x, n=d, c=cfg: run_config(x, n, c))
-                    row["us"] = round(us, 3)
-                    row["pct_base"] = round(100 * base_us / us, 1)
             except Exception as e:  # e.g. out of shared memory for this tile
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
-            ok = "error" not in row and row["err_vs_floor"] <= MAX_ERR_VS_FLOOR
-            key = json.dumps(shape)
-            if ok and time_fn is not None and (
-                    key not in best or row["pct_base"] > best[key]["pct_base"]):
-                best[key] = row
-            if not ok:
+            if "error" in row or row["err_vs_floor"] > MAX_ERR_VS_FLOOR:
                 print("NOT OK", row, flush=True)
+            elif time_fn is not None:
+                timed.append((row, lambda x=x, n=d, c=cfg: run_config(x, n, c)))
+        # --rounds: every configuration once per round, the order reversed every other round
+        # (drift on the machine spreads over all of them), the median per configuration
+        runs: list[list[float]] = [[] for _ in timed]
+        for r in range(args.rounds if time_fn is not None else 0):
+            for i in (range(len(timed)) if r % 2 == 0 else reversed(range(len(timed)))):
+                runs[i].append(time_fn(timed[i][1]))
+        key = json.dumps(shape)
+        for (row, _), us_runs in zip(timed, runs):
+            row["us"] = round(statistics.median(us_runs), 3)
+            row["runs"] = [round(u, 3) for u in us_runs]
+            row["pct_base"] = round(100 * base_us / row["us"], 1)
+            if key not in best or row["pct_base"] > best[key]["pct_base"]:
+                best[key] = row
         if time_fn is not None:
             save()  # after every shape: a run cut short keeps what it has
             dflt = [r for r in rows if r["default"] and r.get("pct_base") and all(

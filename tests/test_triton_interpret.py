@@ -231,7 +231,8 @@ if not IN_INTERPRETER:
                     N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n,
                     SYLVESTER=sylvester, STRIDED=bool(strided), STRIDED_OUT=strided == "out",
                     SPLIT2=sylvester and cfg.nb == 2,
-                    SPLIT4=sylvester and cfg.nb == 4, LOADS_FIRST=loads_first,
+                    SPLIT4=sylvester and cfg.nb == 4, SPLIT8=sylvester and cfg.nb == 8,
+                    LOADS_FIRST=loads_first,
                     WIDE=wide, DOT_F32=dot_f32,
                     WHOLE_ROWS=tk.takes_whole_rows(cfg, sylvester, small),  # as _rows_plan
                     EMULATE_RTNE=False, PDL=small,  # decode-sized launches use PDL on sm_90
@@ -595,9 +596,10 @@ else:
     @pytest.mark.parametrize("d", [64, 128, 256])
     def test_whole_rows(d: int, layout: str) -> None:
         """Decode-sized split forms with 32-wide parts (d = 64: H_2 ⊗ H_32, d = 128:
-        H_4 ⊗ H_32) load and store whole rows (``WHOLE_ROWS``), d = 256's (64-wide parts)
-        and prefill sizes part by part; the whole-row form is bit for bit the part-wise one
-        and the float64 rotation, in the three addressings (flat, STRIDED_OUT, strided)."""
+        H_4 ⊗ H_32, d = 256: H_8 ⊗ H_32) load and store whole rows (``WHOLE_ROWS``), prefill
+        sizes (d = 256: H_4 ⊗ H_64) part by part; the whole-row form is bit for bit the
+        part-wise one where that exists (``SPLIT8`` has none), and every form matches the
+        float64 rotation, in the three addressings (flat, STRIDED_OUT, strided)."""
         for tokens in (1, 5, 200):
             base = rand(1, tokens, 12, d, dtype=torch.float16, seed=d + tokens)
             x = {"contiguous": base, "transposed": base.transpose(1, 2),
@@ -607,16 +609,17 @@ else:
             assert (layout_arg is None) == (layout == "contiguous" or tokens == 1)
             plan = tk._rows_plan(x, x, x.dtype, d, True, False, layout_arg)
             small = x.numel() // d <= tk.SMALL_ROWS
-            assert plan.meta["WHOLE_ROWS"] == (small and d in (64, 128)), (d, tokens, plan.meta)
+            assert plan.meta["WHOLE_ROWS"] == small, (d, tokens, plan.meta)
+            assert plan.meta["SPLIT8"] == (small and d == 256), (d, tokens, plan.meta)
             outs = []
-            for whole in (True, False):  # every addressing writes a contiguous output
-                out = torch.empty(x.shape, dtype=x.dtype)
+            for whole in (True, False) if not plan.meta["SPLIT8"] else (True,):
+                out = torch.empty(x.shape, dtype=x.dtype)  # every addressing: contiguous out
                 meta = dict(plan.meta, WHOLE_ROWS=whole and plan.meta["WHOLE_ROWS"])
                 tk._rows_kernel[(plan.grid,)](x, x, out, *plan.scalars, d**-0.5, **meta,
                                               num_warps=plan.num_warps)
                 outs.append(out)
             assert_matches(outs[0], x, d, None, d**-0.5)
-            assert torch.equal(outs[0], outs[1])
+            assert torch.equal(outs[0], outs[-1])
 
     def test_dense_permuted_input_with_an_explicit_matrix() -> None:
         """The explicit-matrix kernel forms (a resident W, and W wider than 128 in sub-tiles)
@@ -767,11 +770,12 @@ else:
     @pytest.mark.parametrize(
         ("n", "bn"),
         [(32, 32), (32, 16), (64, 64), (64, 32), (64, 16), (128, 128), (128, 64), (128, 32),
-         (256, 128), (256, 64)],
+         (128, 16), (256, 128), (256, 64), (256, 32)],
     )
     def test_tuned_tilings(n: int, bn: int, rows: int, monkeypatch) -> None:
         """Every tiling the measured table can select (TUNED_16BIT: a resident H_n, or the
-        SPLIT2 / SPLIT4 forms with bn = n / 2, n / 4; grid bounded or one program per tile) is
+        SPLIT2 / SPLIT4 / SPLIT8 forms with bn = n / 2, n / 4, n / 8; grid bounded or one
+        program per tile) is
         exact, in both size classes and through the strided (projection-view) layout."""
         small = rows * 6 <= tk.SMALL_ROWS  # x below has rows * 3 * 2 chunks of n
         # one program per tile (small), or the persistent loop: 4 interpreter programs (large)

@@ -29,11 +29,12 @@ Why it is built this way
   one 16-wide row with a block-diagonal ``W`` would waste less compute, but its zero blocks turn
   an inf in one chunk into NaN in its neighbours; these sizes are rare.)
 * ``n`` up to 256 is one pass. A resident ``W`` is at most 128 x 128 (registers). Sylvester
-  blocks can also be split: ``H_n = H_2 ⊗ H_{n/2}`` (``SPLIT2``) or ``H_4 ⊗ H_{n/4}``
-  (``SPLIT4``): each quarter/half of a chunk goes through one resident small ``H`` and an fp32
-  butterfly combines them (exact products, fp32 sums, still one final rounding). That cuts the
-  per-program matrix generation and the tensor-core work (n/2 or n/4 instead of n MACs per
-  element), and measured faster at prefill sizes for n = 128 and 256 and at decode sizes (the
+  blocks can also be split: ``H_n = H_2 ⊗ H_{n/2}`` (``SPLIT2``), ``H_4 ⊗ H_{n/4}``
+  (``SPLIT4``) or ``H_8 ⊗ H_{n/8}`` (``SPLIT8``, d = 256 decode): each part of a chunk goes
+  through one resident small ``H`` and an fp32 butterfly combines them (exact products, fp32
+  sums, still one final rounding). That cuts the per-program matrix generation and the
+  tensor-core work (n/2, n/4 or n/8 instead of n MACs per element), and measured faster at
+  prefill sizes for n = 128 and 256 and at decode sizes (the
   table :data:`TUNED_16BIT`, from benchmarks/tune_rows.py). Explicit ``W`` wider than 128 is
   split into ``NB x NB`` sub-tiles that are reloaded (L2) per row tile, with ``x`` sub-tiles
   re-read from L1/L2 per output block.
@@ -203,7 +204,12 @@ SMALL_ROWS: int = 2048
 #: 97.6-98.7% of clone, d = 128 92.7-99.2% -> 97.9-101.6% (8 warps); decode d = 128 1.687 /
 #: 1.857 / 1.978 us at T = 1 / 16 / 64 (4 warps) vs 1.786 / 1.932 / 2.039, d = 64 likewise;
 #: d = 256 prefill 94.4-99.2% -> 97.8-99.2% (16-row tiles as before); d = 256 decode is best
-#: with 2 stages (2.149 / 2.323 / 2.434 us vs 2.175 / 2.340 / 2.451).
+#: with 2 stages (2.149 / 2.323 / 2.434 us vs 2.175 / 2.340 / 2.451). Session 23
+#: (tune_rows_h100_session23_call1_decode.json, 5 alternating rounds): d = 256 decode with the
+#: SPLIT8 form ``H_8 ⊗ H_32`` (whole rows, 4 warps, no pipelining) 1.874 / 2.020 / 2.287 us at
+#: T = 1 / 16 / 64 vs 2.111 / 2.269 / 2.476 with ``H_4 ⊗ H_64`` (2 stages); d = 128 with
+#: ``H_8 ⊗ H_16`` was slower than ``H_4 ⊗ H_32`` at every T (1.852 / 1.983 / 2.176 vs 1.591 /
+#: 1.741 / 1.922).
 #: Editing this (or :data:`TUNED_16BIT_MEDIUM`) at run time needs ``rows_config.cache_clear()``
 #: and :func:`clear_plans` (both cache its result).
 TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
@@ -212,7 +218,7 @@ TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
     (128, False): (64, 64, 8, 0, 1),
     (128, True): (32, 16, 4, 0, 1),
     (256, False): (64, 16, 4, 0, 1),
-    (256, True): (64, 16, 4, 0, 2),
+    (256, True): (32, 16, 4, 0, 1),
 }
 
 #: Chunk counts (inclusive) of the *medium* size class: prefill calls in this range use
@@ -238,10 +244,10 @@ def rows_config(
     count is in :data:`MEDIUM_ROWS` (then :data:`TUNED_16BIT_MEDIUM` is consulted first, for
     Sylvester blocks with 16-bit operands). Sylvester blocks with 16-bit operands use the
     measured table :data:`TUNED_16BIT` where it has an entry (n = 64, 128, 256 in both size
-    classes); a ``bn`` of ``np2 / 2`` or ``np2 / 4`` there selects the
-    kernel's ``SPLIT2`` / ``SPLIT4`` form (``H_n = H_2 ⊗ H_{n/2}`` or ``H_4 ⊗ H_{n/4}``: a
-    quarter or a sixteenth of the resident matrix, 1/2 or 1/4 of the tensor-core work, an fp32
-    butterfly).
+    classes); a ``bn`` of ``np2 / 2``, ``np2 / 4`` or ``np2 / 8`` there selects the kernel's
+    ``SPLIT2`` / ``SPLIT4`` / ``SPLIT8`` form (``H_n = H_2 ⊗ H_{n/2}``, ``H_4 ⊗ H_{n/4}`` or
+    ``H_8 ⊗ H_{n/8}``: a quarter, a sixteenth or a 64th of the resident matrix, 1/2, 1/4 or
+    1/8 of the tensor-core work, an fp32 butterfly).
 
     Otherwise, starting points checked by compiling for sm_90 with triton 3.6 and 3.9 (no
     register spills, shared memory well under the 227 KiB limit):
@@ -288,14 +294,18 @@ def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
     """Whether the row kernel keeps one ``[bn, bn]`` matrix in registers for a tiling: ``W``
     itself (``nb == 1``) or the factor of a split Sylvester form (``nb`` 2 or 4); otherwise
     (explicit ``W`` wider than 128) it reloads sub-tiles."""
-    return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4))
+    return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4, 8))
 
 
 def takes_whole_rows(cfg: RowsConfig, sylvester: bool, small: bool) -> bool:
     """Whether a launch with this tiling moves whole rows (the row kernel's ``WHOLE_ROWS``):
-    decode-sized (``small``) split Sylvester forms with 32-wide parts (d = 64 and 128). Measured
-    on H100s (session 22): 0.05-0.13 us faster there; d = 256's 64-wide parts gained nothing
-    from joined stores and lost 1 us with whole-row loads; prefill tilings were not measured."""
+    decode-sized (``small``) split Sylvester forms with 32-wide parts (d = 64 and 128), and the
+    ``SPLIT8`` form always (it has no part-wise form: eight loads and stores of 64-byte pieces
+    per row are what whole rows avoid). Measured on H100s (session 22): 0.05-0.13 us faster at
+    d = 64 and 128; ``H_4 ⊗ H_64`` (64-wide parts) gained nothing from joined stores and lost
+    1 us with whole-row loads; prefill tilings were not measured."""
+    if sylvester and cfg.nb == 8:  # SPLIT8 has no part-wise form
+        return True
     return small and sylvester and cfg.nb in (2, 4) and cfg.bn <= 32
 
 
@@ -416,8 +426,10 @@ if _HAS_TRITON:
             w = _w_tile(w_ptr, rk, rk, N, LOG2N, SYLVESTER, DOT_F32)
         elif SPLIT2:
             w = _w_tile(w_ptr, rk, rk, BN, LOG2N - 1, True, DOT_F32)
-        else:  # SPLIT4
+        elif NB == 4:  # SPLIT4
             w = _w_tile(w_ptr, rk, rk, BN, LOG2N - 2, True, DOT_F32)
+        else:  # SPLIT8
+            w = _w_tile(w_ptr, rk, rk, BN, LOG2N - 3, True, DOT_F32)
         return w
 
     @triton.jit
@@ -456,6 +468,7 @@ if _HAS_TRITON:
         STRIDED_OUT: tl.constexpr,
         SPLIT2: tl.constexpr,
         SPLIT4: tl.constexpr,
+        SPLIT8: tl.constexpr,
         LOADS_FIRST: tl.constexpr,
         WIDE: tl.constexpr,
         WHOLE_ROWS: tl.constexpr,
@@ -497,7 +510,8 @@ if _HAS_TRITON:
         rk = tl.arange(0, BN)
         # SPLIT2 (Sylvester, N = 2 * BN): H_N = H_2 ⊗ H_BN, so with x = [x0, x1] (halves of a
         # chunk) and z_i = x_i @ H_BN: y = [z0 + z1, z0 - z1]. One resident H_BN, two dots.
-        # SPLIT4 (Sylvester, N = 4 * BN): H_N = H_4 ⊗ H_BN, the same with a 4-point butterfly.
+        # SPLIT4 (Sylvester, N = 4 * BN): H_N = H_4 ⊗ H_BN, the same with a 4-point butterfly;
+        # SPLIT8 (N = 8 * BN, always WHOLE_ROWS): H_8 ⊗ H_BN, an 8-point butterfly.
         # PDL: wait for the previous kernel before touching memory -- after building a
         # Sylvester W (registers only), before loading an explicit one (it may be that
         # kernel's output)
@@ -505,7 +519,7 @@ if _HAS_TRITON:
             tl.extra.cuda.gdc_wait()
         w_full = 0  # placeholder: built per tile (LOADS_FIRST), or no resident W (NB > 1)
         if not LOADS_FIRST:
-            if NB == 1 or SPLIT2 or SPLIT4:  # W stays in registers for the persistent loop
+            if NB == 1 or SPLIT2 or SPLIT4 or SPLIT8:  # W stays in registers for the loop
                 w_full = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)
         if PDL and SYLVESTER:
             tl.extra.cuda.gdc_wait()
@@ -614,6 +628,49 @@ if _HAS_TRITON:
                              _round_to((a - c) * scale, out_ptr, EMULATE_RTNE), mask=mask)
                     tl.store(o_ptr + o_at + 3 * BN,
                              _round_to((b - e) * scale, out_ptr, EMULATE_RTNE), mask=mask)
+            elif SPLIT8:
+                tl.static_assert(WHOLE_ROWS, "SPLIT8 is only compiled with whole rows")
+                zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+                r8 = tl.arange(0, 8 * BN)
+                xw = _load_x(x_tile, x_row[:, None] + r8[None, :],
+                             row_ok[:, None] & (r8 < 8 * BN)[None, :], DOT_F32)
+                xa, xb = _split_row(xw, 4 * BN)  # parts 0-3, 4-7
+                x01, x23 = _split_row(xa, 2 * BN)
+                x45, x67 = _split_row(xb, 2 * BN)
+                x0, x1 = _split_row(x01, BN)
+                x2, x3 = _split_row(x23, BN)
+                x4, x5 = _split_row(x45, BN)
+                x6, x7 = _split_row(x67, BN)
+                w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
+                                LOADS_FIRST)
+                z0 = _dot(x0, w_use, zero, DOT_F32)
+                z1 = _dot(x1, w_use, zero, DOT_F32)
+                z2 = _dot(x2, w_use, zero, DOT_F32)
+                z3 = _dot(x3, w_use, zero, DOT_F32)
+                z4 = _dot(x4, w_use, zero, DOT_F32)
+                z5 = _dot(x5, w_use, zero, DOT_F32)
+                z6 = _dot(x6, w_use, zero, DOT_F32)
+                z7 = _dot(x7, w_use, zero, DOT_F32)
+                # the 8-point butterfly in natural (Sylvester) order: pairs at distance 1, 2, 4
+                a0, a1, a2, a3 = z0 + z1, z0 - z1, z2 + z3, z2 - z3
+                a4, a5, a6, a7 = z4 + z5, z4 - z5, z6 + z7, z6 - z7
+                b0, b1, b2, b3 = a0 + a2, a1 + a3, a0 - a2, a1 - a3
+                b4, b5, b6, b7 = a4 + a6, a5 + a7, a4 - a6, a5 - a7
+                r2 = tl.arange(0, 2 * BN)
+                mask2 = row_ok[:, None] & (r2 < 2 * BN)[None, :]
+                o_at2 = o_row[:, None] + r2[None, :]
+                tl.store(o_ptr + o_at2, _join_row(
+                    _round_to((b0 + b4) * scale, out_ptr, EMULATE_RTNE),
+                    _round_to((b1 + b5) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                tl.store(o_ptr + o_at2 + 2 * BN, _join_row(
+                    _round_to((b2 + b6) * scale, out_ptr, EMULATE_RTNE),
+                    _round_to((b3 + b7) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                tl.store(o_ptr + o_at2 + 4 * BN, _join_row(
+                    _round_to((b0 - b4) * scale, out_ptr, EMULATE_RTNE),
+                    _round_to((b1 - b5) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                tl.store(o_ptr + o_at2 + 6 * BN, _join_row(
+                    _round_to((b2 - b6) * scale, out_ptr, EMULATE_RTNE),
+                    _round_to((b3 - b7) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
             else:
                 # W wider than BN (explicit W > 128): NB x NB sub-tile
                 # products in runtime (not unrolled) loops, so they all reuse the same shared
@@ -823,7 +880,7 @@ def _rows_plan(
     meta = dict(
         N=n, BN=cfg.bn, NB=cfg.nb, BLOCK_M=cfg.block_m, LOG2N=cfg.log2n, SYLVESTER=sylvester,
         STRIDED=strided, STRIDED_OUT=strided_out, SPLIT2=sylvester and cfg.nb == 2,
-        SPLIT4=sylvester and cfg.nb == 4,
+        SPLIT4=sylvester and cfg.nb == 4, SPLIT8=sylvester and cfg.nb == 8,
         LOADS_FIRST=has_resident_w(cfg, sylvester) and grid == n_tiles, WIDE=wide,
         WHOLE_ROWS=takes_whole_rows(cfg, sylvester, small), DOT_F32=dot_f32,
         EMULATE_RTNE=INTERPRET and out_dtype is torch.bfloat16, PDL=pdl,

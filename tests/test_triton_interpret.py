@@ -138,7 +138,7 @@ if not IN_INTERPRETER:
 
     def _aot_qk(d: int, xdt: str, wdt: str | None, block_m: int, loads_first: bool, align: int,
                 warps: int, rope: bool, fence: bool, stages: int | None = None,
-                pdl: bool = False):
+                pdl: bool = False, qsplit4: bool = False):
         """The fused Q/K kernel compiled for sm_90 with these constexprs (aligned pointers)."""
         from hf_hadamard_kq.ops import qk_kernel
 
@@ -148,7 +148,7 @@ if not IN_INTERPRETER:
         const = dict(
             D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m, ROPE=rope,
             SYLVESTER=wdt is None, DOT_F32=xdt == "fp32" or wdt == "fp32", EMULATE_RTNE=False,
-            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence, PDL=pdl,
+            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence, QSPLIT4=qsplit4, PDL=pdl,
         )  # fmt: skip
         return _aot_compile(qk_kernel._qk_kernel, sig, const, warps, aligned_ptrs=True,
                             stages=stages)
@@ -948,6 +948,39 @@ else:
                 assert_matches(out, torch_rope(x, cos, sin), d, None, d**-0.5)
                 if layout in ("transposed", "contiguous"):
                     assert out.stride() == x.stride()  # the input's memory layout is kept
+
+    @pytest.mark.parametrize("rope", [True, False])
+    @pytest.mark.parametrize("layout", ["transposed", "contiguous", "padded"])
+    @pytest.mark.parametrize("d", [128, 256])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+    def test_qk_quarters(dtype: torch.dtype, d: int, layout: str, rope: bool,
+                         monkeypatch) -> None:
+        """The quarter form (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, split in
+        registers, a 4-point butterfly) matches the float64 rotation in every layout, with
+        and without RoPE, and is taken exactly where ``QSPLIT4_D`` asks for it (decode-sized
+        Sylvester launches with 16-bit tensor-core operands; the interpreter runs bf16
+        through fp32 operands, so there it is launched directly)."""
+        from hf_hadamard_kq.ops import qk_kernel
+
+        monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset({d}))
+        for b, s in ((1, 1), (2, 5)):
+            q, k, cos, sin = qk_inputs(dtype, d, b, s, layout, seed=d + s)
+            if not rope:
+                cos = sin = None
+            qo, ko = torch.empty_like(q), torch.empty_like(k)
+            plan = qk_kernel._make_plan(q, k, qo, ko, cos, d**-0.5, q)
+            assert plan.meta["QSPLIT4"] == (not plan.meta["DOT_F32"]), plan.meta
+            big = torch.empty(1, 4, tk.SMALL_ROWS // 4 + 1, d, dtype=dtype)  # prefill-sized
+            assert not qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT4"]
+            eye = torch.eye(d, dtype=dtype)  # an explicit matrix never takes it
+            assert not qk_kernel._make_plan(q, k, qo, ko, cos, 1.0, eye).meta["QSPLIT4"]
+            meta = dict(plan.meta, QSPLIT4=True)
+            c, sn = (q, q) if cos is None else (cos, sin)
+            qk_kernel._qk_kernel[(plan.grid,)](q, k, qo, ko, c, sn, q, *plan.scalars, **meta,
+                                               num_warps=plan.num_warps)
+            for x, out in ((q, qo), (k, ko)):
+                assert_matches(out, x if cos is None else torch_rope(x, cos, sin), d, None,
+                               d**-0.5)
 
     @pytest.mark.parametrize("d", [32, 64, 128])
     @pytest.mark.parametrize("dtype", DTYPES, ids=ids)

@@ -41,8 +41,10 @@ from .triton_kernel import (
     _cached_launcher,
     _current_device,
     _dot,
+    _join_row,
     _max_programs,
     _round_to,
+    _split_row,
     _w_tile,
     stage_option,
     tl,
@@ -52,6 +54,9 @@ from .triton_kernel import (
 #: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
 MAX_EXPLICIT_D = 128
+#: Head dims whose decode-sized Sylvester launches with 16-bit operands take the kernel's
+#: quarter form (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, a resident ``H_{D/8}``).
+QSPLIT4_D: frozenset[int] = frozenset()
 _INT32 = 2**31
 
 if triton is not None:
@@ -78,10 +83,16 @@ if triton is not None:
 
     @triton.jit
     def _qk_w(x_ptr, w_ptr, rk, D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr,
-              SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr):
+              SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr, QSPLIT4: tl.constexpr):
         """The four ``HALF``-square quarters of ``W`` (Sylvester: one generated ``H_HALF``,
-        typed like ``x_ptr``'s elements)."""
-        if SYLVESTER:
+        typed like ``x_ptr``'s elements; ``QSPLIT4``: its factor ``H_{HALF/4}``)."""
+        if QSPLIT4:
+            rq = tl.arange(0, HALF // 4)
+            w00 = _w_tile(x_ptr, rq, rq, HALF // 4, LOG2HALF - 2, True, DOT_F32)
+            w01 = w00
+            w10 = w00
+            w11 = w00
+        elif SYLVESTER:
             w00 = _w_tile(x_ptr, rk, rk, HALF, LOG2HALF, True, DOT_F32)
             w01 = w00
             w10 = w00
@@ -94,13 +105,30 @@ if triton is not None:
         return w00, w01, w10, w11
 
     @triton.jit
+    def _quarters(r, w, DOT_F32: tl.constexpr):
+        """``r @ H_HALF`` as its four ``HALF/4``-wide parts, for ``H_HALF = H_4 ⊗ H_{HALF/4}``
+        (``w``): the parts of ``r`` split in registers, one dot each, a 4-point fp32
+        butterfly."""
+        Q: tl.constexpr = r.shape[1] // 4
+        ra, rb = _split_row(r, 2 * Q)
+        p0, p1 = _split_row(ra, Q)
+        p2, p3 = _split_row(rb, Q)
+        zero = tl.zeros((r.shape[0], Q), dtype=tl.float32)
+        u0 = _dot(p0, w, zero, DOT_F32)
+        u1 = _dot(p1, w, zero, DOT_F32)
+        u2 = _dot(p2, w, zero, DOT_F32)
+        u3 = _dot(p3, w, zero, DOT_F32)
+        a, b, c, e = u0 + u1, u0 - u1, u2 + u3, u2 - u3
+        return a + c, b + e, a - c, b - e
+
+    @triton.jit
     def _qk_tile(
         x_ptr, o_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t, n_rows, H, S,
         xb, xh, xs, ob, oh, os_, cb, cs, scale,
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
-        ROPE_FENCE: tl.constexpr,
+        ROPE_FENCE: tl.constexpr, QSPLIT4: tl.constexpr,
     ):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, HALF)
@@ -143,9 +171,17 @@ if triton is not None:
                 r0 = _fence(r0)
                 r1 = _fence(r1)
         if LOADS_FIRST:  # built after the loads were issued: generation overlaps their latency
-            w00, w01, w10, w11 = _qk_w(x_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32)
+            w00, w01, w10, w11 = _qk_w(x_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32,
+                                       QSPLIT4)
         zero = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        if SYLVESTER:
+        if QSPLIT4:  # H_D = H_2 ⊗ H_4 ⊗ H_{D/8}: each half in four parts (see _quarters)
+            a0, a1, a2, a3 = _quarters(r0, w00, DOT_F32)
+            b0, b1, b2, b3 = _quarters(r1, w00, DOT_F32)
+            y0 = _join_row(_join_row((a0 + b0) * scale, (a1 + b1) * scale),
+                           _join_row((a2 + b2) * scale, (a3 + b3) * scale))
+            y1 = _join_row(_join_row((a0 - b0) * scale, (a1 - b1) * scale),
+                           _join_row((a2 - b2) * scale, (a3 - b3) * scale))
+        elif SYLVESTER:
             z0 = _dot(r0, w00, zero, DOT_F32)
             z1 = _dot(r1, w00, zero, DOT_F32)
             y0 = (z0 + z1) * scale
@@ -170,7 +206,7 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
-        ROPE_FENCE: tl.constexpr, PDL: tl.constexpr,
+        ROPE_FENCE: tl.constexpr, QSPLIT4: tl.constexpr, PDL: tl.constexpr,
     ):
         """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid).
         ``LOADS_FIRST`` (one tile per program): ``W`` is built per tile after its loads,
@@ -188,7 +224,8 @@ if triton is not None:
         if PDL and not SYLVESTER:
             tl.extra.cuda.gdc_wait()
         if not LOADS_FIRST:
-            w00, w01, w10, w11 = _qk_w(q_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32)
+            w00, w01, w10, w11 = _qk_w(q_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32,
+                                       QSPLIT4)
         if PDL and SYLVESTER:
             tl.extra.cuda.gdc_wait()
         for t in range(pid, n_tiles, nprog):
@@ -197,14 +234,14 @@ if triton is not None:
                     q_ptr, qo_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t, nq, Hq, S,
                     qb, qh, qs, qob, qoh, qos, cb, cs, scale,
                     D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
-                    LOADS_FIRST, ALIGN, ROPE_FENCE,
+                    LOADS_FIRST, ALIGN, ROPE_FENCE, QSPLIT4,
                 )
             else:
                 _qk_tile(
                     k_ptr, ko_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t - tq, nk, Hk, S,
                     kb, kh, ks, kob, koh, kos, cb, cs, scale,
                     D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
-                    LOADS_FIRST, ALIGN, ROPE_FENCE,
+                    LOADS_FIRST, ALIGN, ROPE_FENCE, QSPLIT4,
                 )
 
     # ints are not specialised (do_not_specialize, all < 2**31): only pointer alignment is
@@ -411,6 +448,8 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         # PTX fence after the RoPE (see _fence): CUDA, 16-bit tensor-core operands
         "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
         and torch.version.hip is None,
+        # the quarter form of the Sylvester halves (16-bit operands; see QSPLIT4_D)
+        "QSPLIT4": sylvester and not dot_f32 and d in QSPLIT4_D and max(nq, nk) <= SMALL_ROWS,
         # decode-sized launches on sm_90+: the launch latency overlaps the previous kernel
         "PDL": max(nq, nk) <= SMALL_ROWS and pdl_enabled(q.device),
     }  # in the kernel's constexpr order: the direct launch passes the values by position

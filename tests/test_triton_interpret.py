@@ -269,12 +269,15 @@ if not IN_INTERPRETER:
             # also W before the loop with unaligned rows
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt, wdt) == (
                 128, "bf16", None) and block_m == 16 else [])
+            # the quarter form, where _make_plan takes it
+            q4 = wdt is None and not dot_f32 and decode and d in qk_kernel.QSPLIT4_D
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
                 k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages,
-                            pdl=decode)
+                            pdl=decode, qsplit4=q4)
                 name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
-                        f"loads_first={loads_first} align={align} warps={nw} stages={stages}")
+                        f"loads_first={loads_first} align={align} warps={nw} stages={stages} "
+                        f"qsplit4={q4}")
                 assert ("griddepcontrol.wait" in k.asm["ptx"]) == decode, name
                 assert not decode or _waits_before_memory(k.asm["ptx"]), name
                 results.append((name, k))
@@ -295,8 +298,8 @@ if not IN_INTERPRETER:
                     # barriers as the same kernel without RoPE (without the fence triton
                     # converted the six RoPE inputs, measured 44 vs 20 at d = 128)
                     unfenced, no_rope = (
-                        _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False, stages)
-                        .asm["ptx"].count("bar.sync") for r in (True, False))
+                        _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False, stages,
+                                qsplit4=q4).asm["ptx"].count("bar.sync") for r in (True, False))
                     fenced = k.asm["ptx"].count("bar.sync")
                     assert fenced <= no_rope, (name, fenced, no_rope)
                     assert unfenced > fenced, (name, "the fence no longer changes the code",

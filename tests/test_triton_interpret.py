@@ -270,7 +270,7 @@ if not IN_INTERPRETER:
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt, wdt) == (
                 128, "bf16", None) and block_m == 16 else [])
             # the quarter form, where _make_plan takes it
-            q4 = wdt is None and not dot_f32 and decode and d in qk_kernel.QSPLIT4_D
+            q4 = wdt is None and not dot_f32 and d in qk_kernel.QSPLIT4_D
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
                 k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages,
@@ -960,9 +960,9 @@ else:
                          monkeypatch) -> None:
         """The quarter form (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, split in
         registers, a 4-point butterfly) matches the float64 rotation in every layout, with
-        and without RoPE, and is taken exactly where ``QSPLIT4_D`` asks for it (decode-sized
-        Sylvester launches with 16-bit tensor-core operands; the interpreter runs bf16
-        through fp32 operands, so there it is launched directly)."""
+        and without RoPE, and is taken exactly where ``QSPLIT4_D`` asks for it (Sylvester
+        launches with 16-bit tensor-core operands, decode and prefill sizes; the interpreter
+        runs bf16 through fp32 operands, so there it is launched directly)."""
         from hf_hadamard_kq.ops import qk_kernel
 
         monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset({d}))
@@ -974,7 +974,11 @@ else:
             plan = qk_kernel._make_plan(q, k, qo, ko, cos, d**-0.5, q)
             assert plan.meta["QSPLIT4"] == (not plan.meta["DOT_F32"]), plan.meta
             big = torch.empty(1, 4, tk.SMALL_ROWS // 4 + 1, d, dtype=dtype)  # prefill-sized
+            assert qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT4"] == (
+                plan.meta["QSPLIT4"])
+            monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset())
             assert not qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT4"]
+            monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset({d}))
             eye = torch.eye(d, dtype=dtype)  # an explicit matrix never takes it
             assert not qk_kernel._make_plan(q, k, qo, ko, cos, 1.0, eye).meta["QSPLIT4"]
             meta = dict(plan.meta, QSPLIT4=True)

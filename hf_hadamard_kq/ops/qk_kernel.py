@@ -17,8 +17,8 @@ Math, per row ``x`` (one head of one token, ``D`` values, halves ``x0 | x1``):
   (An earlier version emulated torch's three roundings; on the GPU the compiled kernel did not
   reproduce them, so exactness with eager RoPE is not a property this kernel claims.)
 * Hadamard: ``y = (r @ W) * scale``, fp32 accumulation, one rounding. For the Sylvester matrix
-  ``H_D = H_2 ⊗ H_{D/2}``: ``z_i = r_i @ H_{D/2}``, ``y = (z0 + z1 | z0 - z1)`` -- at decode
-  sizes for d = 128 and 256 with ``H_{D/2} = H_4 ⊗ H_{D/8}`` in turn (``QSPLIT4``: each half
+  ``H_D = H_2 ⊗ H_{D/2}``: ``z_i = r_i @ H_{D/2}``, ``y = (z0 + z1 | z0 - z1)`` -- for d = 128
+  and 256 with ``H_{D/2} = H_4 ⊗ H_{D/8}`` in turn (``QSPLIT4``: each half
   split into four parts in registers, a 4-point butterfly; see :data:`QSPLIT4_D`); for an
   explicit ``W`` (``D <= 128``) the four ``D/2``-square quarters of ``W`` stay in registers.
 
@@ -56,16 +56,18 @@ from .triton_kernel import (
 #: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
 MAX_EXPLICIT_D = 128
-#: Head dims whose decode-sized Sylvester launches with 16-bit operands take the kernel's
-#: quarter form (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, a resident ``H_{D/8}``
-#: instead of ``H_{D/2}``; d = 64 would need 8-wide dots). Measured on an H100 (session 23,
-#: benchmarks/results/qk_quarters_ab_h100_session23_call2.json, RoPE + q (32 heads) and k (8),
-#: bf16, GPU time in a CUDA graph, 1 / 16 / 64 tokens, batch 8 and 32 at one token): d = 256
-#: 2.336 / 2.463 / 3.001 / 2.462 / 2.572 us vs 3.259 / 3.357 / 4.554 / 3.303 / 3.458 with the
-#: halves (compiled for sm_90: 4 KiB of shared memory instead of 40, a quarter of the MMAs);
-#: d = 128 2.175 / 2.265 / 2.383 / 2.208 / 2.323 vs 2.442 / 2.524 / 2.647 / 2.467 / 2.590 (the
-#: tilings' warp counts kept: 4 warps were level at d = 256, and at d = 128 0.03 us faster at
-#: 1-16 tokens but 0.37 slower at 64).
+#: Head dims whose Sylvester launches with 16-bit operands take the kernel's quarter form
+#: (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, a resident ``H_{D/8}`` instead of
+#: ``H_{D/2}``; d = 64 would need 8-wide dots). Measured on H100s (session 23,
+#: benchmarks/results/qk_quarters_ab_h100_session23_call{2,3}.json, RoPE + q (32 heads) and k
+#: (8), bf16, GPU time in a CUDA graph, call 2): at 1 / 16 / 64 tokens and batch 8 / 32 at one
+#: token, d = 256 2.336 / 2.463 / 3.001 / 2.462 / 2.572 us vs 3.259 / 3.357 / 4.554 / 3.303 /
+#: 3.458 with the halves (compiled for sm_90: 4 KiB of shared memory instead of 40, a quarter
+#: of the MMAs); d = 128 2.175 / 2.265 / 2.383 / 2.208 / 2.323 vs 2.442 / 2.524 / 2.647 /
+#: 2.467 / 2.590 (the tilings' warp counts kept: 4 warps were level at d = 256, and at d = 128
+#: 0.03 us faster at 1-16 tokens but 0.37 slower at 64). Prefill, 512 / 4096 tokens (call 3,
+#: the prefill tilings as they are): d = 256 10.52 / 75.68 us vs 12.53 / 83.48, d = 128
+#: 5.57 / 37.88 vs 5.77 / 42.59 (fp16: 5.38 / 36.92 vs 5.67 / 41.79).
 QSPLIT4_D: frozenset[int] = frozenset({128, 256})
 _INT32 = 2**31
 
@@ -459,7 +461,7 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
         and torch.version.hip is None,
         # the quarter form of the Sylvester halves (16-bit operands; see QSPLIT4_D)
-        "QSPLIT4": sylvester and not dot_f32 and d in QSPLIT4_D and max(nq, nk) <= SMALL_ROWS,
+        "QSPLIT4": sylvester and not dot_f32 and d in QSPLIT4_D,
         # decode-sized launches on sm_90+: the launch latency overlaps the previous kernel
         "PDL": max(nq, nk) <= SMALL_ROWS and pdl_enabled(q.device),
     }  # in the kernel's constexpr order: the direct launch passes the values by position

@@ -1,19 +1,20 @@
-"""A/B of one of the fused Q/K kernel's boolean constexprs: ``ROPE_FENCE`` (``qk_kernel._fence``,
-the default) or ``QSPLIT4`` (the quarter form of the Sylvester halves, ``qk_kernel._quarters``).
+"""A/B of one of the fused Q/K kernel's constexprs: ``ROPE_FENCE`` (``qk_kernel._fence``, the
+default; off / on) or ``QSPLIT`` (the Sylvester halves split once more in registers,
+``qk_kernel._pairs`` / ``_quarters``; ``--values`` parts per half, default 1 / 4).
 
 Why: the fence is a code-generation workaround (triton moved the MMA-layout conversion above
-the RoPE) and the quarter form trades tensor-core work and a resident ``H_{D/2}`` for register
+the RoPE) and the split halves trade tensor-core work and a resident ``H_{D/2}`` for register
 splits and a butterfly; this measures what each buys, per shape, and checks every build
 against float64. GPU time per call inside a CUDA graph of 100 calls (bench_op's
 ``graph_us``), the builds alternating (``--reps`` rounds, the order reversed every other
 round), next to ``torch.clone`` of q and k; error against float64 (tune_qk's reference: RoPE
 rounded once, then the Sylvester product). Llama-3-8B heads (32 q, 8 kv), the projections'
 transposed views, decode and prefill shapes, d = 64, 128, 256 (bf16) and 128 (fp16) unless
-``--d`` narrows them. ``--warps``: also time the "on" build with these warp counts (the plan's
-own count otherwise). Nothing in the package changes: the plan builder is wrapped here.
+``--d`` narrows them. ``--warps``: also time the last value's build with these warp counts (the
+plan's own count otherwise). Nothing in the package changes: the plan builder is wrapped here.
 
-Usage (GPU): ``python benchmarks/qk_fence_ab.py OUT.json [--knob QSPLIT4] [--d 256]
-[--warps 2 4 8] [--decode-only]``
+Usage (GPU): ``python benchmarks/qk_fence_ab.py OUT.json [--knob QSPLIT --values 1 2 4]
+[--d 256] [--warps 2 4 8] [--decode-only]``
 """
 
 from __future__ import annotations
@@ -43,21 +44,23 @@ _ORIGINAL = qk_kernel._make_plan
 VARIANT: list = ["ROPE_FENCE", None, None]
 
 
-def _allowed(knob: str, meta: dict) -> bool:
-    """Where the kernel can take the knob at all (the fence: where the plan asks for it)."""
-    if knob == "QSPLIT4":
-        return meta["SYLVESTER"] and not meta["DOT_F32"] and meta["HALF"] // 4 >= 16
-    return meta[knob]
+def _allowed(knob: str, value, meta: dict):
+    """``value`` where the kernel can take it, else the knob's "off" (the fence: on only
+    where the plan asks for it; the split: 16-bit Sylvester launches, parts >= 16 wide)."""
+    if knob == "QSPLIT":
+        ok = meta["SYLVESTER"] and not meta["DOT_F32"] and meta["HALF"] // value >= 16
+        return value if ok else 1
+    return bool(value) and meta[knob]
 
 
 def _plan(*args, **kwargs):
-    """The package's plan with the knob forced to ``VARIANT``'s value (on only where
+    """The package's plan with the knob forced to ``VARIANT``'s value (where
     :func:`_allowed`) and, if given, its warp count."""
     plan = _ORIGINAL(*args, **kwargs)
     knob, value, warps = VARIANT
     meta = dict(plan.meta)
     if value is not None:
-        meta[knob] = value and _allowed(knob, meta)
+        meta[knob] = _allowed(knob, value, meta)
     num_warps = warps or plan.num_warps
     return plan._replace(meta=meta, num_warps=num_warps,
                          key=(tuple(meta.values()),) + plan.key[1:3] + (num_warps,)
@@ -69,11 +72,12 @@ def run(q, k, cos, sin):
     return qk_kernel.rotate_qk(q, k, 1 / math.sqrt(q.shape[-1]), None, cos, sin)
 
 
-def measure(d: int, dtype: torch.dtype, b: int, s: int, knob: str, warps, reps: int) -> dict:
+def measure(d: int, dtype: torch.dtype, b: int, s: int, knob: str, values, warps,
+            reps: int) -> dict:
     q, k, cos, sin = inputs = tune_qk.make_inputs(b, s, d, "cuda", dtype=dtype)
     row = dict(d=d, dtype=str(dtype), batch=b, tokens=s, knob=knob,
                clone_us=round(graph_us(lambda: (q.clone(), k.clone())), 3))
-    builds = [(False, None), (True, None)] + [(True, w) for w in warps]
+    builds = [(v, None) for v in values] + [(values[-1], w) for w in warps]
     for rep in range(reps):
         for value, w in builds if rep % 2 == 0 else builds[::-1]:
             VARIANT[:] = [knob, value, w]
@@ -91,19 +95,24 @@ def measure(d: int, dtype: torch.dtype, b: int, s: int, knob: str, warps, reps: 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--knob", choices=["ROPE_FENCE", "QSPLIT4"], default="ROPE_FENCE")
+    p.add_argument("--knob", choices=["ROPE_FENCE", "QSPLIT"], default="ROPE_FENCE")
+    p.add_argument("--values", type=int, nargs="+", default=None,
+                   help="the knob's values to compare (default: 0 1 for the fence, 1 4 for QSPLIT)")
     p.add_argument("--d", type=int, nargs="+", default=None, help="only these head dims")
     p.add_argument("--warps", type=int, nargs="*", default=[])
     p.add_argument("--decode-only", action="store_true")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
+    values = args.values or ([1, 4] if args.knob == "QSPLIT" else [0, 1])
+    if args.knob == "ROPE_FENCE":
+        values = [bool(v) for v in values]
     qk_kernel._make_plan = _plan
     rows = []
     for d, dtype in CASES:
         if args.d and d not in args.d:
             continue
         for b, s in DECODE_SHAPES if args.decode_only else SHAPES:
-            rows.append(measure(d, dtype, b, s, args.knob, args.warps, args.reps))
+            rows.append(measure(d, dtype, b, s, args.knob, values, args.warps, args.reps))
             print({k: v for k, v in rows[-1].items() if not k.startswith("runs_")}, flush=True)
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=__import__("triton").__version__)

@@ -138,7 +138,7 @@ if not IN_INTERPRETER:
 
     def _aot_qk(d: int, xdt: str, wdt: str | None, block_m: int, loads_first: bool, align: int,
                 warps: int, rope: bool, fence: bool, stages: int | None = None,
-                pdl: bool = False, qsplit4: bool = False):
+                pdl: bool = False, qsplit: int = 1):
         """The fused Q/K kernel compiled for sm_90 with these constexprs (aligned pointers)."""
         from hf_hadamard_kq.ops import qk_kernel
 
@@ -148,7 +148,7 @@ if not IN_INTERPRETER:
         const = dict(
             D=d, HALF=d // 2, LOG2HALF=(d // 2).bit_length() - 1, BLOCK_M=block_m, ROPE=rope,
             SYLVESTER=wdt is None, DOT_F32=xdt == "fp32" or wdt == "fp32", EMULATE_RTNE=False,
-            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence, QSPLIT4=qsplit4, PDL=pdl,
+            LOADS_FIRST=loads_first, ALIGN=align, ROPE_FENCE=fence, QSPLIT=qsplit, PDL=pdl,
         )  # fmt: skip
         return _aot_compile(qk_kernel._qk_kernel, sig, const, warps, aligned_ptrs=True,
                             stages=stages)
@@ -270,14 +270,14 @@ if not IN_INTERPRETER:
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt, wdt) == (
                 128, "bf16", None) and block_m == 16 else [])
             # the quarter form, where _make_plan takes it
-            q4 = wdt is None and not dot_f32 and d in qk_kernel.QSPLIT4_D
+            q4 = qk_kernel.QSPLIT_PARTS.get(d, 1) if wdt is None and not dot_f32 else 1
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
                 k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages,
-                            pdl=decode, qsplit4=q4)
+                            pdl=decode, qsplit=q4)
                 name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
                         f"loads_first={loads_first} align={align} warps={nw} stages={stages} "
-                        f"qsplit4={q4}")
+                        f"qsplit={q4}")
                 assert ("griddepcontrol.wait" in k.asm["ptx"]) == decode, name
                 assert not decode or _waits_before_memory(k.asm["ptx"]), name
                 results.append((name, k))
@@ -299,7 +299,7 @@ if not IN_INTERPRETER:
                     # converted the six RoPE inputs, measured 44 vs 20 at d = 128)
                     unfenced, no_rope = (
                         _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False, stages,
-                                qsplit4=q4).asm["ptx"].count("bar.sync") for r in (True, False))
+                                qsplit=q4).asm["ptx"].count("bar.sync") for r in (True, False))
                     fenced = k.asm["ptx"].count("bar.sync")
                     assert fenced <= no_rope, (name, fenced, no_rope)
                     assert unfenced > fenced, (name, "the fence no longer changes the code",
@@ -954,34 +954,34 @@ else:
 
     @pytest.mark.parametrize("rope", [True, False])
     @pytest.mark.parametrize("layout", ["transposed", "contiguous", "padded"])
-    @pytest.mark.parametrize("d", [128, 256])
+    @pytest.mark.parametrize(("d", "parts"), [(128, 2), (128, 4), (256, 2), (256, 4)])
     @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-    def test_qk_quarters(dtype: torch.dtype, d: int, layout: str, rope: bool,
-                         monkeypatch) -> None:
-        """The quarter form (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, split in
-        registers, a 4-point butterfly) matches the float64 rotation in every layout, with
-        and without RoPE, and is taken exactly where ``QSPLIT4_D`` asks for it (Sylvester
-        launches with 16-bit tensor-core operands, decode and prefill sizes; the interpreter
-        runs bf16 through fp32 operands, so there it is launched directly)."""
+    def test_qk_split_halves(dtype: torch.dtype, d: int, parts: int, layout: str, rope: bool,
+                             monkeypatch) -> None:
+        """The split halves (``QSPLIT = P``: each half through ``H_P ⊗ H_{D/2P}``, split in
+        registers, a ``P``-point butterfly) match the float64 rotation in every layout, with
+        and without RoPE, and are taken exactly where ``QSPLIT_PARTS`` asks for them
+        (Sylvester launches with 16-bit tensor-core operands, decode and prefill sizes; the
+        interpreter runs bf16 through fp32 operands, so there they are launched directly)."""
         from hf_hadamard_kq.ops import qk_kernel
 
-        monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset({d}))
+        monkeypatch.setattr(qk_kernel, "QSPLIT_PARTS", {d: parts})
         for b, s in ((1, 1), (2, 5)):
             q, k, cos, sin = qk_inputs(dtype, d, b, s, layout, seed=d + s)
             if not rope:
                 cos = sin = None
             qo, ko = torch.empty_like(q), torch.empty_like(k)
             plan = qk_kernel._make_plan(q, k, qo, ko, cos, d**-0.5, q)
-            assert plan.meta["QSPLIT4"] == (not plan.meta["DOT_F32"]), plan.meta
+            assert plan.meta["QSPLIT"] == (1 if plan.meta["DOT_F32"] else parts), plan.meta
             big = torch.empty(1, 4, tk.SMALL_ROWS // 4 + 1, d, dtype=dtype)  # prefill-sized
-            assert qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT4"] == (
-                plan.meta["QSPLIT4"])
-            monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset())
-            assert not qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT4"]
-            monkeypatch.setattr(qk_kernel, "QSPLIT4_D", frozenset({d}))
+            assert qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT"] == (
+                plan.meta["QSPLIT"])
+            monkeypatch.setattr(qk_kernel, "QSPLIT_PARTS", {})
+            assert qk_kernel._make_plan(big, q, big, qo, None, 1.0, big).meta["QSPLIT"] == 1
+            monkeypatch.setattr(qk_kernel, "QSPLIT_PARTS", {d: parts})
             eye = torch.eye(d, dtype=dtype)  # an explicit matrix never takes it
-            assert not qk_kernel._make_plan(q, k, qo, ko, cos, 1.0, eye).meta["QSPLIT4"]
-            meta = dict(plan.meta, QSPLIT4=True)
+            assert qk_kernel._make_plan(q, k, qo, ko, cos, 1.0, eye).meta["QSPLIT"] == 1
+            meta = dict(plan.meta, QSPLIT=parts)
             c, sn = (q, q) if cos is None else (cos, sin)
             qk_kernel._qk_kernel[(plan.grid,)](q, k, qo, ko, c, sn, q, *plan.scalars, **meta,
                                                num_warps=plan.num_warps)

@@ -18,8 +18,8 @@ Math, per row ``x`` (one head of one token, ``D`` values, halves ``x0 | x1``):
   reproduce them, so exactness with eager RoPE is not a property this kernel claims.)
 * Hadamard: ``y = (r @ W) * scale``, fp32 accumulation, one rounding. For the Sylvester matrix
   ``H_D = H_2 ⊗ H_{D/2}``: ``z_i = r_i @ H_{D/2}``, ``y = (z0 + z1 | z0 - z1)`` -- for d = 128
-  and 256 with ``H_{D/2} = H_4 ⊗ H_{D/8}`` in turn (``QSPLIT4``: each half
-  split into four parts in registers, a 4-point butterfly; see :data:`QSPLIT4_D`); for an
+  and 256 with ``H_{D/2} = H_P ⊗ H_{D/2P}`` in turn (``QSPLIT = P``, 2 or 4: each half split
+  into ``P`` parts in registers, a ``P``-point butterfly; see :data:`QSPLIT_PARTS`); for an
   explicit ``W`` (``D <= 128``) the four ``D/2``-square quarters of ``W`` stay in registers.
 
 Rows are ``(b, s, h)`` triples (consecutive heads of a token are adjacent in the usual
@@ -56,9 +56,10 @@ from .triton_kernel import (
 #: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
 MAX_EXPLICIT_D = 128
-#: Head dims whose Sylvester launches with 16-bit operands take the kernel's quarter form
-#: (``QSPLIT4``: each half through ``H_4 ⊗ H_{D/8}``, a resident ``H_{D/8}`` instead of
-#: ``H_{D/2}``; d = 64 would need 8-wide dots). Measured on H100s (session 23,
+#: ``D -> P``: Sylvester launches with 16-bit operands split each half once more, into ``P``
+#: parts (``QSPLIT``: ``H_{D/2} = H_P ⊗ H_{D/2P}``, a resident ``H_{D/2P}`` instead of
+#: ``H_{D/2}``; other head dims keep the halves, ``P = 1``; d = 64 would need dots narrower
+#: than 16). The quarter form (``P = 4``) measured on H100s (session 23,
 #: benchmarks/results/qk_quarters_ab_h100_session23_call{2,3}.json, RoPE + q (32 heads) and k
 #: (8), bf16, GPU time in a CUDA graph, call 2): at 1 / 16 / 64 tokens and batch 8 / 32 at one
 #: token, d = 256 2.336 / 2.463 / 3.001 / 2.462 / 2.572 us vs 3.259 / 3.357 / 4.554 / 3.303 /
@@ -68,7 +69,7 @@ MAX_EXPLICIT_D = 128
 #: 0.03 us faster at 1-16 tokens but 0.37 slower at 64). Prefill, 512 / 4096 tokens (call 3,
 #: the prefill tilings as they are): d = 256 10.52 / 75.68 us vs 12.53 / 83.48, d = 128
 #: 5.57 / 37.88 vs 5.77 / 42.59 (fp16: 5.38 / 36.92 vs 5.67 / 41.79).
-QSPLIT4_D: frozenset[int] = frozenset({128, 256})
+QSPLIT_PARTS: dict[int, int] = {128: 4, 256: 4}
 _INT32 = 2**31
 
 if triton is not None:
@@ -95,12 +96,12 @@ if triton is not None:
 
     @triton.jit
     def _qk_w(x_ptr, w_ptr, rk, D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr,
-              SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr, QSPLIT4: tl.constexpr):
+              SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr, QSPLIT: tl.constexpr):
         """The four ``HALF``-square quarters of ``W`` (Sylvester: one generated ``H_HALF``,
-        typed like ``x_ptr``'s elements; ``QSPLIT4``: its factor ``H_{HALF/4}``)."""
-        if QSPLIT4:
-            rq = tl.arange(0, HALF // 4)
-            w00 = _w_tile(x_ptr, rq, rq, HALF // 4, LOG2HALF - 2, True, DOT_F32)
+        typed like ``x_ptr``'s elements; ``QSPLIT`` 2 or 4: its factor ``H_{HALF/QSPLIT}``)."""
+        if QSPLIT > 1:
+            rq = tl.arange(0, HALF // QSPLIT)
+            w00 = _w_tile(x_ptr, rq, rq, HALF // QSPLIT, LOG2HALF - QSPLIT // 2, True, DOT_F32)
             w01 = w00
             w10 = w00
             w11 = w00
@@ -115,6 +116,16 @@ if triton is not None:
             w10 = _w_tile(w_ptr, rk + HALF, rk, D, 0, False, DOT_F32)
             w11 = _w_tile(w_ptr, rk + HALF, rk + HALF, D, 0, False, DOT_F32)
         return w00, w01, w10, w11
+
+    @triton.jit
+    def _pairs(r, w, DOT_F32: tl.constexpr):
+        """``r @ H_HALF`` as its two ``HALF/2``-wide parts, for ``H_HALF = H_2 ⊗ H_{HALF/2}``
+        (``w``): the halves of ``r`` split in registers, one dot each, a 2-point butterfly."""
+        p0, p1 = _split_row(r, r.shape[1] // 2)
+        zero = tl.zeros((r.shape[0], r.shape[1] // 2), dtype=tl.float32)
+        u0 = _dot(p0, w, zero, DOT_F32)
+        u1 = _dot(p1, w, zero, DOT_F32)
+        return u0 + u1, u0 - u1
 
     @triton.jit
     def _quarters(r, w, DOT_F32: tl.constexpr):
@@ -140,7 +151,7 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
-        ROPE_FENCE: tl.constexpr, QSPLIT4: tl.constexpr,
+        ROPE_FENCE: tl.constexpr, QSPLIT: tl.constexpr,
     ):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, HALF)
@@ -184,9 +195,14 @@ if triton is not None:
                 r1 = _fence(r1)
         if LOADS_FIRST:  # built after the loads were issued: generation overlaps their latency
             w00, w01, w10, w11 = _qk_w(x_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32,
-                                       QSPLIT4)
+                                       QSPLIT)
         zero = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        if QSPLIT4:  # H_D = H_2 ⊗ H_4 ⊗ H_{D/8}: each half in four parts (see _quarters)
+        if QSPLIT == 2:  # H_D = H_2 ⊗ H_2 ⊗ H_{D/4}: each half in two parts (see _pairs)
+            a0, a1 = _pairs(r0, w00, DOT_F32)
+            b0, b1 = _pairs(r1, w00, DOT_F32)
+            y0 = _join_row((a0 + b0) * scale, (a1 + b1) * scale)
+            y1 = _join_row((a0 - b0) * scale, (a1 - b1) * scale)
+        elif QSPLIT == 4:  # H_D = H_2 ⊗ H_4 ⊗ H_{D/8}: each half in four parts (_quarters)
             a0, a1, a2, a3 = _quarters(r0, w00, DOT_F32)
             b0, b1, b2, b3 = _quarters(r1, w00, DOT_F32)
             y0 = _join_row(_join_row((a0 + b0) * scale, (a1 + b1) * scale),
@@ -218,7 +234,7 @@ if triton is not None:
         D: tl.constexpr, HALF: tl.constexpr, LOG2HALF: tl.constexpr, BLOCK_M: tl.constexpr,
         ROPE: tl.constexpr, SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr,
         EMULATE_RTNE: tl.constexpr, LOADS_FIRST: tl.constexpr, ALIGN: tl.constexpr,
-        ROPE_FENCE: tl.constexpr, QSPLIT4: tl.constexpr, PDL: tl.constexpr,
+        ROPE_FENCE: tl.constexpr, QSPLIT: tl.constexpr, PDL: tl.constexpr,
     ):
         """Tiles ``[0, tq)`` are query rows, ``[tq, n_tiles)`` key rows (persistent grid).
         ``LOADS_FIRST`` (one tile per program): ``W`` is built per tile after its loads,
@@ -237,7 +253,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         if not LOADS_FIRST:
             w00, w01, w10, w11 = _qk_w(q_ptr, w_ptr, rk, D, HALF, LOG2HALF, SYLVESTER, DOT_F32,
-                                       QSPLIT4)
+                                       QSPLIT)
         if PDL and SYLVESTER:
             tl.extra.cuda.gdc_wait()
         for t in range(pid, n_tiles, nprog):
@@ -246,14 +262,14 @@ if triton is not None:
                     q_ptr, qo_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t, nq, Hq, S,
                     qb, qh, qs, qob, qoh, qos, cb, cs, scale,
                     D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
-                    LOADS_FIRST, ALIGN, ROPE_FENCE, QSPLIT4,
+                    LOADS_FIRST, ALIGN, ROPE_FENCE, QSPLIT,
                 )
             else:
                 _qk_tile(
                     k_ptr, ko_ptr, c_ptr, s_ptr, w_ptr, w00, w01, w10, w11, t - tq, nk, Hk, S,
                     kb, kh, ks, kob, koh, kos, cb, cs, scale,
                     D, HALF, LOG2HALF, BLOCK_M, ROPE, SYLVESTER, DOT_F32, EMULATE_RTNE,
-                    LOADS_FIRST, ALIGN, ROPE_FENCE, QSPLIT4,
+                    LOADS_FIRST, ALIGN, ROPE_FENCE, QSPLIT,
                 )
 
     # ints are not specialised (do_not_specialize, all < 2**31): only pointer alignment is
@@ -460,8 +476,8 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         # PTX fence after the RoPE (see _fence): CUDA, 16-bit tensor-core operands
         "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
         and torch.version.hip is None,
-        # the quarter form of the Sylvester halves (16-bit operands; see QSPLIT4_D)
-        "QSPLIT4": sylvester and not dot_f32 and d in QSPLIT4_D,
+        # the Sylvester halves split once more (16-bit operands; see QSPLIT_PARTS)
+        "QSPLIT": QSPLIT_PARTS.get(d, 1) if sylvester and not dot_f32 else 1,
         # decode-sized launches on sm_90+: the launch latency overlaps the previous kernel
         "PDL": max(nq, nk) <= SMALL_ROWS and pdl_enabled(q.device),
     }  # in the kernel's constexpr order: the direct launch passes the values by position

@@ -68,7 +68,11 @@ MAX_EXPLICIT_D = 128
 #: 2.467 / 2.590 (the tilings' warp counts kept: 4 warps were level at d = 256, and at d = 128
 #: 0.03 us faster at 1-16 tokens but 0.37 slower at 64). Prefill, 512 / 4096 tokens (call 3,
 #: the prefill tilings as they are): d = 256 10.52 / 75.68 us vs 12.53 / 83.48, d = 128
-#: 5.57 / 37.88 vs 5.77 / 42.59 (fp16: 5.38 / 36.92 vs 5.67 / 41.79).
+#: 5.57 / 37.88 vs 5.77 / 42.59 (fp16: 5.38 / 36.92 vs 5.67 / 41.79). Two parts (``P = 2``,
+#: call 5, qk_split_ab_h100_session23_call5.json): slower than four at every decode shape
+#: (d = 128: 2.32-2.68 us with the tiling's 2 warps, 2.17-2.54 with 4, against 2.17-2.36;
+#: d = 256: 2.46-3.39 against 2.34-2.97) and at d = 256 prefill (11.89 / 85.04 vs 10.30 /
+#: 75.53); level at d = 128 prefill (37.29 vs 37.71 us at 4096 tokens, fp16 36.92 vs 36.65).
 QSPLIT_PARTS: dict[int, int] = {128: 4, 256: 4}
 _INT32 = 2**31
 

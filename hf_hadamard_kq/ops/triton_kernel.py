@@ -403,6 +403,13 @@ if _HAS_TRITON:
         return tl.reshape(tl.permute(tl.join(y0, y1), (0, 2, 1)), (y0.shape[0], 2 * y0.shape[1]))
 
     @triton.jit
+    def _store_joined(ptr, y0, y1, scale, mask, out_ptr, EMULATE_RTNE: tl.constexpr):
+        """``[y0 | y1] * scale``, each rounded once, stored as one ``2 * BN``-wide row per tile
+        row (the split forms' whole-row stores)."""
+        tl.store(ptr, _join_row(_round_to(y0 * scale, out_ptr, EMULATE_RTNE),
+                                _round_to(y1 * scale, out_ptr, EMULATE_RTNE)), mask=mask)
+
+    @triton.jit
     def _load_x(x_ptr, offs, mask, F32: tl.constexpr):
         xk = tl.load(x_ptr + offs, mask=mask, other=0.0)
         if F32:
@@ -613,12 +620,10 @@ if _HAS_TRITON:
                     r2 = tl.arange(0, 2 * BN)
                     mask2 = row_ok[:, None] & (r2 < 2 * BN)[None, :]
                     o_at2 = o_row[:, None] + r2[None, :]
-                    tl.store(o_ptr + o_at2, _join_row(
-                        _round_to((a + c) * scale, out_ptr, EMULATE_RTNE),
-                        _round_to((b + e) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
-                    tl.store(o_ptr + o_at2 + 2 * BN, _join_row(
-                        _round_to((a - c) * scale, out_ptr, EMULATE_RTNE),
-                        _round_to((b - e) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                    _store_joined(o_ptr + o_at2, a + c, b + e, scale, mask2, out_ptr,
+                                  EMULATE_RTNE)
+                    _store_joined(o_ptr + o_at2 + 2 * BN, a - c, b - e, scale, mask2, out_ptr,
+                                  EMULATE_RTNE)
                 else:
                     tl.store(o_ptr + o_at, _round_to((a + c) * scale, out_ptr, EMULATE_RTNE),
                              mask=mask)
@@ -659,18 +664,14 @@ if _HAS_TRITON:
                 r2 = tl.arange(0, 2 * BN)
                 mask2 = row_ok[:, None] & (r2 < 2 * BN)[None, :]
                 o_at2 = o_row[:, None] + r2[None, :]
-                tl.store(o_ptr + o_at2, _join_row(
-                    _round_to((b0 + b4) * scale, out_ptr, EMULATE_RTNE),
-                    _round_to((b1 + b5) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
-                tl.store(o_ptr + o_at2 + 2 * BN, _join_row(
-                    _round_to((b2 + b6) * scale, out_ptr, EMULATE_RTNE),
-                    _round_to((b3 + b7) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
-                tl.store(o_ptr + o_at2 + 4 * BN, _join_row(
-                    _round_to((b0 - b4) * scale, out_ptr, EMULATE_RTNE),
-                    _round_to((b1 - b5) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
-                tl.store(o_ptr + o_at2 + 6 * BN, _join_row(
-                    _round_to((b2 - b6) * scale, out_ptr, EMULATE_RTNE),
-                    _round_to((b3 - b7) * scale, out_ptr, EMULATE_RTNE)), mask=mask2)
+                _store_joined(o_ptr + o_at2, b0 + b4, b1 + b5, scale, mask2, out_ptr,
+                              EMULATE_RTNE)
+                _store_joined(o_ptr + o_at2 + 2 * BN, b2 + b6, b3 + b7, scale, mask2, out_ptr,
+                              EMULATE_RTNE)
+                _store_joined(o_ptr + o_at2 + 4 * BN, b0 - b4, b1 - b5, scale, mask2, out_ptr,
+                              EMULATE_RTNE)
+                _store_joined(o_ptr + o_at2 + 6 * BN, b2 - b6, b3 - b7, scale, mask2, out_ptr,
+                              EMULATE_RTNE)
             else:
                 # W wider than BN (explicit W > 128): NB x NB sub-tile
                 # products in runtime (not unrolled) loops, so they all reuse the same shared

@@ -497,12 +497,12 @@ if _HAS_TRITON:
         order, so each tile's loads are one contiguous block and its stores are scattered
         (measured faster at decode sizes than scattered loads: a load's latency is on the
         tile's critical path, a store's is not).
-        ``WHOLE_ROWS`` (the split forms, ``SPLIT2`` / ``SPLIT4``): each tile row is loaded whole
-        and split into its ``BN``-wide parts in registers, and the outputs are joined into
-        ``2 * BN``-wide rows before they are stored, instead of one load and one store per
-        part. With ``BN = 32`` (the decode tilings of d = 64 and 128) the parts are 64-byte
-        pieces: 8-byte vector accesses and an epilogue through shared memory with more
-        barriers, where the whole rows take 16-byte vectors and ``stmatrix``.
+        ``WHOLE_ROWS`` (the split forms, ``SPLIT2`` / ``SPLIT4``; ``SPLIT8`` always): each tile
+        row is loaded whole and split into its ``BN``-wide parts in registers, and the outputs
+        are joined into ``2 * BN``-wide rows before they are stored, instead of one load and
+        one store per part. With ``BN = 32`` (the decode tilings of d = 64, 128 and 256) the
+        parts are 64-byte pieces: 8-byte vector accesses and an epilogue through shared memory
+        with more barriers, where the whole rows take 16-byte vectors and ``stmatrix``.
         ``LOADS_FIRST`` (every program has exactly one tile): build the resident ``W`` after
         issuing the tile's loads instead of before the loop, so that the matrix generation
         overlaps the load latency (decode-sized calls are latency-bound).

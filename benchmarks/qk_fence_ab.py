@@ -48,6 +48,8 @@ def _allowed(knob: str, value, meta: dict):
     """``value`` where the kernel can take it, else the knob's "off" (the fence: on only
     where the plan asks for it; the split: 16-bit Sylvester launches, parts >= 16 wide)."""
     if knob == "QSPLIT":
+        if value not in (1, 2, 4):
+            raise SystemExit(f"--values: QSPLIT takes 1, 2 or 4 parts per half, not {value}")
         ok = meta["SYLVESTER"] and not meta["DOT_F32"] and meta["HALF"] // value >= 16
         return value if ok else 1
     return bool(value) and meta[knob]

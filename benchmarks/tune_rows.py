@@ -137,8 +137,9 @@ def main(argv=None) -> None:
         (args.out / "tune_rows.json").write_text(json.dumps(
             dict(env=env, rows=rows, best=list(best.values())), indent=1))
 
-    def sweep(x: torch.Tensor, shape: dict, d: int, small: bool, time_fn, base_us) -> None:
-        """Every candidate on ``x``: error vs float64, and (GPU) time vs the baseline."""
+    def sweep(x: torch.Tensor, shape: dict, d: int, small: bool, time_fn, base_fn) -> None:
+        """Every candidate on ``x``: error vs float64, and (GPU) time vs the baseline
+        ``base_fn`` (``torch.clone`` of ``x``, timed in the same rounds)."""
         pps_list = [0] if small else args.programs_per_sm  # a decode call is 1-2 tiles
         block_ms = [b for b in args.block_m if not small or b <= 64]
         timed = []  # (row, fn) of every configuration that ran and is within the bound
@@ -159,26 +160,41 @@ def main(argv=None) -> None:
                 print("NOT OK", row, flush=True)
             elif time_fn is not None:
                 timed.append((row, lambda x=x, n=d, c=cfg: run_config(x, n, c)))
-        # --rounds: every configuration once per round, the order reversed every other round
-        # (drift on the machine spreads over all of them), the median per configuration
-        runs: list[list[float]] = [[] for _ in timed]
+        # --rounds: the baseline and every configuration once per round, the order reversed
+        # every other round (drift on the machine spreads over all of them), medians
+        fns = [base_fn] + [fn for _, fn in timed]
+        runs: list[list[float]] = [[] for _ in fns]
+        failed: set[int] = set()
         for r in range(args.rounds if time_fn is not None else 0):
-            for i in (range(len(timed)) if r % 2 == 0 else reversed(range(len(timed)))):
-                runs[i].append(time_fn(timed[i][1]))
+            for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+                if i in failed:
+                    continue
+                try:
+                    runs[i].append(time_fn(fns[i]))
+                except Exception as e:  # e.g. a launch that a CUDA graph cannot capture
+                    if i == 0:
+                        raise
+                    timed[i - 1][0]["error"] = f"{type(e).__name__}: {e}"[:300]
+                    failed.add(i)
+        if time_fn is None:
+            return
+        base_us = statistics.median(runs[0])
         key = json.dumps(shape)
-        for (row, _), us_runs in zip(timed, runs):
-            row["us"] = round(statistics.median(us_runs), 3)
-            row["runs"] = [round(u, 3) for u in us_runs]
+        for i, (row, _) in enumerate(timed, start=1):
+            row["base_us"] = round(base_us, 3)
+            if i in failed:
+                print("NOT OK", row, flush=True)
+                continue
+            row["us"] = round(statistics.median(runs[i]), 3)
+            row["runs"] = [round(u, 3) for u in runs[i]]
             row["pct_base"] = round(100 * base_us / row["us"], 1)
             if key not in best or row["pct_base"] > best[key]["pct_base"]:
                 best[key] = row
-        if time_fn is not None:
-            save()  # after every shape: a run cut short keeps what it has
-            dflt = [r for r in rows if r["default"] and r.get("pct_base") and all(
-                r[k] == v for k, v in shape.items())]
-            print(shape, "base", round(base_us, 3), "us; default",
-                  dflt[0]["pct_base"] if dflt else None, "%; best",
-                  best.get(json.dumps(shape)), flush=True)
+        save()  # after every shape: a run cut short keeps what it has
+        dflt = [r for r in rows if r["default"] and r.get("pct_base") and all(
+            r[k] == v for k, v in shape.items())]
+        print(shape, "base", round(base_us, 3), "us; default",
+              dflt[0]["pct_base"] if dflt else None, "%; best", best.get(key), flush=True)
 
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -190,15 +206,13 @@ def main(argv=None) -> None:
             shape = dict(kind="prefill", tokens=tokens, heads=heads, d=d, dtype=dtype_name,
                          MiB=round(mib, 1))
             small = x.numel() // d <= tk.SMALL_ROWS
-            clone_us = timer(lambda x=x: x.clone()) if timer else None
-            sweep(x, shape, d, small, timer, clone_us)
+            sweep(x, shape, d, small, timer, lambda x=x: x.clone())
         for tokens in ([] if args.interpret else args.decode_tokens):
             for d in args.d:  # decode: the projection's (1, T, 32, d) -> (1, 32, T, d) view
                 x = torch.randn(1, tokens, 32, d, device=device).to(dtype).transpose(1, 2)
                 small = x.numel() // d <= tk.SMALL_ROWS
                 shape = dict(kind="decode", tokens=tokens, heads=32, d=d, dtype=dtype_name)
-                base = graph_us(lambda x=x: x.clone())
-                sweep(x, shape, d, small, graph_us, base)
+                sweep(x, shape, d, small, graph_us, lambda x=x: x.clone())
     bad = [r for r in rows if "error" in r or r["err_vs_floor"] > MAX_ERR_VS_FLOOR]
     if args.interpret:
         print(f"{len(rows)} configurations checked under the interpreter, {len(bad)} not ok")

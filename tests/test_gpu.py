@@ -36,6 +36,22 @@ def test_every_power_of_two(n, dtype):
     assert_single_rounding(out, reference_transform(x))
 
 
+@pytest.mark.parametrize("n", [512, 4096, 32768])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_blocks_at_decode_size(n, dtype):
+    """A few rows of a block above 256: the two-pass path's row pass (H_b into the fp32
+    buffer) runs with the decode tiling of its factor b -- for b = 256 with 16-bit inputs the
+    SPLIT8 form with an fp32 output, which test_every_power_of_two (>= 16384 chunks) misses."""
+    from hf_hadamard_kq.ops import triton_kernel as tk
+
+    x = torch.randn(3, n, device=DEV).to(dtype)
+    b, _ = tk._plan_passes(n)
+    rows = x.reshape(-1, b)
+    plan = tk._rows_plan(rows, rows, torch.float32, b, True, dtype is torch.float32, None)
+    assert plan.meta["SPLIT8"] == (b == 256 and dtype is not torch.float32), (n, plan.meta)
+    assert_single_rounding(hadamard_transform(x), reference_transform(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(65536, 32, 128), (8192, 8, 256), (16384, 32, 64),
                                    (1, 32, 128), (64, 8, 128), (3, 5, 7, 16)])

@@ -83,7 +83,8 @@ if not IN_INTERPRETER:
     # Ahead-of-time compilation for an H100 (sm_90) without a GPU: catches kernels that the
     # interpreter accepts but the compiler rejects, shared-memory overflows and register
     # spills. (rows kernel cases: n, x dtype, W dtype or None for Sylvester, strided -- False,
-    # True (x through its strides) or "out" (x in memory order, STRIDED_OUT) --, wide.)
+    # True (x through its strides) or "out" (x in memory order, STRIDED_OUT) --, wide, and
+    # optionally the output dtype when it is not x's.)
     AOT_ROWS = [
         (16, "bf16", None, False, False),
         (64, "bf16", None, False, False),
@@ -99,6 +100,8 @@ if not IN_INTERPRETER:
         (256, "fp32", "fp32", False, False),
         (256, "fp32", None, False, False),
         (256, "bf16", "bf16", False, False),
+        (256, "bf16", None, False, False),  # flat d = 256 (decode: SPLIT8's 16-byte vectors)
+        (256, "bf16", None, False, False, "fp32"),  # the two-pass row pass into the fp32 buffer
     ]
     AOT_MID = [(16, "bf16"), (128, "fp32")]
     # fused Q/K kernel cases: d, x dtype, W dtype or None, RoPE, BLOCK_M, decode-sized call
@@ -214,16 +217,17 @@ if not IN_INTERPRETER:
         results = []
         seen = set()
         classes = ((False, False), (True, False), (False, True))  # large, small, medium
-        for (n, xdt, wdt, strided, wide), (small, medium) in itertools.product(AOT_ROWS, classes):
+        for (n, xdt, wdt, strided, wide, *odt), (small, medium) in itertools.product(AOT_ROWS,
+                                                                                     classes):
             sylvester = wdt is None
             dot_f32 = xdt == "fp32" or wdt == "fp32"
             cfg = tk.rows_config(n, dot_f32, sylvester, small, medium)
             resident = tk.has_resident_w(cfg, sylvester)
             for loads_first in (False, True) if resident else (False,):
-                if (n, xdt, wdt, strided, wide, cfg, loads_first) in seen:
+                if (n, xdt, wdt, strided, wide, *odt, cfg, loads_first) in seen:
                     continue
-                seen.add((n, xdt, wdt, strided, wide, cfg, loads_first))
-                sig = {"x_ptr": ty[xdt], "w_ptr": ty[wdt or xdt], "out_ptr": ty[xdt],
+                seen.add((n, xdt, wdt, strided, wide, *odt, cfg, loads_first))
+                sig = {"x_ptr": ty[xdt], "w_ptr": ty[wdt or xdt], "out_ptr": ty[(odt or [xdt])[0]],
                        "scale": "fp32"}
                 if wide:
                     sig.update(s0="i64", s1="i64", s2="i64")
@@ -270,14 +274,14 @@ if not IN_INTERPRETER:
             variants = [(True, unit, warps)] + ([(False, 1, 4)] if (d, xdt, wdt) == (
                 128, "bf16", None) and block_m == 16 else [])
             # the quarter form, where _make_plan takes it
-            q4 = qk_kernel.QSPLIT_PARTS.get(d, 1) if wdt is None and not dot_f32 else 1
+            qsplit = qk_kernel.QSPLIT_PARTS.get(d, 1) if wdt is None and not dot_f32 else 1
             for loads_first, align, nw in variants:
                 fence = rope and not dot_f32  # what _make_plan passes on CUDA
                 k = _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, rope, fence, stages,
-                            pdl=decode, qsplit=q4)
+                            pdl=decode, qsplit=qsplit)
                 name = (f"qk d={d} {xdt} W={wdt} rope={rope} BLOCK_M={block_m} "
                         f"loads_first={loads_first} align={align} warps={nw} stages={stages} "
-                        f"qsplit={q4}")
+                        f"qsplit={qsplit}")
                 assert ("griddepcontrol.wait" in k.asm["ptx"]) == decode, name
                 assert not decode or _waits_before_memory(k.asm["ptx"]), name
                 results.append((name, k))
@@ -299,7 +303,7 @@ if not IN_INTERPRETER:
                     # converted the six RoPE inputs, measured 44 vs 20 at d = 128)
                     unfenced, no_rope = (
                         _aot_qk(d, xdt, wdt, block_m, loads_first, align, nw, r, False, stages,
-                                qsplit=q4).asm["ptx"].count("bar.sync") for r in (True, False))
+                                qsplit=qsplit).asm["ptx"].count("bar.sync") for r in (True, False))
                     fenced = k.asm["ptx"].count("bar.sync")
                     assert fenced <= no_rope, (name, fenced, no_rope)
                     assert unfenced > fenced, (name, "the fence no longer changes the code",
@@ -622,7 +626,8 @@ else:
                                               num_warps=plan.num_warps)
                 outs.append(out)
             assert_matches(outs[0], x, d, None, d**-0.5)
-            assert torch.equal(outs[0], outs[-1])
+            if len(outs) == 2:  # SPLIT8 has no part-wise form to compare with
+                assert torch.equal(outs[0], outs[1])
 
     def test_dense_permuted_input_with_an_explicit_matrix() -> None:
         """The explicit-matrix kernel forms (a resident W, and W wider than 128 in sub-tiles)
@@ -988,6 +993,19 @@ else:
             for x, out in ((q, qo), (k, ko)):
                 assert_matches(out, x if cos is None else torch_rope(x, cos, sin), d, None,
                                d**-0.5)
+
+    def test_qk_split_parts_are_checked(monkeypatch) -> None:
+        """A ``QSPLIT_PARTS`` entry the kernel cannot take (parts narrower than 16, or not
+        1, 2 or 4) is refused when the plan is made, naming the table and the head dim."""
+        from hf_hadamard_kq.ops import qk_kernel
+
+        q, k, cos, _ = qk_inputs(torch.float16, 64, 1, 1, "contiguous")
+        for table in ({64: 4}, {64: 3}):
+            monkeypatch.setattr(qk_kernel, "QSPLIT_PARTS", table)
+            with pytest.raises(ValueError, match=r"QSPLIT_PARTS\[64\]"):
+                qk_kernel._make_plan(q, k, q, k, cos, 1.0, q)
+        monkeypatch.setattr(qk_kernel, "QSPLIT_PARTS", {64: 2})
+        assert qk_kernel._make_plan(q, k, q, k, cos, 1.0, q).meta["QSPLIT"] == 2
 
     @pytest.mark.parametrize("d", [32, 64, 128])
     @pytest.mark.parametrize("dtype", DTYPES, ids=ids)

@@ -18,8 +18,9 @@ Math, per row ``x`` (one head of one token, ``D`` values, halves ``x0 | x1``):
   reproduce them, so exactness with eager RoPE is not a property this kernel claims.)
 * Hadamard: ``y = (r @ W) * scale``, fp32 accumulation, one rounding. For the Sylvester matrix
   ``H_D = H_2 ⊗ H_{D/2}``: ``z_i = r_i @ H_{D/2}``, ``y = (z0 + z1 | z0 - z1)`` -- for d = 128
-  and 256 with ``H_{D/2} = H_P ⊗ H_{D/2P}`` in turn (``QSPLIT = P``, 2 or 4: each half split
-  into ``P`` parts in registers, a ``P``-point butterfly; see :data:`QSPLIT_PARTS`); for an
+  and 256 with 16-bit operands, ``H_{D/2} = H_P ⊗ H_{D/2P}`` in turn (``QSPLIT = P``, 2 or
+  4: each half split into ``P`` parts in registers, a ``P``-point butterfly; see
+  :data:`QSPLIT_PARTS`); for an
   explicit ``W`` (``D <= 128``) the four ``D/2``-square quarters of ``W`` stay in registers.
 
 Rows are ``(b, s, h)`` triples (consecutive heads of a token are adjacent in the usual
@@ -53,7 +54,8 @@ from .triton_kernel import (
     triton,
 )
 
-#: Largest head dim for the Sylvester form (resident ``H_128``) and for an explicit matrix.
+#: Largest head dim for the Sylvester form (a resident ``H_128`` with fp32 operands; see
+#: :data:`QSPLIT_PARTS` for 16-bit ones) and for an explicit matrix.
 MAX_SYLVESTER_D = 256
 MAX_EXPLICIT_D = 128
 #: ``D -> P``: Sylvester launches with 16-bit operands split each half once more, into ``P``
@@ -73,6 +75,8 @@ MAX_EXPLICIT_D = 128
 #: (d = 128: 2.32-2.68 us with the tiling's 2 warps, 2.17-2.54 with 4, against 2.17-2.36;
 #: d = 256: 2.46-3.39 against 2.34-2.97) and at d = 256 prefill (11.89 / 85.04 vs 10.30 /
 #: 75.53); level at d = 128 prefill (37.29 vs 37.71 us at 4096 tokens, fp16 36.92 vs 36.65).
+#: Editing this at run time needs :func:`clear_plans`; ``P`` must be 1, 2 or 4 with
+#: ``D / 2P >= 16`` (checked when a plan is made).
 QSPLIT_PARTS: dict[int, int] = {128: 4, 256: 4}
 _INT32 = 2**31
 
@@ -103,6 +107,8 @@ if triton is not None:
               SYLVESTER: tl.constexpr, DOT_F32: tl.constexpr, QSPLIT: tl.constexpr):
         """The four ``HALF``-square quarters of ``W`` (Sylvester: one generated ``H_HALF``,
         typed like ``x_ptr``'s elements; ``QSPLIT`` 2 or 4: its factor ``H_{HALF/QSPLIT}``)."""
+        tl.static_assert(QSPLIT == 1 or (SYLVESTER and (QSPLIT == 2 or QSPLIT == 4)),
+                         "QSPLIT: 2 or 4 parts per Sylvester half")
         if QSPLIT > 1:
             rq = tl.arange(0, HALF // QSPLIT)
             w00 = _w_tile(x_ptr, rq, rq, HALF // QSPLIT, LOG2HALF - QSPLIT // 2, True, DOT_F32)
@@ -458,6 +464,12 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
     nq, nk = b * hq * s, b * hk * s
     sylvester = w is q
     dtype = q.dtype
+    parts = QSPLIT_PARTS.get(d, 1)
+    if parts not in (1, 2, 4) or d // (2 * parts) < 16:
+        raise ValueError(
+            f"qk_kernel.QSPLIT_PARTS[{d}] = {parts!r}: the parts per half must be 1, 2 or 4, "
+            f"each at least 16 wide (head dim {d} allows "
+            f"{[p for p in (1, 2, 4) if d // (2 * p) >= 16]}); fix the table")
     dot_f32 = dtype is torch.float32 or w.dtype is not dtype or (
         INTERPRET and dtype is torch.bfloat16)
     block_m, num_warps, num_stages = qk_config(d, max(nq, nk), dtype is torch.float32)
@@ -481,7 +493,7 @@ def _make_plan(q, k, qo, ko, cos, scale, w) -> _Plan:
         "ROPE_FENCE": cos is not None and not dot_f32 and not INTERPRET
         and torch.version.hip is None,
         # the Sylvester halves split once more (16-bit operands; see QSPLIT_PARTS)
-        "QSPLIT": QSPLIT_PARTS.get(d, 1) if sylvester and not dot_f32 else 1,
+        "QSPLIT": parts if sylvester and not dot_f32 else 1,
         # decode-sized launches on sm_90+: the launch latency overlaps the previous kernel
         "PDL": max(nq, nk) <= SMALL_ROWS and pdl_enabled(q.device),
     }  # in the kernel's constexpr order: the direct launch passes the values by position

@@ -209,7 +209,9 @@ SMALL_ROWS: int = 2048
 #: SPLIT8 form ``H_8 ⊗ H_32`` (whole rows, 4 warps, no pipelining) 1.874 / 2.020 / 2.287 us at
 #: T = 1 / 16 / 64 vs 2.111 / 2.269 / 2.476 with ``H_4 ⊗ H_64`` (2 stages); d = 128 with
 #: ``H_8 ⊗ H_16`` was slower than ``H_4 ⊗ H_32`` at every T (1.852 / 1.983 / 2.176 vs 1.591 /
-#: 1.741 / 1.922).
+#: 1.741 / 1.922). The (256, True) entry is also the row pass of two-pass blocks >= 4096 at
+#: decode sizes (fp32 output into the buffer): not timed there; GPU-tested
+#: (tests/test_gpu.py::test_large_blocks_at_decode_size).
 #: Editing this (or :data:`TUNED_16BIT_MEDIUM`) at run time needs ``rows_config.cache_clear()``
 #: and :func:`clear_plans` (both cache its result).
 TUNED_16BIT: dict[tuple[int, bool], tuple[int, int, int, int, int]] = {
@@ -292,7 +294,7 @@ def mid_config(m: int, inner: int) -> MidConfig:
 
 def has_resident_w(cfg: RowsConfig, sylvester: bool) -> bool:
     """Whether the row kernel keeps one ``[bn, bn]`` matrix in registers for a tiling: ``W``
-    itself (``nb == 1``) or the factor of a split Sylvester form (``nb`` 2 or 4); otherwise
+    itself (``nb == 1``) or the factor of a split Sylvester form (``nb`` 2, 4 or 8); otherwise
     (explicit ``W`` wider than 128) it reloads sub-tiles."""
     return cfg.nb == 1 or (sylvester and cfg.nb in (2, 4, 8))
 
@@ -524,7 +526,7 @@ if _HAS_TRITON:
         # kernel's output)
         if PDL and not SYLVESTER:
             tl.extra.cuda.gdc_wait()
-        w_full = 0  # placeholder: built per tile (LOADS_FIRST), or no resident W (NB > 1)
+        w_full = 0  # placeholder: built per tile (LOADS_FIRST), or none (explicit W > 128)
         if not LOADS_FIRST:
             if NB == 1 or SPLIT2 or SPLIT4 or SPLIT8:  # W stays in registers for the loop
                 w_full = _resident_w(w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32)

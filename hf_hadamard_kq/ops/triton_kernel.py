@@ -405,6 +405,12 @@ if _HAS_TRITON:
         return tl.reshape(tl.permute(tl.join(y0, y1), (0, 2, 1)), (y0.shape[0], 2 * y0.shape[1]))
 
     @triton.jit
+    def _dots4(x0, x1, x2, x3, w, zero, F32: tl.constexpr):
+        """Four parts of a split tile, each times the resident factor ``w``."""
+        return (_dot(x0, w, zero, F32), _dot(x1, w, zero, F32), _dot(x2, w, zero, F32),
+                _dot(x3, w, zero, F32))
+
+    @triton.jit
     def _store_joined(ptr, y0, y1, scale, mask, out_ptr, EMULATE_RTNE: tl.constexpr):
         """``[y0 | y1] * scale``, each rounded once, stored as one ``2 * BN``-wide row per tile
         row (the split forms' whole-row stores)."""
@@ -610,10 +616,7 @@ if _HAS_TRITON:
                     x3 = _load_x(x_tile, x_at + 3 * BN, mask, DOT_F32)
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
                                 LOADS_FIRST)
-                z0 = _dot(x0, w_use, zero, DOT_F32)
-                z1 = _dot(x1, w_use, zero, DOT_F32)
-                z2 = _dot(x2, w_use, zero, DOT_F32)
-                z3 = _dot(x3, w_use, zero, DOT_F32)
+                z0, z1, z2, z3 = _dots4(x0, x1, x2, x3, w_use, zero, DOT_F32)
                 a = z0 + z1
                 b = z0 - z1
                 c = z2 + z3
@@ -650,14 +653,8 @@ if _HAS_TRITON:
                 x6, x7 = _split_row(x67, BN)
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
                                 LOADS_FIRST)
-                z0 = _dot(x0, w_use, zero, DOT_F32)
-                z1 = _dot(x1, w_use, zero, DOT_F32)
-                z2 = _dot(x2, w_use, zero, DOT_F32)
-                z3 = _dot(x3, w_use, zero, DOT_F32)
-                z4 = _dot(x4, w_use, zero, DOT_F32)
-                z5 = _dot(x5, w_use, zero, DOT_F32)
-                z6 = _dot(x6, w_use, zero, DOT_F32)
-                z7 = _dot(x7, w_use, zero, DOT_F32)
+                z0, z1, z2, z3 = _dots4(x0, x1, x2, x3, w_use, zero, DOT_F32)
+                z4, z5, z6, z7 = _dots4(x4, x5, x6, x7, w_use, zero, DOT_F32)
                 # the 8-point butterfly in natural (Sylvester) order: pairs at distance 1, 2, 4
                 a0, a1, a2, a3 = z0 + z1, z0 - z1, z2 + z3, z2 - z3
                 a4, a5, a6, a7 = z4 + z5, z4 - z5, z6 + z7, z6 - z7

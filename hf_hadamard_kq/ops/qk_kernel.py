@@ -41,12 +41,15 @@ from .triton_kernel import (
     DEFAULT_STAGES,
     INTERPRET,
     SMALL_ROWS,
+    _butterfly4,
     _cached_launcher,
     _current_device,
     _dot,
+    _dots4,
     _join_row,
     _max_programs,
     _round_to,
+    _split4,
     _split_row,
     _w_tile,
     stage_option,
@@ -143,16 +146,9 @@ if triton is not None:
         (``w``): the parts of ``r`` split in registers, one dot each, a 4-point fp32
         butterfly."""
         Q: tl.constexpr = r.shape[1] // 4
-        ra, rb = _split_row(r, 2 * Q)
-        p0, p1 = _split_row(ra, Q)
-        p2, p3 = _split_row(rb, Q)
+        p0, p1, p2, p3 = _split4(r, Q)
         zero = tl.zeros((r.shape[0], Q), dtype=tl.float32)
-        u0 = _dot(p0, w, zero, DOT_F32)
-        u1 = _dot(p1, w, zero, DOT_F32)
-        u2 = _dot(p2, w, zero, DOT_F32)
-        u3 = _dot(p3, w, zero, DOT_F32)
-        a, b, c, e = u0 + u1, u0 - u1, u2 + u3, u2 - u3
-        return a + c, b + e, a - c, b - e
+        return _butterfly4(*_dots4(p0, p1, p2, p3, w, zero, DOT_F32))
 
     @triton.jit
     def _qk_tile(

@@ -405,6 +405,20 @@ if _HAS_TRITON:
         return tl.reshape(tl.permute(tl.join(y0, y1), (0, 2, 1)), (y0.shape[0], 2 * y0.shape[1]))
 
     @triton.jit
+    def _split4(x, BN: tl.constexpr):
+        """The four ``BN``-wide parts of a ``[BLOCK_M, 4 * BN]`` tile, in registers."""
+        x01, x23 = _split_row(x, 2 * BN)
+        x0, x1 = _split_row(x01, BN)
+        x2, x3 = _split_row(x23, BN)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _butterfly4(z0, z1, z2, z3):
+        """``H_4 (z0, z1, z2, z3)`` in natural (Sylvester) order, in fp32."""
+        a, b, c, e = z0 + z1, z0 - z1, z2 + z3, z2 - z3
+        return a + c, b + e, a - c, b - e
+
+    @triton.jit
     def _dots4(x0, x1, x2, x3, w, zero, F32: tl.constexpr):
         """Four parts of a split tile, each times the resident factor ``w``."""
         return (_dot(x0, w, zero, F32), _dot(x1, w, zero, F32), _dot(x2, w, zero, F32),
@@ -604,11 +618,9 @@ if _HAS_TRITON:
                 o_at = o_row[:, None] + rk[None, :]
                 if WHOLE_ROWS:
                     r4 = tl.arange(0, 4 * BN)
-                    xw = _load_x(x_tile, x_row[:, None] + r4[None, :],
-                                 row_ok[:, None] & (r4 < 4 * BN)[None, :], DOT_F32)
-                    x01, x23 = _split_row(xw, 2 * BN)  # halves: parts 0-1 and 2-3
-                    x0, x1 = _split_row(x01, BN)
-                    x2, x3 = _split_row(x23, BN)
+                    x0, x1, x2, x3 = _split4(_load_x(
+                        x_tile, x_row[:, None] + r4[None, :],
+                        row_ok[:, None] & (r4 < 4 * BN)[None, :], DOT_F32), BN)
                 else:
                     x0 = _load_x(x_tile, x_at, mask, DOT_F32)
                     x1 = _load_x(x_tile, x_at + BN, mask, DOT_F32)
@@ -617,6 +629,8 @@ if _HAS_TRITON:
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
                                 LOADS_FIRST)
                 z0, z1, z2, z3 = _dots4(x0, x1, x2, x3, w_use, zero, DOT_F32)
+                # _butterfly4 spelled out: it computes all four sums before the first store,
+                # which reorders the part-wise (prefill) tilings' SASS (triton 3.6; unmeasured)
                 a = z0 + z1
                 b = z0 - z1
                 c = z2 + z3
@@ -645,21 +659,13 @@ if _HAS_TRITON:
                 xw = _load_x(x_tile, x_row[:, None] + r8[None, :],
                              row_ok[:, None] & (r8 < 8 * BN)[None, :], DOT_F32)
                 xa, xb = _split_row(xw, 4 * BN)  # parts 0-3, 4-7
-                x01, x23 = _split_row(xa, 2 * BN)
-                x45, x67 = _split_row(xb, 2 * BN)
-                x0, x1 = _split_row(x01, BN)
-                x2, x3 = _split_row(x23, BN)
-                x4, x5 = _split_row(x45, BN)
-                x6, x7 = _split_row(x67, BN)
+                x0, x1, x2, x3 = _split4(xa, BN)
+                x4, x5, x6, x7 = _split4(xb, BN)
                 w_use = _tile_w(w_full, w_ptr, rk, N, BN, LOG2N, SYLVESTER, NB, SPLIT2, DOT_F32,
                                 LOADS_FIRST)
-                z0, z1, z2, z3 = _dots4(x0, x1, x2, x3, w_use, zero, DOT_F32)
-                z4, z5, z6, z7 = _dots4(x4, x5, x6, x7, w_use, zero, DOT_F32)
-                # the 8-point butterfly in natural (Sylvester) order: pairs at distance 1, 2, 4
-                a0, a1, a2, a3 = z0 + z1, z0 - z1, z2 + z3, z2 - z3
-                a4, a5, a6, a7 = z4 + z5, z4 - z5, z6 + z7, z6 - z7
-                b0, b1, b2, b3 = a0 + a2, a1 + a3, a0 - a2, a1 - a3
-                b4, b5, b6, b7 = a4 + a6, a5 + a7, a4 - a6, a5 - a7
+                # H_8 = H_2 ⊗ H_4: a 4-point butterfly on each half, then one at distance 4
+                b0, b1, b2, b3 = _butterfly4(*_dots4(x0, x1, x2, x3, w_use, zero, DOT_F32))
+                b4, b5, b6, b7 = _butterfly4(*_dots4(x4, x5, x6, x7, w_use, zero, DOT_F32))
                 r2 = tl.arange(0, 2 * BN)
                 mask2 = row_ok[:, None] & (r2 < 2 * BN)[None, :]
                 o_at2 = o_row[:, None] + r2[None, :]
